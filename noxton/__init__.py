@@ -1,0 +1,16 @@
+"""noxton: torch-exact attention layers for JAX, from Haiku and from Equinox.
+
+- ``noxton.nn``: Equinox modules (``MultiheadAttention``, ``SqueezeExcitation``).
+- ``noxton.haiku``: the same layers as Haiku modules.
+- ``noxton.functional``: the maths both front ends run.
+- ``noxton.interop``: torch ``state_dict`` <-> Haiku params.
+"""
+
+from noxton import functional as functional
+from noxton import haiku as haiku
+from noxton import interop as interop
+from noxton import nn as nn
+
+__version__ = "0.1.0"
+
+__all__ = ["functional", "haiku", "interop", "nn", "__version__"]

@@ -1,0 +1,218 @@
+"""Multi-head attention maths: pure functions, no parameters, no Haiku.
+
+Glossary of shapes: ``*B`` leading batch dimensions (possibly none), ``L``
+target length, ``S`` source length, ``S'`` source length after appended keys,
+``E`` embed_dim, ``H`` heads, ``D = E // H`` head size.
+
+Parameters are passed as a mapping keyed by torch's ``state_dict`` names
+(``in_proj_weight`` or ``q_proj_weight``/``k_proj_weight``/``v_proj_weight``,
+``in_proj_bias``, ``bias_k``, ``bias_v``, ``out_proj.weight``,
+``out_proj.bias``), in torch's ``(out, in)`` layout.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from noxton.functional._checks import check_array, check_bool, check_positive_int, check_probability, lift, softmax_dtype
+from noxton.functional._masks import Masks, canonical_masks
+
+
+def _linear(x, weight, bias):
+    # torch's F.linear: x @ W.T + b, weights in (out, in) layout.
+    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+    if bias is not None:
+        y = y + lift(bias.astype(x.dtype), y.ndim)
+    return y
+
+
+def _in_projection(query, key, value, params):
+    if "in_proj_weight" in params:
+        w = params["in_proj_weight"]
+        b = params.get("in_proj_bias")
+        if query is key and key is value:
+            # Self-attention: one (E, 3E) matmul instead of three.
+            return tuple(jnp.split(_linear(query, w, b), 3, axis=-1))
+        ws = jnp.split(w, 3, axis=0)
+        bs = jnp.split(b, 3, axis=0) if b is not None else (None, None, None)
+        return _linear(query, ws[0], bs[0]), _linear(key, ws[1], bs[1]), _linear(value, ws[2], bs[2])
+    b = params.get("in_proj_bias")
+    bs = jnp.split(b, 3, axis=0) if b is not None else (None, None, None)
+    return (
+        _linear(query, params["q_proj_weight"], bs[0]),
+        _linear(key, params["k_proj_weight"], bs[1]),
+        _linear(value, params["v_proj_weight"], bs[2]),
+    )
+
+
+def masked_softmax(scores, axis: int = -1):
+    """Softmax that gives zeros, with finite gradients, on rows that are all ``-inf``."""
+    m = jnp.max(scores, axis=axis, keepdims=True)
+    m = lax.stop_gradient(jnp.where(jnp.isneginf(m), 0.0, m))
+    e = jnp.exp(scores - m)
+    d = jnp.sum(e, axis=axis, keepdims=True)
+    return e / jnp.where(d == 0, 1.0, d).astype(e.dtype)
+
+
+def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, need_weights: bool):
+    """Scaled dot-product attention over heads, materialising ``[*B, H, L, S']`` scores.
+
+    Args:
+        q: ``[*B, L, H, D]`` already scaled by ``1/sqrt(D)``.
+        k: ``[*B, S', H, D]``.
+        v: ``[*B, S', H, D]``.
+        masks: canonical masks for ``S'`` keys.
+
+    Returns:
+        ``([*B, L, H, D] in the scores' dtype, [*B, H, L, S'] weights or None)``.
+    """
+    sdtype = softmax_dtype(q.dtype)
+    scores = jnp.einsum("...lhd,...shd->...hls", q, k, preferred_element_type=sdtype)
+    batch_shape = q.shape[:-3]
+    mask = masks.dense(batch_shape, q.shape[-3], k.shape[-3], sdtype)
+    if mask is not None:
+        scores = scores + lift(mask, scores.ndim)
+    weights = masked_softmax(scores)
+    if dropout_p > 0.0:
+        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
+        weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
+    out = jnp.einsum("...hls,...shd->...lhd", weights, v.astype(sdtype))
+    return out, (weights if need_weights else None)
+
+
+def _expected(params, name):
+    if name not in params:
+        raise ValueError(f"`params` must contain {name!r}; got keys {sorted(params)}.")
+    return params[name]
+
+
+def multi_head_attention(
+    query,
+    key,
+    value,
+    params: Mapping[str, jax.Array],
+    *,
+    num_heads: int,
+    add_zero_attn: bool = False,
+    key_padding_mask=None,
+    need_weights: bool = True,
+    attn_mask=None,
+    average_attn_weights: bool = True,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    dropout_key=None,
+):
+    """torch's ``F.multi_head_attention_forward`` for ``[*B, L, E]`` inputs.
+
+    Args:
+        query: ``[*B, L, E]``.
+        key: ``[*B, S, kdim]``.
+        value: ``[*B, S, vdim]``.
+        params: torch ``state_dict``-named parameters (see the module docstring).
+        num_heads: ``H``; ``E`` must be divisible by it.
+        add_zero_attn: append a zero key and value after the projections.
+        key_padding_mask: ``[*B, S]``, bool (True = ignore) or float (added).
+        need_weights: also return attention weights.
+        attn_mask: ``(L, S)``, ``(H, L, S)`` or ``[*B, H, L, S]``, bool or float.
+        average_attn_weights: average the returned weights over heads.
+        is_causal: without ``attn_mask``, hide key ``j`` from query ``i`` when
+            ``j > i``; with ``attn_mask``, that mask is used as given (torch's hint).
+        dropout_p: dropout probability on the attention weights.
+        dropout_key: PRNG key, required when ``dropout_p > 0``.
+
+    Returns:
+        ``(out [*B, L, E], weights)``, weights ``None`` unless ``need_weights``,
+        ``[*B, L, S']`` averaged or ``[*B, H, L, S']`` per head, where ``S'``
+        counts the appended keys.
+    """
+    num_heads = check_positive_int("num_heads", num_heads)
+    need_weights = check_bool("need_weights", need_weights)
+    average_attn_weights = check_bool("average_attn_weights", average_attn_weights)
+    add_zero_attn = check_bool("add_zero_attn", add_zero_attn)
+    dropout_p = check_probability("dropout", dropout_p)
+    if dropout_p > 0.0 and dropout_key is None:
+        raise ValueError(
+            f"dropout={dropout_p} is active but no dropout key was given: pass `dropout_key=` "
+            "(Equinox) or an `rng` to `apply` (Haiku), or switch dropout off with inference mode."
+        )
+
+    out_w = _expected(params, "out_proj.weight")
+    embed_dim = out_w.shape[0]
+    query = check_array("query", query, min_rank=2, layout="(..., L, E)")
+    key = check_array("key", key, min_rank=2, layout="(..., S, kdim)")
+    value = check_array("value", value, min_rank=2, layout="(..., S, vdim)")
+    if "in_proj_weight" in params:
+        kdim = vdim = params["in_proj_weight"].shape[1]
+    else:
+        kdim = _expected(params, "k_proj_weight").shape[1]
+        vdim = _expected(params, "v_proj_weight").shape[1]
+    if query.shape[-1] != embed_dim:
+        raise ValueError(f"`query` must have embed_dim={embed_dim} features in its last axis, got shape {query.shape}.")
+    if key.shape[-1] != kdim:
+        raise ValueError(f"`key` must have kdim={kdim} features in its last axis, got shape {key.shape}.")
+    if value.shape[-1] != vdim:
+        raise ValueError(f"`value` must have vdim={vdim} features in its last axis, got shape {value.shape}.")
+    batch_shape = query.shape[:-2]
+    for name, x in (("key", key), ("value", value)):
+        if x.shape[:-2] != batch_shape:
+            raise ValueError(
+                f"`{name}` must have the same leading batch shape as `query` {batch_shape}, got shape {x.shape}."
+            )
+        if x.dtype != query.dtype:
+            raise TypeError(f"`{name}` must have the same dtype as `query` ({query.dtype}), got {x.dtype}.")
+    if key.shape[-2] != value.shape[-2]:
+        raise ValueError(
+            f"`key` and `value` must have the same sequence length S, got key {key.shape} and value {value.shape}."
+        )
+    if embed_dim % num_heads:
+        raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads}).")
+
+    tgt_len, src_len = query.shape[-2], key.shape[-2]
+    head_dim = embed_dim // num_heads
+    dtype = query.dtype
+    sdtype = softmax_dtype(dtype)
+
+    q, k, v = _in_projection(query, key, value, params)
+    extra = 0
+    if "bias_k" in params:
+        bk = jnp.broadcast_to(params["bias_k"].reshape(embed_dim).astype(dtype), (*batch_shape, 1, embed_dim))
+        bv = jnp.broadcast_to(params["bias_v"].reshape(embed_dim).astype(dtype), (*batch_shape, 1, embed_dim))
+        k = jnp.concatenate([k, bk], axis=-2)
+        v = jnp.concatenate([v, bv], axis=-2)
+        extra += 1
+    if add_zero_attn:
+        zeros = jnp.zeros((*batch_shape, 1, embed_dim), dtype)
+        k = jnp.concatenate([k, zeros], axis=-2)
+        v = jnp.concatenate([v, zeros], axis=-2)
+        extra += 1
+    masks = canonical_masks(
+        key_padding_mask=key_padding_mask,
+        attn_mask=attn_mask,
+        is_causal=is_causal,
+        batch_shape=batch_shape,
+        num_heads=num_heads,
+        tgt_len=tgt_len,
+        src_len=src_len,
+        extra=extra,
+        dtype=sdtype,
+    )
+
+    def heads(x):
+        return x.reshape(*x.shape[:-1], num_heads, head_dim)
+
+    q = heads(q) * jnp.asarray(math.sqrt(1.0 / head_dim), dtype)
+    attn, weights = dense_attention(
+        q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, need_weights=need_weights
+    )
+    attn = attn.astype(dtype).reshape(*batch_shape, tgt_len, embed_dim)
+    out = _linear(attn, out_w, params.get("out_proj.bias"))
+    if weights is not None:
+        if average_attn_weights:
+            weights = jnp.mean(weights, axis=-3)
+        weights = weights.astype(dtype)
+    return out, weights

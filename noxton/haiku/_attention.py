@@ -1,0 +1,171 @@
+"""``torch.nn.MultiheadAttention`` as a Haiku module."""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+
+from noxton.functional import multi_head_attention
+from noxton.functional._checks import check_bool, check_positive_int, check_probability
+from noxton.haiku import _initializers as init
+from noxton.haiku._common import Affine, resolve_dtype
+
+
+def check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim):
+    """Validate ``MultiheadAttention`` hyperparameters; return them canonicalised."""
+    embed_dim = check_positive_int("embed_dim", embed_dim)
+    num_heads = check_positive_int("num_heads", num_heads)
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"`embed_dim` must be divisible by `num_heads`, got embed_dim={embed_dim} and num_heads={num_heads}."
+        )
+    dropout = check_probability("dropout", dropout)
+    bias = check_bool("bias", bias)
+    add_bias_kv = check_bool("add_bias_kv", add_bias_kv)
+    add_zero_attn = check_bool("add_zero_attn", add_zero_attn)
+    kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
+    vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
+    return embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim
+
+
+class MultiheadAttention(hk.Module):
+    """Multi-head attention, exactly ``torch.nn.MultiheadAttention``, as a Haiku module.
+
+    Parameters are created on the first call with torch's names, shapes and
+    initialisation, so ``params`` reads like torch's ``state_dict``:
+
+    - ``in_proj_weight`` ``(3E, E)``, Xavier-uniform; or, when ``kdim`` or
+      ``vdim`` differ from ``embed_dim``, ``q_proj_weight`` ``(E, E)``,
+      ``k_proj_weight`` ``(E, kdim)`` and ``v_proj_weight`` ``(E, vdim)``.
+    - ``in_proj_bias`` ``(3E,)``, zeros (when ``bias``).
+    - ``bias_k``, ``bias_v`` ``(1, 1, E)``, Xavier-normal (when ``add_bias_kv``).
+    - submodule ``out_proj``: ``weight`` ``(E, E)`` (torch's Linear default) and
+      ``bias`` ``(E,)``, zeros (when ``bias``).
+
+    Shape:
+        - query: ``[..., L, E]``; key: ``[..., S, kdim]``; value: ``[..., S, vdim]``.
+        - key_padding_mask: ``[..., S]``; attn_mask: ``(L, S)``, ``(H, L, S)`` or ``[..., H, L, S]``.
+        - output: ``[..., L, E]``; weights: ``[..., L, S']`` averaged or ``[..., H, L, S']``,
+          where ``S'`` counts the keys appended by ``add_bias_kv``/``add_zero_attn``.
+
+    Dropout on the attention weights draws its key from ``hk.next_rng_key()``
+    when ``dropout > 0`` and ``inference`` is ``False``; pass ``inference=True``
+    (Haiku's ``is_training=False``) to switch it off.
+
+    Example:
+        >>> import haiku as hk, jax
+        >>> from noxton.haiku import MultiheadAttention
+        >>> f = hk.transform(lambda x: MultiheadAttention(64, 4)(x, x, x))
+        >>> x = jax.numpy.ones((2, 10, 64))
+        >>> params = f.init(jax.random.PRNGKey(0), x)
+        >>> out, weights = f.apply(params, None, x)
+        >>> out.shape, weights.shape
+        ((2, 10, 64), (2, 10, 10))
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        *,
+        dtype=None,
+        name: str | None = None,
+    ):
+        super().__init__(name=name)
+        (
+            self.embed_dim,
+            self.num_heads,
+            self.dropout,
+            self.bias,
+            self.add_bias_kv,
+            self.add_zero_attn,
+            self.kdim,
+            self.vdim,
+        ) = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
+        self.head_dim = self.embed_dim // self.num_heads
+        self.dtype = resolve_dtype(dtype)
+        self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
+        E = self.embed_dim
+        self.out_proj = Affine(E, E, bias=self.bias, bias_init=init.zeros, dtype=self.dtype, name="out_proj")
+
+    def state_dict_params(self) -> dict[str, jax.Array]:
+        """Get (creating on first use) this module's parameters, keyed by torch's names."""
+        E, dt = self.embed_dim, self.dtype
+        p = {}
+        if self._qkv_same_embed_dim:
+            p["in_proj_weight"] = hk.get_parameter("in_proj_weight", (3 * E, E), dt, init=init.xavier_uniform)
+        else:
+            p["q_proj_weight"] = hk.get_parameter("q_proj_weight", (E, E), dt, init=init.xavier_uniform)
+            p["k_proj_weight"] = hk.get_parameter("k_proj_weight", (E, self.kdim), dt, init=init.xavier_uniform)
+            p["v_proj_weight"] = hk.get_parameter("v_proj_weight", (E, self.vdim), dt, init=init.xavier_uniform)
+        if self.bias:
+            p["in_proj_bias"] = hk.get_parameter("in_proj_bias", (3 * E,), dt, init=init.zeros)
+        if self.add_bias_kv:
+            p["bias_k"] = hk.get_parameter("bias_k", (1, 1, E), dt, init=init.xavier_normal)
+            p["bias_v"] = hk.get_parameter("bias_v", (1, 1, E), dt, init=init.xavier_normal)
+        p.update({f"out_proj.{k}": v for k, v in self.out_proj.params().items()})
+        return p
+
+    def __call__(
+        self,
+        query: jax.Array,
+        key: jax.Array,
+        value: jax.Array,
+        key_padding_mask: jax.Array | None = None,
+        need_weights: bool = True,
+        attn_mask: jax.Array | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        *,
+        inference: bool = False,
+    ) -> tuple[jax.Array, jax.Array | None]:
+        """Attend from ``query`` to ``key``/``value``; see the class docstring for shapes.
+
+        Args:
+            query: ``[..., L, E]``.
+            key: ``[..., S, kdim]``.
+            value: ``[..., S, vdim]``.
+            key_padding_mask: ``[..., S]``, bool (True = ignore that key) or float (added).
+            need_weights: also return the attention weights (after dropout, as torch).
+            attn_mask: ``(L, S)``, ``(H, L, S)`` or ``[..., H, L, S]``, bool
+                (True = not allowed) or float (added to the scores).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: with no ``attn_mask``, apply the causal mask; with one, use it as given.
+            inference: switch dropout off.
+
+        Returns:
+            ``(attn_output, attn_weights)``; ``attn_weights`` is ``None`` when
+            ``need_weights=False``.
+        """
+        inference = check_bool("inference", inference)
+        params = self.state_dict_params()
+        dropout_p = 0.0 if inference else self.dropout
+        dropout_key = None
+        if dropout_p > 0.0:
+            dropout_key = hk.maybe_next_rng_key()
+            if dropout_key is None:
+                raise ValueError(
+                    f"dropout={dropout_p} is active but no PRNG key is available: pass a key as `rng` to "
+                    "`apply`, or call the module with `inference=True`."
+                )
+        return multi_head_attention(
+            query,
+            key,
+            value,
+            params,
+            num_heads=self.num_heads,
+            add_zero_attn=self.add_zero_attn,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            dropout_key=dropout_key,
+        )

@@ -1,0 +1,6 @@
+"""noxton's layers as Equinox modules, used like ``eqx.nn`` layers."""
+
+from noxton.nn._attention import MultiheadAttention as MultiheadAttention
+from noxton.nn._squeeze_excitation import SqueezeExcitation as SqueezeExcitation
+
+__all__ = ["MultiheadAttention", "SqueezeExcitation"]

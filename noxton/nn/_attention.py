@@ -1,0 +1,172 @@
+"""``noxton.nn.MultiheadAttention``: the Equinox front end of the Haiku module."""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import numpy as np
+from jaxtyping import Array, Bool, Float, PRNGKeyArray
+
+from noxton.functional._checks import check_array, check_bool
+from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
+from noxton.haiku._attention import check_mha_config
+from noxton.haiku._common import resolve_dtype
+from noxton.nn._adapter import HaikuLayer
+
+
+class MultiheadAttention(HaikuLayer):
+    """A 1-to-1 JAX/Equinox port of ``torch.nn.MultiheadAttention``.
+
+    Splits queries, keys and values into ``num_heads`` independent heads,
+    computes scaled dot-product attention for each head in parallel, and projects
+    the concatenated outputs back to ``embed_dim``. Inputs are unbatched, as in
+    every ``eqx.nn`` layer: batch with ``jax.vmap``.
+
+    This layer is API-compatible with ``torch.nn.MultiheadAttention``. Unless
+    you need that compatibility, ``eqx.nn.MultiheadAttention`` is more idiomatic.
+
+    Args:
+        embed_dim: ``E``, the model (query) dimension.
+        num_heads: ``H``; ``embed_dim`` must be divisible by it.
+        dropout: dropout probability on the attention weights. Default ``0.0``.
+        bias: learnable biases on the input and output projections. Default ``True``.
+        add_bias_kv: append learnable ``bias_k``/``bias_v`` to the keys and values.
+        add_zero_attn: append a zero key and value.
+        kdim: key feature size; defaults to ``embed_dim``.
+        vdim: value feature size; defaults to ``embed_dim``.
+        inference: disable dropout (``eqx.nn.inference_mode`` toggles it).
+        key: PRNG key for parameter initialisation.
+        dtype: parameter dtype; ``None`` is float32 (float64 under ``jax_enable_x64``).
+
+    Shape:
+        - query: ``(L, E)``; key: ``(S, kdim)``; value: ``(S, vdim)``.
+        - key_padding_mask: ``(S,)``; attn_mask: ``(L, S)`` or ``(H, L, S)``.
+        - output: ``(L, E)``; weights: ``(L, S')`` averaged or ``(H, L, S')`` per head,
+          ``S' = S + add_bias_kv + add_zero_attn``.
+
+    Differences from torch:
+        - Inputs are unbatched ``(L, E)`` (use ``jax.vmap``); there is no ``batch_first``.
+        - A query whose keys are all masked gets a zero attention result (its output
+          is ``out_proj.bias``) and zero weights, with finite gradients. torch gives
+          NaN there when ``need_weights=True`` and zeros when it is ``False``.
+        - ``is_causal=True`` without ``attn_mask`` builds the causal mask (torch
+          raises); with an ``attn_mask``, that mask is used, as torch does.
+        - The dropout key is explicit (``dropout_key``) and training is
+          ``inference=False``, not ``module.train()``.
+
+    Example:
+        >>> import jax
+        >>> from noxton.nn import MultiheadAttention
+        >>> key = jax.random.PRNGKey(0)
+        >>> mha = MultiheadAttention(embed_dim=64, num_heads=4, key=key)
+        >>> q = jax.random.normal(key, (10, 64))
+        >>> out, weights = mha(q, q, q)
+        >>> out.shape, weights.shape
+        ((10, 64), (10, 10))
+        >>> out, _ = mha(q, q, q, is_causal=True, need_weights=False)
+    """
+
+    embed_dim: int = eqx.field(static=True)
+    num_heads: int = eqx.field(static=True)
+    dropout: float = eqx.field(static=True)
+    bias: bool = eqx.field(static=True)
+    add_bias_kv: bool = eqx.field(static=True)
+    add_zero_attn: bool = eqx.field(static=True)
+    kdim: int = eqx.field(static=True)
+    vdim: int = eqx.field(static=True)
+    dtype: np.dtype = eqx.field(static=True)
+    inference: bool
+
+    haiku_cls = HaikuMultiheadAttention
+    haiku_name = "multihead_attention"
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        add_bias_kv: bool = False,
+        add_zero_attn: bool = False,
+        kdim: int | None = None,
+        vdim: int | None = None,
+        inference: bool = False,
+        *,
+        key: PRNGKeyArray,
+        dtype=None,
+    ):
+        (
+            self.embed_dim,
+            self.num_heads,
+            self.dropout,
+            self.bias,
+            self.add_bias_kv,
+            self.add_zero_attn,
+            self.kdim,
+            self.vdim,
+        ) = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
+        self.inference = check_bool("inference", inference)
+        self.dtype = resolve_dtype(dtype)
+        self.params = self._init_params(key)
+
+    def _config(self):
+        return (
+            ("embed_dim", self.embed_dim),
+            ("num_heads", self.num_heads),
+            ("dropout", self.dropout),
+            ("bias", self.bias),
+            ("add_bias_kv", self.add_bias_kv),
+            ("add_zero_attn", self.add_zero_attn),
+            ("kdim", self.kdim),
+            ("vdim", self.vdim),
+            ("dtype", self.dtype),
+        )
+
+    def __call__(
+        self,
+        query: Float[Array, "tgt_len embed_dim"],
+        key: Float[Array, "src_len kdim"],
+        value: Float[Array, "src_len vdim"],
+        key_padding_mask: Bool[Array, " src_len"] | Float[Array, " src_len"] | None = None,
+        need_weights: bool = True,
+        attn_mask: Bool[Array, "*heads tgt_len src_len"] | Float[Array, "*heads tgt_len src_len"] | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+        dropout_key: PRNGKeyArray | None = None,
+    ) -> tuple[Float[Array, "tgt_len embed_dim"], Float[Array, "*heads tgt_len src_len"] | None]:
+        """Attend from ``query`` to ``key``/``value``.
+
+        Args:
+            query: ``(L, E)``.
+            key: ``(S, kdim)``.
+            value: ``(S, vdim)``.
+            key_padding_mask: ``(S,)``, bool (True = ignore that key) or float (added to the scores).
+            need_weights: also return the attention weights (after dropout, as torch).
+            attn_mask: ``(L, S)`` or ``(H, L, S)``, bool (True = not allowed) or float (added).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: with no ``attn_mask``, apply the causal mask; with one, use it as given.
+            dropout_key: PRNG key for dropout; needed when ``dropout > 0`` and not ``inference``.
+
+        Returns:
+            ``(attn_output (L, E), attn_weights)``: ``None`` when ``need_weights=False``,
+            ``(L, S')`` when averaged, ``(H, L, S')`` per head.
+        """
+        check_array("query", query, min_rank=2, max_rank=2, layout="(L, E)")
+        check_array("key", key, min_rank=2, max_rank=2, layout="(S, kdim)")
+        check_array("value", value, min_rank=2, max_rank=2, layout="(S, vdim)")
+        if dropout_key is not None and not isinstance(dropout_key, (jax.Array, np.ndarray)):
+            raise TypeError(f"`dropout_key` must be a PRNG key from jax.random, got {type(dropout_key).__name__}.")
+        return self._apply(
+            dropout_key,
+            query,
+            key,
+            value,
+            key_padding_mask=key_padding_mask,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+            is_causal=is_causal,
+            inference=self.inference,
+        )
+
+

@@ -1,0 +1,48 @@
+import os
+import warnings
+
+import jax
+import numpy as np
+import pytest
+
+# Strictness as in Equinox's own test-suite: no implicit dtype promotion, no
+# implicit rank promotion, so that nothing in noxton broadcasts silently.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+
+try:
+    import torch
+except ImportError:  # the newest JAX runs on Python 3.12+, where no CPU torch wheel is at hand
+    torch = None
+else:
+    torch.set_num_threads(int(os.environ.get("NOXTON_TEST_TORCH_THREADS", "1")))
+
+requires_torch = pytest.mark.skipif(
+    torch is None, reason="torch==2.13.0 is not installed (its CPU wheel exists for Python 3.11 only)"
+)
+
+
+@pytest.fixture
+def key():
+    return jax.random.PRNGKey(0)
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for one test, then restore the previous setting."""
+    old = jax.config.jax_enable_x64
+    jax.config.update("jax_enable_x64", True)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", old)
+
+
+def assert_close(actual, expected, atol, name=""):
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=atol, err_msg=name)
+
+
+warnings.filterwarnings("ignore", message=".*jax.*deprecated.*", category=DeprecationWarning)

@@ -1,0 +1,226 @@
+"""MultiheadAttention against real torch, through the public API, both front ends.
+
+Every case loads a randomised torch module's ``state_dict`` into noxton with
+``load_state_dict`` / ``state_dict_to_params``, runs the same inputs and masks,
+and compares outputs, weights (averaged and per head) and the gradients with
+respect to the inputs and every parameter, by torch name.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import noxton.haiku as nxhk
+from conftest import assert_close, requires_torch, torch
+from noxton.nn import MultiheadAttention
+from torch_reference import grid, random_bool_mask, random_float_mask, torch_mha
+
+pytestmark = requires_torch
+
+E, H, N = 8, 2, 2
+MASKS = [
+    "none",
+    "kpm_bool",
+    "kpm_float",
+    "attn_bool",
+    "attn_float",
+    "heads_bool",
+    "heads_float",
+    "both_bool",
+    "both_float",
+    "causal",
+    "causal_kpm",
+    "causal_with_mask",
+]
+STRUCTS = grid(bias=[True, False], add_bias_kv=[False, True], add_zero_attn=[False, True], dims=["self", "cross", "kv"])
+
+
+def struct_id(s):
+    return "-".join(
+        [s["dims"], "bias" if s["bias"] else "nobias"]
+        + (["biaskv"] if s["add_bias_kv"] else [])
+        + (["zeroattn"] if s["add_zero_attn"] else [])
+    )
+
+
+def make_case(struct, mask_case, np_dtype, seed=0):
+    """Config, inputs and masks (NumPy) for one parity case."""
+    rng = np.random.default_rng(seed)
+    kdim, vdim = (5, 7) if struct["dims"] == "kv" else (E, E)
+    L = 4
+    S = L if struct["dims"] == "self" else 5
+    cfg = dict(
+        embed_dim=E,
+        num_heads=H,
+        bias=struct["bias"],
+        add_bias_kv=struct["add_bias_kv"],
+        add_zero_attn=struct["add_zero_attn"],
+        kdim=kdim,
+        vdim=vdim,
+    )
+    q = rng.normal(size=(N, L, E)).astype(np_dtype)
+    if struct["dims"] == "self":
+        k = v = q
+    else:
+        k = rng.normal(size=(N, S, kdim)).astype(np_dtype)
+        v = rng.normal(size=(N, S, vdim)).astype(np_dtype)
+    kpm = attn = None
+    is_causal = False
+    kind = "bool" if "bool" in mask_case else "float"
+    gen = random_bool_mask if kind == "bool" else random_float_mask
+    if mask_case.startswith("kpm") or mask_case.startswith("both") or mask_case == "causal_kpm":
+        kpm = random_bool_mask(rng, (N, S)) if mask_case == "causal_kpm" else gen(rng, (N, S))
+    if mask_case.startswith("attn") or mask_case.startswith("both"):
+        attn = gen(rng, (L, S))
+    if mask_case.startswith("heads"):
+        attn = gen(rng, (H, L, S))
+    if mask_case.startswith("causal"):
+        is_causal = True
+    if mask_case == "causal_with_mask":
+        attn = np.triu(np.ones((L, S), bool), k=1)
+    # float masks in the inputs' dtype, as torch requires
+    kpm, attn = (m.astype(np_dtype) if m is not None and m.dtype != bool else m for m in (kpm, attn))
+    return cfg, dict(q=q, k=k, v=v, kpm=kpm, attn=attn, is_causal=is_causal, L=L, S=S)
+
+
+def torch_run(cfg, case, need_weights, average, tdtype):
+    """torch outputs and gradients for loss = <out, R1> + <weights, R2>."""
+    tm = torch_mha(cfg, tdtype)
+    for p in tm.parameters():
+        p.grad = None
+    t = lambda a: None if a is None else torch.tensor(a)  # noqa: E731
+    q = t(case["q"]).requires_grad_()
+    if case["k"] is case["q"]:
+        k = v = q
+    else:
+        k, v = t(case["k"]).requires_grad_(), t(case["v"]).requires_grad_()
+    attn = t(case["attn"])
+    if case["is_causal"] and attn is None:
+        # torch needs the mask spelled out (it raises on is_causal alone).
+        attn = torch.triu(torch.ones(case["L"], case["S"], dtype=torch.bool), diagonal=1)
+    if attn is not None and attn.dim() == 3:
+        attn = attn.repeat(N, 1, 1)  # torch's batched per-head layout is (N*H, L, S)
+    out, w = tm(
+        q, k, v, key_padding_mask=t(case["kpm"]), need_weights=need_weights, attn_mask=attn,
+        average_attn_weights=average,
+    )
+    rng = np.random.default_rng(1)
+    r_out = torch.tensor(rng.normal(size=tuple(out.shape)).astype(case["q"].dtype))
+    loss = (out * r_out).sum()
+    r_w = None
+    if w is not None:
+        r_w = torch.tensor(rng.normal(size=tuple(w.shape)).astype(case["q"].dtype))
+        loss = loss + (w * r_w).sum()
+    loss.backward()
+    grads = {"query": q.grad.numpy()}
+    if k is not q:
+        grads.update(key=k.grad.numpy(), value=v.grad.numpy())
+    grads.update({f"param.{n}": p.grad.numpy() for n, p in tm.named_parameters()})
+    return (
+        tm.state_dict(),
+        out.detach().numpy(),
+        None if w is None else w.detach().numpy(),
+        grads,
+        r_out.numpy(),
+        None if r_w is None else r_w.numpy(),
+    )
+
+
+def loss_fn(out, w, r_out, r_w):
+    loss = jnp.sum(out * r_out)
+    if w is not None:
+        loss = loss + jnp.sum(w * r_w)
+    return loss
+
+
+def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
+    mha = MultiheadAttention(**cfg, key=key, dtype=case["q"].dtype).load_state_dict(sd)
+    self_attn = case["k"] is case["q"]
+    kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
+    attn = None if case["attn"] is None else jnp.asarray(case["attn"])
+
+    def forward(m, q, k, v):
+        def one(q, k, v, kpm):
+            if self_attn:
+                k = v = q
+            return m(q, k, v, key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn,
+                     average_attn_weights=average, is_causal=case["is_causal"])
+        return jax.vmap(one)(q, k, v, kpm)
+
+    q, k, v = (jnp.asarray(case[n]) for n in "qkv")
+
+    def loss(args):
+        out, w = forward(*args)
+        return loss_fn(out, w, r_out, r_w)
+
+    out, w = forward(mha, q, k, v)
+    g_mha, gq, gk, gv = eqx.filter_grad(loss)((mha, q, k, v))
+    grads = {"query": gq} if self_attn else {"query": gq, "key": gk, "value": gv}
+    grads.update({f"param.{n}": a for n, a in g_mha.state_dict().items()})
+    return out, w, grads
+
+
+def haiku_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
+    self_attn = case["k"] is case["q"]
+
+    def forward(q, k, v):
+        if self_attn:
+            k = v = q
+        mha = nxhk.MultiheadAttention(**cfg, dtype=case["q"].dtype)
+        return mha(q, k, v, key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn,
+                   average_attn_weights=average, is_causal=case["is_causal"])
+
+    kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
+    attn = None if case["attn"] is None else jnp.asarray(case["attn"])
+    f = hk.transform(forward)
+    q, k, v = (jnp.asarray(case[n]) for n in "qkv")
+    params = f.init(key, q, k, v)
+    params = nxhk.state_dict_to_params(params, sd, "multihead_attention")
+    out, w = f.apply(params, None, q, k, v)
+
+    def loss(params, q, k, v):
+        return loss_fn(*f.apply(params, None, q, k, v), r_out, r_w)
+
+    gp, gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2, 3))(params, q, k, v)
+    grads = {"query": gq} if self_attn else {"query": gq, "key": gk, "value": gv}
+    grads.update({f"param.{n}": a for n, a in nxhk.params_to_state_dict(gp, "multihead_attention").items()})
+    return out, w, grads
+
+
+RUNNERS = {"equinox": equinox_run, "haiku": haiku_run}
+WEIGHT_MODES = [(True, True), (True, False), (False, True)]
+
+
+def check_case(front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key):
+    cfg, case = make_case(struct, mask_case, np_dtype)
+    for need_weights, average in WEIGHT_MODES:
+        sd, t_out, t_w, t_grads, r_out, r_w = torch_run(cfg, case, need_weights, average, tdtype)
+        out, w, grads = RUNNERS[front](cfg, case, sd, need_weights, average, r_out, r_w, key)
+        tag = f"need_weights={need_weights} average={average}"
+        assert_close(out, t_out, atol, f"output ({tag})")
+        if need_weights:
+            assert_close(w, t_w, atol, f"weights ({tag})")
+        else:
+            assert w is None
+        assert sorted(grads) == sorted(t_grads)
+        for name in t_grads:
+            assert_close(grads[name], t_grads[name], grad_atol, f"grad {name} ({tag})")
+
+
+@pytest.mark.parametrize("mask_case", MASKS)
+@pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
+@pytest.mark.parametrize("front", ["equinox", "haiku"])
+def test_parity_float32(front, struct, mask_case, key):
+    check_case(front, struct, mask_case, np.float32, torch.float32, 1e-5, 1e-4, key)
+
+
+@pytest.mark.parametrize("mask_case", ["none", "both_bool", "heads_float", "causal_kpm"])
+@pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
+@pytest.mark.parametrize("front", ["equinox", "haiku"])
+def test_parity_float64(front, struct, mask_case, key, x64):
+    check_case(front, struct, mask_case, np.float64, torch.float64, 1e-10, 1e-10, key)
