@@ -3,7 +3,8 @@
 noxton's Haiku modules name their parameters and submodules after torch's
 ``state_dict`` keys and keep torch's layouts, so a conversion is a renaming:
 the Haiku module path ``root/~/out_proj`` with parameter ``weight`` is the torch
-key ``out_proj.weight``. Nothing here imports torch; tensors are recognised by
+key ``out_proj.weight``. ``root`` is the module's path in the params tree, e.g.
+``"multihead_attention"`` or, inside a user's module, ``"encoder/multihead_attention"``. Nothing here imports torch; tensors are recognised by
 their ``detach`` method.
 """
 
@@ -17,11 +18,13 @@ import numpy as np
 
 
 def _relative_prefix(module_path: str, root: str) -> str | None:
+    """``"root/~/out_proj"`` (or ``"root/out_proj"``) relative to ``"root"`` is ``"out_proj."``."""
     if module_path == root:
         return ""
-    if module_path.startswith(root + "/~/"):
-        return module_path[len(root) + 3 :].replace("/~/", ".") + "."
-    return None
+    if not module_path.startswith(root + "/"):
+        return None
+    parts = [p for p in module_path[len(root) + 1 :].split("/") if p and p != "~"]
+    return ".".join(parts) + "."
 
 
 def to_numpy(value: Any) -> np.ndarray:
@@ -40,7 +43,7 @@ def params_to_state_dict(params: Mapping[str, Mapping[str, Any]], module: str) -
     Args:
         params: a Haiku params tree (from ``init``) or a gradient of one.
         module: the Haiku module path, e.g. ``"multihead_attention"`` or
-            ``"encoder/~/multihead_attention"``.
+            ``"encoder/multihead_attention"``.
 
     Returns:
         ``{torch key: np.ndarray}`` for every parameter of ``module`` and its submodules.
@@ -51,7 +54,7 @@ def params_to_state_dict(params: Mapping[str, Mapping[str, Any]], module: str) -
         if prefix is None:
             continue
         for name, value in params[path].items():
-            out[prefix + name] = np.asarray(value)
+            out[prefix + name] = np.array(value)  # a writable copy: torch.from_numpy takes it as is
     if not out:
         raise ValueError(f"`module` {module!r} matches no module in `params`, whose modules are {sorted(params)}.")
     return out
