@@ -151,6 +151,11 @@ class MultiheadAttention(HaikuLayer):
             ``(attn_output (L, E), attn_weights)``: ``None`` when ``need_weights=False``,
             ``(L, S')`` when averaged, ``(H, L, S')`` per head.
         """
+        if self.dropout > 0.0 and not self.inference and dropout_key is None:
+            raise ValueError(
+                f"dropout={self.dropout} is active but no dropout key was given: pass `dropout_key=`, "
+                "or switch dropout off with `eqx.nn.inference_mode(layer)`."
+            )
         check_array("query", query, min_rank=2, max_rank=2, layout="(L, E)")
         check_array("key", key, min_rank=2, max_rank=2, layout="(S, kdim)")
         check_array("value", value, min_rank=2, max_rank=2, layout="(S, vdim)")
