@@ -1,10 +1,23 @@
 """Pure maths shared by both front ends: no parameters, no Haiku, no Equinox."""
 
 from noxton.functional._attention import dense_attention as dense_attention
+from noxton.functional._attention import select_implementation as select_implementation
 from noxton.functional._attention import masked_softmax as masked_softmax
 from noxton.functional._attention import multi_head_attention as multi_head_attention
+from noxton.functional._blockwise import blockwise_attention as blockwise_attention
+from noxton.functional._fused import fused_attention as fused_attention
 from noxton.functional._masks import Masks as Masks
 from noxton.functional._masks import canonical_masks as canonical_masks
 from noxton.functional._squeeze_excitation import squeeze_excitation as squeeze_excitation
 
-__all__ = ["Masks", "canonical_masks", "dense_attention", "masked_softmax", "multi_head_attention", "squeeze_excitation"]
+__all__ = [
+    "Masks",
+    "blockwise_attention",
+    "canonical_masks",
+    "dense_attention",
+    "fused_attention",
+    "masked_softmax",
+    "multi_head_attention",
+    "select_implementation",
+    "squeeze_excitation",
+]

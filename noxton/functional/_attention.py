@@ -19,8 +19,99 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from noxton.functional._checks import check_array, check_bool, check_positive_int, check_probability, lift, softmax_dtype
+from noxton.functional._blockwise import blockwise_attention
+from noxton.functional._checks import (
+    check_array,
+    check_bool,
+    check_positive_int,
+    check_probability,
+    lift,
+    softmax_dtype,
+)
+from noxton.functional._fused import fused_attention
 from noxton.functional._masks import Masks, canonical_masks
+
+IMPLEMENTATIONS = ("auto", "dense", "fused", "blockwise")
+
+#: ``auto`` goes blockwise from this many scores (elements of ``[*B, H, L, S']``,
+#: 256 MiB in float32) on every backend: beyond it the dense path is memory-bound.
+LARGE_SCORES = 2**26
+
+#: On CPU, ``auto`` also goes blockwise (need_weights=False, no dropout) from this many
+#: scores per batch element ``H * L * S'``: measured faster than both the dense path and
+#: ``jax.nn.dot_product_attention`` from there (README, "Performance"); below it a
+#: single dense block is cheaper than the kernel's bookkeeping.
+CPU_BLOCKWISE_MIN_SCORES = 2**15
+
+
+def check_implementation(implementation) -> str:
+    """Validate the ``implementation`` keyword."""
+    if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
+        raise ValueError(
+            f"`implementation` must be one of {', '.join(repr(i) for i in IMPLEMENTATIONS)}, got {implementation!r}."
+        )
+    return implementation
+
+
+def select_implementation(
+    implementation: str,
+    *,
+    need_weights: bool,
+    dropout_p: float,
+    batch: int,
+    num_heads: int,
+    tgt_len: int,
+    src_len: int,
+    dtype,
+    backend: str | None = None,
+) -> str:
+    """The attention path ``multi_head_attention`` runs: ``"dense"``, ``"fused"`` or ``"blockwise"``.
+
+    A forced path is returned as given, after checking that it can honour the
+    call: only ``"dense"`` materialises the weights that ``need_weights=True``
+    returns, and ``"fused"`` has no dropout. Either mismatch raises a
+    ``ValueError`` (as torch's ``sdpa_kernel`` raises when the forced kernel
+    cannot run) rather than silently running another path.
+
+    ``"auto"`` chooses, from static shapes only (``batch`` is the product of the
+    leading batch dimensions seen at trace time, so 1 under ``jax.vmap``):
+
+    1. ``need_weights=True``: dense.
+    2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, except on a GPU with
+       float16/bfloat16 inputs and no dropout, where fused (cuDNN's kernel does
+       not materialise the scores either).
+    3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
+       (measured faster than dense and than ``jax.nn.dot_product_attention``).
+    4. GPU/TPU, no dropout: fused.
+    5. Otherwise dense.
+    """
+    implementation = check_implementation(implementation)
+    if need_weights and implementation in ("fused", "blockwise"):
+        raise ValueError(
+            f"implementation={implementation!r} cannot return attention weights: pass need_weights=False, "
+            "or implementation='dense' (or 'auto') to get them."
+        )
+    if dropout_p > 0.0 and implementation == "fused":
+        raise ValueError(
+            f"implementation='fused' has no dropout (jax.nn.dot_product_attention has none), got dropout={dropout_p}: "
+            "use implementation='blockwise' or 'dense', or inference mode."
+        )
+    if implementation != "auto":
+        return implementation
+    if need_weights:
+        return "dense"
+    backend = jax.default_backend() if backend is None else backend
+    per_example = num_heads * tgt_len * src_len
+    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+    if batch * per_example >= LARGE_SCORES:
+        if backend in ("gpu", "cuda", "rocm") and low_precision and dropout_p == 0.0:
+            return "fused"
+        return "blockwise"
+    if dropout_p > 0.0:
+        return "dense"
+    if backend == "cpu":
+        return "blockwise" if per_example >= CPU_BLOCKWISE_MIN_SCORES else "dense"
+    return "fused"
 
 
 def _linear(x, weight, bias):
@@ -106,6 +197,7 @@ def multi_head_attention(
     is_causal: bool = False,
     dropout_p: float = 0.0,
     dropout_key=None,
+    implementation: str = "auto",
 ):
     """torch's ``F.multi_head_attention_forward`` for ``[*B, L, E]`` inputs.
 
@@ -124,6 +216,12 @@ def multi_head_attention(
             ``j > i``; with ``attn_mask``, that mask is used as given (torch's hint).
         dropout_p: dropout probability on the attention weights.
         dropout_key: PRNG key, required when ``dropout_p > 0``.
+        implementation: ``"auto"`` (default), ``"dense"``, ``"fused"`` or
+            ``"blockwise"``; see [`select_implementation`][noxton.functional.select_implementation] for the rule. All
+            give the same results to float32 rounding, except that dropout draws
+            a different (equally distributed) pattern on the blockwise path.
+            ``"fused"``/``"blockwise"`` with ``need_weights=True``, and
+            ``"fused"`` with dropout, raise ``ValueError``.
 
     Returns:
         ``(out [*B, L, E], weights)``, weights ``None`` unless ``need_weights``,
@@ -135,6 +233,7 @@ def multi_head_attention(
     average_attn_weights = check_bool("average_attn_weights", average_attn_weights)
     add_zero_attn = check_bool("add_zero_attn", add_zero_attn)
     dropout_p = check_probability("dropout", dropout_p)
+    implementation = check_implementation(implementation)
     if dropout_p > 0.0 and dropout_key is None:
         raise ValueError(
             f"dropout={dropout_p} is active but no dropout key was given: pass `dropout_key=` "
@@ -205,10 +304,26 @@ def multi_head_attention(
     def heads(x):
         return x.reshape(*x.shape[:-1], num_heads, head_dim)
 
-    q = heads(q) * jnp.asarray(math.sqrt(1.0 / head_dim), dtype)
-    attn, weights = dense_attention(
-        q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, need_weights=need_weights
+    path = select_implementation(
+        implementation,
+        need_weights=need_weights,
+        dropout_p=dropout_p,
+        batch=math.prod(batch_shape),
+        num_heads=num_heads,
+        tgt_len=tgt_len,
+        src_len=src_len + extra,
+        dtype=dtype,
     )
+    q = heads(q) * jnp.asarray(math.sqrt(1.0 / head_dim), dtype)
+    weights = None
+    if path == "blockwise":
+        attn = blockwise_attention(q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key)
+    elif path == "fused":
+        attn = fused_attention(q, heads(k), heads(v), masks)
+    else:
+        attn, weights = dense_attention(
+            q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, need_weights=need_weights
+        )
     attn = attn.astype(dtype).reshape(*batch_shape, tgt_len, embed_dim)
     out = _linear(attn, out_w, params.get("out_proj.bias"))
     if weights is not None:

@@ -85,7 +85,7 @@ def canonical_masks(
     extra: int,
     dtype,
 ) -> Masks:
-    """Validate torch-style masks and return :class:`Masks` (see module docstring)."""
+    """Validate torch-style masks and return [`Masks`][noxton.functional.Masks] (see the module docstring)."""
     is_causal = check_bool("is_causal", is_causal)
     b = tuple(batch_shape)
     kp = None

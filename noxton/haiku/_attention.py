@@ -124,6 +124,7 @@ class MultiheadAttention(hk.Module):
         is_causal: bool = False,
         *,
         inference: bool = False,
+        implementation: str = "auto",
     ) -> tuple[jax.Array, jax.Array | None]:
         """Attend from ``query`` to ``key``/``value``; see the class docstring for shapes.
 
@@ -138,6 +139,13 @@ class MultiheadAttention(hk.Module):
             average_attn_weights: average the returned weights over heads.
             is_causal: with no ``attn_mask``, apply the causal mask; with one, use it as given.
             inference: switch dropout off.
+            implementation: attention path, ``"auto"`` (default), ``"dense"``,
+                ``"fused"`` (``jax.nn.dot_product_attention``) or ``"blockwise"``
+                (memory-efficient, never holds an ``L x S`` array). Only the dense
+                path returns weights: ``"fused"``/``"blockwise"`` with
+                ``need_weights=True`` raise ``ValueError``, as does ``"fused"`` with
+                active dropout. Blockwise dropout draws its own pattern. See
+                [`select_implementation`][noxton.functional.select_implementation] for the ``"auto"`` rule.
 
         Returns:
             ``(attn_output, attn_weights)``; ``attn_weights`` is ``None`` when
@@ -168,4 +176,5 @@ class MultiheadAttention(hk.Module):
             is_causal=is_causal,
             dropout_p=dropout_p,
             dropout_key=dropout_key,
+            implementation=implementation,
         )

@@ -21,7 +21,7 @@ class Affine(hk.Module):
     """A torch ``nn.Linear`` (``kernel=()``) or ``nn.Conv2d`` 1x1 (``kernel=(1, 1)``) parameter holder.
 
     Holds ``weight`` in torch's ``(out, in, *kernel)`` layout and, when ``bias``,
-    ``bias`` of shape ``(out,)``; :meth:`params` returns them for the maths.
+    ``bias`` of shape ``(out,)``; `params()` returns them for the maths.
     """
 
     def __init__(self, out_features, in_features, *, bias, kernel=(), bias_init=None, dtype, name):

@@ -133,7 +133,9 @@ class MultiheadAttention(HaikuLayer):
         average_attn_weights: bool = True,
         is_causal: bool = False,
         dropout_key: PRNGKeyArray | None = None,
-    ) -> tuple[Float[Array, "tgt_len embed_dim"], Float[Array, "*heads tgt_len src_len"] | None]:
+        *,
+        implementation: str = "auto",
+    ) -> tuple[Float[Array, "tgt_len embed_dim"], Float[Array, "*heads tgt_len keys"] | None]:
         """Attend from ``query`` to ``key``/``value``.
 
         Args:
@@ -146,6 +148,13 @@ class MultiheadAttention(HaikuLayer):
             average_attn_weights: average the returned weights over heads.
             is_causal: with no ``attn_mask``, apply the causal mask; with one, use it as given.
             dropout_key: PRNG key for dropout; needed when ``dropout > 0`` and not ``inference``.
+            implementation: keyword-only attention path: ``"auto"`` (default),
+                ``"dense"``, ``"fused"`` (``jax.nn.dot_product_attention``) or
+                ``"blockwise"`` (memory-efficient: never holds an ``(L, S)`` array,
+                forward or backward). Only the dense path returns weights, so
+                ``"fused"``/``"blockwise"`` need ``need_weights=False`` (else
+                ``ValueError``); ``"fused"`` has no dropout. Under ``jax.vmap`` the
+                ``"auto"`` rule sees one example's ``(H, L, S)``.
 
         Returns:
             ``(attn_output (L, E), attn_weights)``: ``None`` when ``need_weights=False``,
@@ -172,6 +181,7 @@ class MultiheadAttention(HaikuLayer):
             average_attn_weights=average_attn_weights,
             is_causal=is_causal,
             inference=self.inference,
+            implementation=implementation,
         )
 
 

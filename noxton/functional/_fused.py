@@ -1,0 +1,89 @@
+"""The fused path: ``jax.nn.dot_product_attention`` with torch's masks.
+
+``jax.nn.dot_product_attention`` (``implementation=None``) runs cuDNN's fused
+kernel on a GPU where its constraints hold (float16/bfloat16, supported head
+sizes and masks) and XLA's composition of einsums and softmax elsewhere. Its
+contract differs from torch's in two places, both handled here:
+
+- masks: noxton's additive masks are split into a bool ``mask`` (a key is
+  visible where the additive mask is not ``-inf``) and a finite ``bias`` (the
+  rest), so no ``-inf`` ever enters the kernel; the causal mask is passed as
+  ``is_causal`` when no keys were appended (appended keys stay visible to
+  torch's causal mask, which ``is_causal`` cannot express) and folded into the
+  bool mask otherwise;
+- fully masked rows: the kernel gives them uniform weights; they are replaced
+  by zeros (with zero, hence finite, gradients), as on the dense path.
+
+No dropout: ``jax.nn.dot_product_attention`` has none.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from noxton.functional._checks import softmax_dtype
+from noxton.functional._masks import Masks
+
+
+def _to4(x, n, heads, tgt_len, total_len):
+    """Additive or bool mask broadcastable to ``[*B, H, L, S']`` -> ``[N|1, H|1, L, S']``."""
+    if x.ndim == 2:
+        return x.reshape(1, 1, tgt_len, total_len)
+    if x.ndim == 3:
+        return x.reshape(1, heads, tgt_len, total_len)
+    lead = math.prod(x.shape[:-3])
+    return x.reshape(n if lead == n else 1, x.shape[-3], tgt_len, total_len)
+
+
+def fused_attention(q, k, v, masks: Masks):
+    """Same contract as ``dense_attention`` with ``need_weights=False`` and no dropout.
+
+    Args:
+        q: ``[*B, L, H, D]`` already scaled by ``1/sqrt(D)``.
+        k: ``[*B, S', H, D]``.
+        v: ``[*B, S', H, D]``.
+        masks: canonical masks for ``S'`` keys.
+
+    Returns:
+        ``[*B, L, H, D]`` in the input dtype.
+    """
+    batch_shape = q.shape[:-3]
+    tgt_len, heads, head_dim = q.shape[-3:]
+    total_len = k.shape[-3]
+    n = math.prod(batch_shape)
+    sdtype = softmax_dtype(q.dtype)
+    q4 = q.reshape(n, tgt_len, heads, head_dim)
+    k4 = k.reshape(n, total_len, heads, head_dim)
+    v4 = v.reshape(n, total_len, heads, v.shape[-1])
+
+    additive = []
+    if masks.attn is not None:
+        additive.append(_to4(masks.attn.astype(sdtype), n, heads, tgt_len, total_len))
+    if masks.key_padding is not None:
+        additive.append(masks.key_padding.astype(sdtype).reshape(n, 1, 1, total_len))
+    bias = visible = None
+    for a in additive:
+        bias = a if bias is None else bias + a
+    if bias is not None:
+        visible = jnp.logical_not(jnp.isneginf(bias))
+        bias = jnp.where(visible, bias, 0.0).astype(sdtype)
+    # jax's is_causal is top-left aligned like torch's, but cannot keep appended keys visible.
+    use_is_causal = masks.causal and total_len == masks.src_len
+    allowed = visible
+    if masks.causal:
+        c = jnp.logical_not(masks.causal_mask(tgt_len, total_len)).reshape(1, 1, tgt_len, total_len)
+        allowed = c if visible is None else jnp.logical_and(visible, c)
+        if not use_is_causal:
+            visible = allowed
+    if bias is not None and q.dtype != sdtype:
+        bias = bias.astype(q.dtype)
+    out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias, mask=visible, scale=1.0, is_causal=use_is_causal)
+    if allowed is not None:
+        # The kernel spreads a fully masked row uniformly; torch's semantics here are zeros.
+        row_ok = jnp.transpose(jnp.any(allowed, axis=-1), (0, 2, 1))[..., None]  # [N|1, L, H|1, 1]
+        row_ok = jnp.broadcast_to(row_ok, (n, tgt_len, heads, 1))
+        out = jnp.where(row_ok, out, jnp.zeros((), out.dtype))
+    return out.reshape(*batch_shape, tgt_len, heads, v.shape[-1])

@@ -1,0 +1,364 @@
+"""The fused and blockwise attention paths against the dense path.
+
+Every case runs the Haiku module on batched inputs with ``implementation`` forced
+to ``"dense"`` and to the path under test, and compares outputs and the
+gradients with respect to the inputs and every parameter, to float32 rounding.
+Block sizes are shrunk so that short sequences cross several query and key
+blocks (including ragged last blocks).
+"""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import assert_close
+from jax.test_util import check_grads
+
+import noxton.functional._blockwise as blockwise_module
+import noxton.haiku as nxhk
+from noxton.functional import (
+    Masks,
+    blockwise_attention,
+    canonical_masks,
+    dense_attention,
+    select_implementation,
+)
+from noxton.functional._attention import CPU_BLOCKWISE_MIN_SCORES, LARGE_SCORES
+from noxton.functional._checks import lift
+from noxton.nn import MultiheadAttention
+
+E, H, N, L, S = 8, 2, 2, 9, 7
+ATOL = 2e-5
+
+MASKS = [
+    "none",
+    "kpm_bool",
+    "kpm_float",
+    "attn_bool",
+    "attn_float",
+    "heads_bool",
+    "heads_float",
+    "batch_heads_float",
+    "causal",
+    "causal_kpm",
+    "rows_masked",
+    "all_masked",
+]
+STRUCTS = {
+    "self": {"add_bias_kv": False, "add_zero_attn": False, "kdim": None, "vdim": None},
+    "kv-biaskv-zeroattn": {
+        "add_bias_kv": True,
+        "add_zero_attn": True,
+        "kdim": 5,
+        "vdim": 3,
+    },
+    "cross-zeroattn": {
+        "add_bias_kv": False,
+        "add_zero_attn": True,
+        "kdim": None,
+        "vdim": None,
+    },
+}
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_Q", 4)
+    monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_K", 3)
+
+
+def make_inputs(struct, mask_case, seed=0):
+    rng = np.random.default_rng(seed)
+    cfg = STRUCTS[struct]
+    kdim = cfg["kdim"] or E
+    vdim = cfg["vdim"] or E
+    self_attn = struct == "self"
+    src = L if self_attn else S
+    q = rng.normal(size=(N, L, E)).astype(np.float32)
+    k = q if self_attn else rng.normal(size=(N, src, kdim)).astype(np.float32)
+    v = q if self_attn else rng.normal(size=(N, src, vdim)).astype(np.float32)
+    kpm = attn = None
+    causal = False
+    if mask_case == "kpm_bool":
+        kpm = rng.random((N, src)) < 0.3
+    elif mask_case == "kpm_float":
+        kpm = rng.normal(size=(N, src)).astype(np.float32)
+    elif mask_case == "attn_bool":
+        attn = rng.random((L, src)) < 0.3
+    elif mask_case == "attn_float":
+        attn = rng.normal(size=(L, src)).astype(np.float32)
+    elif mask_case == "heads_bool":
+        attn = rng.random((H, L, src)) < 0.3
+    elif mask_case == "heads_float":
+        attn = rng.normal(size=(H, L, src)).astype(np.float32)
+    elif mask_case == "batch_heads_float":
+        attn = rng.normal(size=(N, H, L, src)).astype(np.float32)
+    elif mask_case == "causal":
+        causal = True
+    elif mask_case == "causal_kpm":
+        causal = True
+        kpm = rng.random((N, src)) < 0.4
+        kpm[0, 0] = True  # query 0 of batch 0 sees no source key
+    elif mask_case == "rows_masked":
+        attn = rng.random((H, L, src)) < 0.3
+        attn[:, 2] = True
+        attn[1, 5] = True
+    elif mask_case == "all_masked":
+        kpm = np.ones((N, src), bool)
+    return {
+        "q": q,
+        "k": k,
+        "v": v,
+        "kpm": kpm,
+        "attn": attn,
+        "causal": causal,
+        "self_attn": self_attn,
+    }, cfg
+
+
+def run(struct, mask_case, implementation):
+    inputs, cfg = make_inputs(struct, mask_case)
+    f = hk.transform(
+        lambda q, k, v, impl: nxhk.MultiheadAttention(E, H, **cfg)(
+            q,
+            k,
+            v,
+            key_padding_mask=None if inputs["kpm"] is None else jnp.asarray(inputs["kpm"]),
+            need_weights=False,
+            attn_mask=None if inputs["attn"] is None else jnp.asarray(inputs["attn"]),
+            is_causal=inputs["causal"],
+            implementation=impl,
+        )[0]
+    )
+    q, k, v = (jnp.asarray(inputs[n]) for n in "qkv")
+    params = f.init(jax.random.PRNGKey(0), q, k, v, "dense")
+    # Non-zero biases everywhere, so every parameter's gradient is exercised.
+    params = jax.tree.map(
+        lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype),
+        params,
+    )
+    r = jnp.asarray(np.random.default_rng(3).normal(size=(N, L, E)).astype(np.float32))
+
+    def both(params, q, k, v):  # one compilation per case: both paths side by side
+        return {
+            impl: jax.value_and_grad(lambda *a, impl=impl: loss(*a, impl), argnums=(0, 1, 2, 3), has_aux=True)(
+                params, q, k, v
+            )
+            for impl in ("dense", implementation)
+        }
+
+    def loss(params, q, k, v, impl):
+        if inputs["self_attn"]:
+            k = v = q
+        out = f.apply(params, None, q, k, v, impl)
+        return jnp.sum(out * r), out
+
+    results = {impl: (out, grads) for impl, ((_, out), grads) in jax.jit(both)(params, q, k, v).items()}
+    return results
+
+
+# Every mask on the richest structure (appended keys, kdim/vdim); the common ones on the rest.
+CASES = [("kv-biaskv-zeroattn", m) for m in MASKS] + [
+    (s, m) for s in ("self", "cross-zeroattn") for m in ("none", "kpm_bool", "causal_kpm", "rows_masked", "all_masked")
+]
+
+
+@pytest.mark.parametrize(("struct", "mask_case"), CASES, ids=[f"{s}-{m}" for s, m in CASES])
+@pytest.mark.parametrize("implementation", ["blockwise", "fused"])
+def test_path_matches_dense(implementation, struct, mask_case):
+    results = run(struct, mask_case, implementation)
+    (out_d, g_d), (out_x, g_x) = results["dense"], results[implementation]
+    assert np.all(np.isfinite(np.asarray(out_x)))
+    assert_close(out_x, out_d, ATOL, "output")
+    flat_d, _ = jax.tree_util.tree_flatten_with_path(g_d)
+    flat_x, _ = jax.tree_util.tree_flatten_with_path(g_x)
+    for (path, gd), (_, gx) in zip(flat_d, flat_x):
+        name = jax.tree_util.keystr(path)
+        assert np.all(np.isfinite(np.asarray(gx))), name
+        assert_close(gx, gd, ATOL, name)
+
+
+def _raw(shape_q, shape_kv, seed):
+    ks = jax.random.split(jax.random.PRNGKey(seed), 3)
+    return (
+        jax.random.normal(ks[0], shape_q),
+        jax.random.normal(ks[1], shape_kv),
+        jax.random.normal(ks[2], shape_kv),
+    )
+
+
+@pytest.mark.parametrize("which", ["attn", "key_padding"])
+def test_blockwise_gradient_of_float_masks(which):
+    """A learned additive mask gets the dense path's gradient from the blockwise VJP."""
+    q, k, v = _raw((N, L, H, 4), (N, S, H, 4), 0)
+    shape = (H, L, S) if which == "attn" else (N, S)
+    mask = jax.random.normal(jax.random.PRNGKey(5), shape)
+
+    def loss(mask, path):
+        masks = Masks(
+            key_padding=mask if which == "key_padding" else None,
+            attn=mask if which == "attn" else None,
+            causal=True,
+            src_len=S,
+        )
+        if path == "dense":
+            out = dense_attention(q, k, v, masks, dropout_p=0.0, dropout_key=None, need_weights=False)[0]
+        else:
+            out = blockwise_attention(q, k, v, masks)
+        return jnp.sum(jnp.sin(out))
+
+    assert_close(jax.grad(loss)(mask, "blockwise"), jax.grad(loss)(mask, "dense"), ATOL, which)
+
+
+def test_blockwise_dropout_single_block_matches_hand_computation():
+    """One block: the kernel's keep mask is reproducible, so the result is checked exactly."""
+    q, k, v = _raw((N, L, H, 4), (N, S, H, 4), 1)
+    masks = canonical_masks(
+        key_padding_mask=None,
+        attn_mask=None,
+        is_causal=True,
+        batch_shape=(N,),
+        num_heads=H,
+        tgt_len=L,
+        src_len=S,
+        extra=0,
+        dtype=jnp.float32,
+    )
+    key, p = jax.random.PRNGKey(7), 0.4
+    out = blockwise_attention(q, k, v, masks, dropout_p=p, dropout_key=key, block_q=L, block_k=S)
+    scores = jnp.einsum("nlhd,nshd->nhls", q, k) + lift(masks.dense((N,), L, S, jnp.float32), 4)
+    w = jax.nn.softmax(scores, axis=-1)
+    keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, 0), 0), 1.0 - p, (N, H, L, S))
+    w = jnp.where(keep, w / (1.0 - p), 0.0)
+    assert_close(out, jnp.einsum("nhls,nshd->nlhd", w, v), ATOL, "dropout output")
+
+
+def test_blockwise_dropout_gradients(x64):
+    """The recomputed backward regenerates the forward's dropout pattern (numerical check)."""
+    q, k, v = (x.astype(jnp.float64) for x in _raw((1, 6, 2, 3), (1, 5, 2, 3), 2))
+    masks = canonical_masks(
+        key_padding_mask=jnp.array([[False, True, False, False, False]]),
+        attn_mask=None,
+        is_causal=False,
+        batch_shape=(1,),
+        num_heads=2,
+        tgt_len=6,
+        src_len=5,
+        extra=0,
+        dtype=jnp.float64,
+    )
+    key = jax.random.PRNGKey(3)
+
+    def f(q, k, v):
+        return blockwise_attention(q, k, v, masks, dropout_p=0.3, dropout_key=key, block_q=4, block_k=2)
+
+    check_grads(f, (q, k, v), order=1, modes=("rev",), atol=1e-6, rtol=1e-6)
+    assert not np.allclose(f(q, k, v), blockwise_attention(q, k, v, masks, block_q=4, block_k=2))
+
+
+def test_equinox_layer_paths_agree_under_vmap_and_jit():
+    mha = MultiheadAttention(E, H, add_zero_attn=True, key=jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, L, E))
+
+    @eqx_jit
+    def call(m, x, impl):
+        return jax.vmap(lambda xi: m(xi, xi, xi, need_weights=False, is_causal=True, implementation=impl)[0])(x)
+
+    dense = call(mha, x, "dense")
+    for impl in ("blockwise", "fused", "auto"):
+        assert_close(call(mha, x, impl), dense, ATOL, impl)
+
+
+def eqx_jit(f):
+    import equinox as eqx
+
+    return eqx.filter_jit(f)
+
+
+def test_float64_blockwise_runs_in_float64(x64):
+    q, k, v = (x.astype(jnp.float64) for x in _raw((L, H, 4), (S, H, 4), 4))
+    masks = Masks(key_padding=None, attn=None, causal=False, src_len=S)
+    out = blockwise_attention(q, k, v, masks)
+    dense = dense_attention(q, k, v, masks, dropout_p=0.0, dropout_key=None, need_weights=False)[0]
+    assert out.dtype == jnp.float64
+    assert_close(out, dense, 1e-12, "float64")
+
+
+# The selection rule --------------------------------------------------------------------------
+
+
+def select(impl="auto", **kw):
+    args = {
+        "need_weights": False,
+        "dropout_p": 0.0,
+        "batch": 1,
+        "num_heads": 8,
+        "tgt_len": 512,
+        "src_len": 512,
+        "dtype": jnp.float32,
+        "backend": "cpu",
+    }
+    args.update(kw)
+    return select_implementation(impl, **args)
+
+
+def test_auto_picks_blockwise_for_large_score_matrices():
+    big = int(np.sqrt(LARGE_SCORES // 8)) + 1
+    for backend in ("cpu", "gpu", "tpu"):
+        assert select(tgt_len=big, src_len=big, backend=backend) == "blockwise"
+        # ... training included (blockwise dropout), where dense would hold the scores.
+        assert select(tgt_len=big, src_len=big, backend=backend, dropout_p=0.1) == "blockwise"
+    assert select(batch=64, tgt_len=2048, src_len=2048, backend="gpu") == "blockwise"
+    # cuDNN's fused kernel does not hold the scores either: half precision on a GPU.
+    assert select(tgt_len=big, src_len=big, backend="gpu", dtype=jnp.bfloat16) == "fused"
+
+
+def test_auto_small_and_medium():
+    # CPU: blockwise measured fastest from CPU_BLOCKWISE_MIN_SCORES; dense below it.
+    assert select(num_heads=1, tgt_len=10, src_len=10) == "dense"
+    side = int(np.sqrt(CPU_BLOCKWISE_MIN_SCORES // 8)) + 1
+    assert select(tgt_len=side, src_len=side) == "blockwise"
+    assert select(tgt_len=side, src_len=side, dropout_p=0.1) == "dense"
+    # GPU/TPU: the fused kernel.
+    assert select(backend="gpu") == "fused"
+    assert select(backend="tpu") == "fused"
+    assert select(backend="gpu", dropout_p=0.1) == "dense"
+    # Weights are only materialised by the dense path.
+    for backend in ("cpu", "gpu"):
+        assert select(need_weights=True, backend=backend, tgt_len=10**5, src_len=10**5) == "dense"
+    for impl in ("dense", "fused", "blockwise"):
+        assert select(impl, tgt_len=10**5, src_len=10**5) == impl
+
+
+@pytest.mark.parametrize("impl", ["fused", "blockwise"])
+def test_forced_path_with_need_weights_raises(impl):
+    with pytest.raises(ValueError, match=r"implementation=.*need_weights=False"):
+        select(impl, need_weights=True)
+    mha = MultiheadAttention(E, H, key=jax.random.PRNGKey(0))
+    x = jnp.ones((L, E))
+    with pytest.raises(ValueError, match="need_weights=False"):
+        mha(x, x, x, implementation=impl)
+
+
+def test_fused_with_dropout_raises():
+    with pytest.raises(ValueError, match="implementation='fused' has no dropout"):
+        select("fused", dropout_p=0.1)
+
+
+@pytest.mark.parametrize("bad", ["flash", "", None, 3, "Dense"])
+def test_bad_implementation_raises(bad):
+    with pytest.raises(
+        ValueError,
+        match=r"`implementation` must be one of 'auto', 'dense', 'fused', 'blockwise'",
+    ):
+        select(bad)
+    mha = MultiheadAttention(E, H, key=jax.random.PRNGKey(0))
+    x = jnp.ones((L, E))
+    with pytest.raises(ValueError, match="`implementation`"):
+        mha(x, x, x, need_weights=False, implementation=bad)
+    f = hk.transform(lambda x: nxhk.MultiheadAttention(E, H)(x, x, x, implementation=bad))
+    with pytest.raises(ValueError, match="`implementation`"):
+        f.init(jax.random.PRNGKey(0), x)
