@@ -46,3 +46,33 @@ def assert_close(actual, expected, atol, name=""):
 
 
 warnings.filterwarnings("ignore", message=".*jax.*deprecated.*", category=DeprecationWarning)
+
+
+# Hypothesis profiles for the property-based suites (tests/test_hypothesis_parity.py).
+# "ci" is the default: 300 derandomised examples (the same ones on every run, so a
+# failure reproduces), no deadline (the first example of a shape compiles). "long"
+# is for long runs: pytest --hypothesis-profile=long.
+from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile(
+    "ci",
+    max_examples=300,
+    deadline=None,
+    derandomize=True,
+    print_blob=True,
+    suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large],
+)
+_hypothesis_settings.register_profile(
+    "long",
+    max_examples=5000,
+    deadline=None,
+    print_blob=True,
+    suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large],
+)
+
+
+def pytest_configure(config):
+    # The hypothesis plugin loads the profile named by --hypothesis-profile; without one, "ci".
+    if not config.getoption("hypothesis_profile", None):
+        _hypothesis_settings.load_profile("ci")

@@ -1,0 +1,167 @@
+"""Low and high precision: bfloat16/float16 work, with scores and softmax in float32 and the
+result cast back, within a tested bound of a float64 reference; float64 works under
+``jax_enable_x64``; inputs of magnitude 1e4 neither overflow nor give NaN.
+"""
+
+from __future__ import annotations
+
+import haiku as hk
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import noxton.haiku as nxhk
+from conftest import requires_torch, torch
+from noxton.nn import MultiheadAttention, SqueezeExcitation
+
+E, H, L, S = 16, 4, 5, 7
+LOW = ["bfloat16", "float16"]
+# Bound on |noxton(low) - float64 reference| in units of the low dtype's epsilon, relative to the
+# reference's largest magnitude: a handful of roundings of O(1) values, and far below what a
+# softmax in the low dtype gives (see test_scores_and_softmax_run_in_float32).
+EPS_UNITS = 8
+
+
+def _params(seed=0):
+    rng = np.random.default_rng(seed)
+    layer = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0))
+    return {k: rng.uniform(-0.5, 0.5, size=v.shape) for k, v in layer.state_dict().items()}
+
+
+def _inputs(seed=1):
+    rng = np.random.default_rng(seed)
+    return rng.normal(size=(L, E)), rng.normal(size=(S, E))
+
+
+def _round(a, dtype):
+    return np.asarray(jnp.asarray(a, dtype), np.float64)
+
+
+def _run(dtype, sd, q, kv, **kw):
+    mha = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(sd)
+    return mha(jnp.asarray(q, dtype), jnp.asarray(kv, dtype), jnp.asarray(kv, dtype), **kw)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_within_bound_of_float64(dtype, x64):
+    sd, (q, kv) = _params(), _inputs()
+    kpm = np.array([False, True, False, False, False, True, False])
+    out, w = _run(dtype, sd, q, kv, key_padding_mask=jnp.asarray(kpm), average_attn_weights=False)
+    assert out.dtype == jnp.dtype(dtype) and w.dtype == jnp.dtype(dtype)
+    # the reference sees exactly the low-precision parameters and inputs, computed in float64
+    sd_r = {k: _round(v, dtype) for k, v in sd.items()}
+    ref_out, ref_w = _run("float64", sd_r, _round(q, dtype), _round(kv, dtype), key_padding_mask=jnp.asarray(kpm),
+                          average_attn_weights=False)
+    eps = float(jnp.finfo(dtype).eps)
+    err_out = np.abs(np.asarray(out, np.float64) - np.asarray(ref_out)).max() / np.abs(ref_out).max()
+    err_w = np.abs(np.asarray(w, np.float64) - np.asarray(ref_w)).max()
+    assert err_out <= EPS_UNITS * eps, f"output error {err_out / eps:.1f} eps"
+    assert err_w <= 2 * eps, f"weights error {err_w / eps:.1f} eps"
+    assert (np.asarray(w, np.float64)[..., :S][..., kpm] == 0).all()  # bias_k is the last key
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_haiku_low_precision(dtype):
+    x = jnp.asarray(np.random.default_rng(0).normal(size=(2, L, E)), dtype)
+    f = hk.transform(lambda x: nxhk.MultiheadAttention(E, H, dtype=jnp.dtype(dtype))(x, x, x, is_causal=True))
+    params = f.init(jax.random.PRNGKey(0), x)
+    assert all(a.dtype == jnp.dtype(dtype) for a in jax.tree_util.tree_leaves(params))
+    out, w = f.apply(params, None, x)
+    assert out.dtype == jnp.dtype(dtype) and w.dtype == jnp.dtype(dtype)
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    np.testing.assert_allclose(np.asarray(w, np.float32).sum(-1), 1.0, atol=4 * float(jnp.finfo(dtype).eps) * S)
+
+
+def _exp_and_dot_dtypes(fn, *args):
+    jaxpr = jax.make_jaxpr(fn)(*args)
+    found = {"exp": [], "dot_general": []}
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name in found:
+                found[name].append(eqn.outvars[0].aval.dtype)
+            for p in eqn.params.values():
+                if hasattr(p, "jaxpr") and hasattr(p.jaxpr, "eqns"):
+                    walk(p.jaxpr)
+                elif hasattr(p, "eqns"):
+                    walk(p)
+
+    walk(jaxpr.jaxpr)
+    return found
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_scores_and_softmax_run_in_float32(dtype):
+    mha = MultiheadAttention(E, H, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype))
+    q = jnp.ones((L, E), dtype)
+    found = _exp_and_dot_dtypes(lambda q: mha(q, q, q), q)
+    assert found["exp"], "no exp in the program"
+    assert all(d == jnp.float32 for d in found["exp"]), f"softmax exp runs in {found['exp']}"
+    assert jnp.dtype(jnp.float32) in found["dot_general"], "no float32 score matmul"
+
+
+def test_float64_under_x64(x64):
+    sd, (q, kv) = _params(), _inputs()
+    out, w = _run("float64", sd, q, kv)
+    assert out.dtype == jnp.float64 and w.dtype == jnp.float64
+    found = _exp_and_dot_dtypes(lambda q: _run("float64", sd, q, kv), jnp.asarray(q))
+    assert all(d == jnp.float64 for d in found["exp"])
+    out32, _ = _run("float32", sd, q.astype(np.float32), kv.astype(np.float32))
+    diff = np.abs(np.asarray(out) - np.asarray(out32, np.float64)).max()
+    assert 0 < diff < 1e-5  # float64 really is more precise than float32, and agrees with it
+    se = SqueezeExcitation(E, 4, key=jax.random.PRNGKey(0), dtype=jnp.float64)
+    assert se(jnp.ones((E, 3, 3), jnp.float64)).dtype == jnp.float64
+
+
+@requires_torch
+def test_float64_matches_torch(x64):
+    sd, (q, kv) = _params(), _inputs()
+    tm = torch.nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True, dtype=torch.float64)
+    tm.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
+    t_out, t_w = tm(torch.tensor(q), torch.tensor(kv), torch.tensor(kv))
+    out, w = _run("float64", sd, q, kv)
+    np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=0, atol=1e-13)
+    np.testing.assert_allclose(w, t_w.detach().numpy(), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_large_inputs_do_not_overflow(dtype):
+    sd, (q, kv) = _params(), _inputs()
+    q, kv = 1e4 * q, 1e4 * kv
+    kpm = jnp.asarray(np.array([False, True, False, False, False, False, True]))
+    for kw in (dict(), dict(key_padding_mask=kpm, is_causal=True), dict(average_attn_weights=False)):
+        out, w = _run(dtype, sd, q, kv, **kw)
+        out64, w64 = np.asarray(out, np.float64), np.asarray(w, np.float64)
+        assert np.isfinite(out64).all() and np.isfinite(w64).all(), kw
+        assert (w64 >= 0).all()
+        np.testing.assert_allclose(w64.sum(-1), 1.0, atol=0.02 if dtype == "bfloat16" else 1e-5)
+    # gradients too
+    mha = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(sd)
+    qj, kvj = jnp.asarray(q, dtype), jnp.asarray(kv, dtype)
+    g = jax.grad(lambda q, kv: jnp.sum(mha(q, kv, kv)[0].astype(jnp.float32)), argnums=(0, 1))(qj, kvj)
+    assert all(np.isfinite(np.asarray(a, np.float64)).all() for a in g)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_squeeze_excitation_low_precision(dtype, x64):
+    rng = np.random.default_rng(0)
+    C, Q = 16, 4
+    sd = {
+        "fc1.weight": rng.uniform(-0.5, 0.5, (Q, C, 1, 1)), "fc1.bias": rng.uniform(-0.5, 0.5, (Q,)),
+        "fc2.weight": rng.uniform(-0.5, 0.5, (C, Q, 1, 1)), "fc2.bias": rng.uniform(-0.5, 0.5, (C,)),
+    }
+    x = rng.normal(size=(C, 9, 9))
+    se = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(sd)
+    out = se(jnp.asarray(x, dtype))
+    assert out.dtype == jnp.dtype(dtype)
+    ref_se = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0), dtype=jnp.float64).load_state_dict(
+        {k: _round(v, dtype) for k, v in sd.items()}
+    )
+    ref = np.asarray(ref_se(jnp.asarray(_round(x, dtype))))
+    err = np.abs(np.asarray(out, np.float64) - ref).max() / np.abs(ref).max()
+    assert err <= 4 * float(jnp.finfo(dtype).eps), f"{err / float(jnp.finfo(dtype).eps):.1f} eps"
+    # large inputs: the pooled mean is accumulated in float32, no overflow in float16
+    big = se(jnp.full((C, 64, 64), 6e4, dtype))
+    assert np.isfinite(np.asarray(big, np.float64)).all()
