@@ -129,3 +129,11 @@ def test_rank_errors_point_to_vmap(key):
     se = SqueezeExcitation(8, 2, key=key)
     with pytest.raises(ValueError, match=r"`x` must have shape \(C, H, W\), got shape \(2, 8, 3, 3\).*jax.vmap"):
         se(jnp.ones((2, 8, 3, 3)))
+
+
+def test_plain_jax_jit_explains_filter_jit(key):
+    mha = MultiheadAttention(8, 2, key=key)
+    q = jnp.ones((3, 8))
+    with pytest.raises(TypeError, match="`inference` must be a Python bool.*use `eqx.filter_jit`"):
+        jax.jit(lambda m, q: m(q, q, q))(mha, q)
+    assert eqx.filter_jit(lambda m, q: m(q, q, q))(mha, q)[0].shape == (3, 8)

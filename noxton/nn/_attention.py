@@ -160,6 +160,11 @@ class MultiheadAttention(HaikuLayer):
             ``(attn_output (L, E), attn_weights)``: ``None`` when ``need_weights=False``,
             ``(L, S')`` when averaged, ``(H, L, S')`` per head.
         """
+        if not isinstance(self.inference, (bool, np.bool_)):
+            raise TypeError(
+                f"`inference` must be a Python bool, got {type(self.inference).__name__}: under `jax.jit` every "
+                "leaf is traced, this flag included; use `eqx.filter_jit`, which keeps it static."
+            )
         if self.dropout > 0.0 and not self.inference and dropout_key is None:
             raise ValueError(
                 f"dropout={self.dropout} is active but no dropout key was given: pass `dropout_key=`, "
