@@ -138,7 +138,7 @@ def loss_fn(out, w, r_out, r_w):
     return loss
 
 
-def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
+def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key, implementation="auto"):
     mha = MultiheadAttention(**cfg, key=key, dtype=case["q"].dtype).load_state_dict(sd)
     self_attn = case["k"] is case["q"]
     kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
@@ -149,7 +149,7 @@ def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
             if self_attn:
                 k = v = q
             return m(q, k, v, key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn,
-                     average_attn_weights=average, is_causal=case["is_causal"])
+                     average_attn_weights=average, is_causal=case["is_causal"], implementation=implementation)
         return jax.vmap(one)(q, k, v, kpm)
 
     q, k, v = (jnp.asarray(case[n]) for n in "qkv")
@@ -165,7 +165,7 @@ def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
     return out, w, grads
 
 
-def haiku_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
+def haiku_run(cfg, case, sd, need_weights, average, r_out, r_w, key, implementation="auto"):
     self_attn = case["k"] is case["q"]
 
     def forward(q, k, v):
@@ -173,7 +173,7 @@ def haiku_run(cfg, case, sd, need_weights, average, r_out, r_w, key):
             k = v = q
         mha = nxhk.MultiheadAttention(**cfg, dtype=case["q"].dtype)
         return mha(q, k, v, key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn,
-                   average_attn_weights=average, is_causal=case["is_causal"])
+                   average_attn_weights=average, is_causal=case["is_causal"], implementation=implementation)
 
     kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
     attn = None if case["attn"] is None else jnp.asarray(case["attn"])
@@ -196,11 +196,12 @@ RUNNERS = {"equinox": equinox_run, "haiku": haiku_run}
 WEIGHT_MODES = [(True, True), (True, False), (False, True)]
 
 
-def check_case(front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key):
+def check_case(front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key, modes=WEIGHT_MODES,
+               implementation="auto"):
     cfg, case = make_case(struct, mask_case, np_dtype)
-    for need_weights, average in WEIGHT_MODES:
+    for need_weights, average in modes:
         sd, t_out, t_w, t_grads, r_out, r_w = torch_run(cfg, case, need_weights, average, tdtype)
-        out, w, grads = RUNNERS[front](cfg, case, sd, need_weights, average, r_out, r_w, key)
+        out, w, grads = RUNNERS[front](cfg, case, sd, need_weights, average, r_out, r_w, key, implementation)
         tag = f"need_weights={need_weights} average={average}"
         assert_close(out, t_out, atol, f"output ({tag})")
         if need_weights:
@@ -224,3 +225,12 @@ def test_parity_float32(front, struct, mask_case, key):
 @pytest.mark.parametrize("front", ["equinox", "haiku"])
 def test_parity_float64(front, struct, mask_case, key, x64):
     check_case(front, struct, mask_case, np.float64, torch.float64, 1e-10, 1e-10, key)
+
+
+@pytest.mark.parametrize("implementation", ["blockwise", "fused"])
+@pytest.mark.parametrize("mask_case", ["both_float", "heads_bool", "causal_kpm"])
+@pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
+def test_parity_forced_paths(struct, mask_case, implementation, key):
+    """The memory-efficient and fused paths (need_weights=False) against torch too, not only against dense."""
+    check_case("equinox", struct, mask_case, np.float32, torch.float32, 1e-5, 1e-4, key,
+               modes=[(False, True)], implementation=implementation)
