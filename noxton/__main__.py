@@ -15,7 +15,6 @@ import time
 import equinox as eqx
 import haiku as hk
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import noxton

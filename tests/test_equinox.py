@@ -137,3 +137,28 @@ def test_plain_jax_jit_explains_filter_jit(key):
     with pytest.raises(TypeError, match="`inference` must be a Python bool.*use `eqx.filter_jit`"):
         jax.jit(lambda m, q: m(q, q, q))(mha, q)
     assert eqx.filter_jit(lambda m, q: m(q, q, q))(mha, q)[0].shape == (3, 8)
+
+
+@pytest.mark.parametrize(
+    "bad, got",
+    [(None, "NoneType"), (jnp.ones((3,)), "an array of dtype float32 and shape \\(3,\\)"), (7, "int")],
+    ids=["none", "float-array", "int"],
+)
+def test_keys_are_validated_and_named(key, bad, got):
+    with pytest.raises(TypeError, match=f"`key` must be a PRNG key.*got {got}"):
+        MultiheadAttention(8, 2, key=bad)
+    with pytest.raises(TypeError, match=f"`key` must be a PRNG key.*got {got}"):
+        SqueezeExcitation(8, 2, key=bad)
+    mha = MultiheadAttention(8, 2, dropout=0.5, key=key)
+    q = jnp.ones((3, 8))
+    if bad is not None:
+        with pytest.raises(TypeError, match=f"`dropout_key` must be a PRNG key.*got {got}"):
+            mha(q, q, q, dropout_key=bad)
+    assert mha(q, q, q, dropout_key=jax.random.key(1))[0].shape == (3, 8)  # typed keys work too
+
+
+@pytest.mark.parametrize("arg", ["activation", "scale_activation"])
+def test_se_activations_must_be_callable(key, arg):
+    se = SqueezeExcitation(4, 2, key=key)
+    with pytest.raises(TypeError, match=f"`{arg}` must be callable"):
+        se(jnp.ones((4, 3, 3)), **{arg: None})

@@ -78,3 +78,18 @@ def lift(x, ndim: int):
 def softmax_dtype(dtype):
     """Scores and softmax run in float32, or in float64 for float64 inputs."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype).itemsize > 4 else jnp.dtype(jnp.float32)
+
+
+def check_prng_key(name: str, key: Any) -> Any:
+    """A typed PRNG key (``jax.random.key``) or a raw one (``jax.random.PRNGKey``: uint32, shape (2,))."""
+    import jax
+
+    if isinstance(key, (jax.Array, np.ndarray)):
+        if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
+            return key
+        if key.dtype == jnp.uint32 and key.shape == (2,):
+            return key
+        got = f"an array of dtype {key.dtype} and shape {tuple(key.shape)}"
+    else:
+        got = type(key).__name__
+    raise TypeError(f"`{name}` must be a PRNG key from `jax.random.PRNGKey` or `jax.random.key`, got {got}.")

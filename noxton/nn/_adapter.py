@@ -17,6 +17,7 @@ import equinox as eqx
 import haiku as hk
 import numpy as np
 
+from noxton.functional._checks import check_prng_key
 from noxton.interop import params_to_state_dict, state_dict_to_params
 
 
@@ -50,7 +51,7 @@ class HaikuLayer(eqx.Module):
 
     def _init_params(self, key) -> dict[str, dict[str, Any]]:
         init, _ = transformed(self.haiku_cls, self._config())
-        return init(key)
+        return init(check_prng_key("key", key))
 
     def _apply(self, rng, *args, **kwargs):
         _, apply = transformed(self.haiku_cls, self._config())

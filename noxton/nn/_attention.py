@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from noxton.functional._checks import check_array, check_bool
+from noxton.functional._checks import check_array, check_bool, check_prng_key
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
 from noxton.haiku._attention import check_mha_config
 from noxton.haiku._common import resolve_dtype
@@ -173,8 +172,8 @@ class MultiheadAttention(HaikuLayer):
         check_array("query", query, min_rank=2, max_rank=2, layout="(L, E)")
         check_array("key", key, min_rank=2, max_rank=2, layout="(S, kdim)")
         check_array("value", value, min_rank=2, max_rank=2, layout="(S, vdim)")
-        if dropout_key is not None and not isinstance(dropout_key, (jax.Array, np.ndarray)):
-            raise TypeError(f"`dropout_key` must be a PRNG key from jax.random, got {type(dropout_key).__name__}.")
+        if dropout_key is not None:
+            check_prng_key("dropout_key", dropout_key)
         return self._apply(
             dropout_key,
             query,

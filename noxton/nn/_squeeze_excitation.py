@@ -71,4 +71,7 @@ class SqueezeExcitation(HaikuLayer):
     ) -> Float[Array, "channels height width"]:
         """Rescale the channels of ``x`` ``(C, H, W)``; returns the same shape."""
         check_array("x", x, min_rank=3, max_rank=3, layout="(C, H, W)")
+        for name, fn in (("activation", activation), ("scale_activation", scale_activation)):
+            if not callable(fn):
+                raise TypeError(f"`{name}` must be callable (e.g. jax.nn.relu), got {fn!r}.")
         return self._apply(None, x, activation, scale_activation)
