@@ -25,6 +25,7 @@ from noxton.functional._checks import (
     check_bool,
     check_positive_int,
     check_probability,
+    finite_shift,
     lift,
     softmax_dtype,
 )
@@ -144,7 +145,7 @@ def _in_projection(query, key, value, params):
 def masked_softmax(scores, axis: int = -1):
     """Softmax that gives zeros, with finite gradients, on rows that are all ``-inf``."""
     m = jnp.max(scores, axis=axis, keepdims=True)
-    m = lax.stop_gradient(jnp.where(jnp.isneginf(m), 0.0, m))
+    m = lax.stop_gradient(finite_shift(m, scores.dtype))
     e = jnp.exp(scores - m)
     d = jnp.sum(e, axis=axis, keepdims=True)
     return e / jnp.where(d == 0, 1.0, d).astype(e.dtype)

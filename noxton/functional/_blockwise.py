@@ -23,19 +23,63 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from noxton.functional._checks import softmax_dtype
+from noxton.functional._checks import finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
-# Measured on a 2-core x86 CPU (see README, "Performance"): 128 queries by 512 keys
-# keeps one block of scores per head (256 KiB) in cache and the loop overhead low.
-DEFAULT_BLOCK_Q = 128
-DEFAULT_BLOCK_K = 512
+#: Target number of scores in one block, batch rows and heads together (16 MiB in
+#: float32). Measured on a 2-core x86 CPU (README, "Performance"): blocks of 2**22
+#: scores run the forward and backward 1.7-2x faster than 128 x 512 blocks per 8 heads
+#: did, and larger ones gain nothing while raising peak memory.
+BLOCK_SCORES = 2**22
+#: Keys per block at most; the key axis is split into equal blocks of at most this many.
+MAX_BLOCK_K = 1024
+#: Fixed block sizes for every call (tests shrink them); ``None``: chosen per call from
+#: ``BLOCK_SCORES`` and ``MAX_BLOCK_K``.
+DEFAULT_BLOCK_Q: int | None = None
+DEFAULT_BLOCK_K: int | None = None
+
+
+class _Config(NamedTuple):
+    """Static facts about one call: block sizes and how to generate its masks."""
+
+    block_q: int
+    block_k: int
+    causal: bool
+    src_len: int  # keys before any were appended (the causal mask covers only these)
+    total_len: int  # keys after appending, before padding to whole blocks
+    padded: bool  # the key axis was padded to whole blocks (columns >= total_len are hidden)
+
+
+def _balanced(length: int, target: int) -> int:
+    """The block size that splits ``length`` into equal blocks of at most ``target`` (least padding)."""
+    blocks = -(-length // max(1, target))
+    return -(-length // blocks)
+
+
+def block_sizes(rows: int, tgt_len: int, total_len: int, block_q=None, block_k=None) -> tuple[int, int]:
+    """``(block_q, block_k)`` for ``rows`` (batch x heads) rows of ``tgt_len`` queries and ``total_len`` keys.
+
+    Explicit sizes (arguments, else ``DEFAULT_BLOCK_Q``/``DEFAULT_BLOCK_K``) are used
+    as given, clipped to the lengths. Otherwise keys are split into equal blocks of
+    at most ``MAX_BLOCK_K`` and queries into equal blocks sized so that one block of
+    scores holds about ``BLOCK_SCORES`` elements.
+    """
+    bq = DEFAULT_BLOCK_Q if block_q is None else block_q
+    bk = DEFAULT_BLOCK_K if block_k is None else block_k
+    if bk is None:
+        bk = _balanced(total_len, MAX_BLOCK_K)
+    bk = max(1, min(bk, total_len))
+    if bq is None:
+        bq = _balanced(tgt_len, max(8, BLOCK_SCORES // (rows * bk)))
+    return max(1, min(bq, tgt_len)), bk
 
 
 def _pad_to(x, axis: int, size: int):
@@ -47,31 +91,56 @@ def _pad_to(x, axis: int, size: int):
     return jnp.pad(x, widths)
 
 
-def _block_bias(cfg, kp, am, i, j):
-    """Additive mask ``[N|1, H|1, bq, bk]`` for query block ``i`` and key block ``j`` (or ``None``)."""
-    bq, bk, causal, src_len, total_len, s_padded = cfg
+def _block_bias(cfg: _Config, kp, am, i, j, keys_first: bool = False):
+    """Masks for block ``(i, j)``: additive ``[N|1, H|1, bq, bk]`` and bool ``hide`` ``[bq, bk]`` (each or ``None``).
+
+    With ``keys_first`` both come as ``[..., bk, bq]``, for the backward pass's
+    transposed scores.
+    """
+    bq, bk = cfg.block_q, cfg.block_k
     bias = None
     if am is not None:
         bias = lax.dynamic_slice_in_dim(lax.dynamic_slice_in_dim(am, i * bq, bq, axis=2), j * bk, bk, axis=3)
+        if keys_first:
+            bias = jnp.swapaxes(bias, 2, 3)
     if kp is not None:
-        b = lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)[:, None, None, :]
+        b = lax.dynamic_slice_in_dim(kp, j * bk, bk, axis=1)
+        b = b[:, None, :, None] if keys_first else b[:, None, None, :]
         bias = b if bias is None else bias + b
     hide = None
-    if causal or s_padded:
-        cols = j * bk + lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-        if s_padded:
-            hide = cols >= total_len
-        if causal:
-            rows = i * bq + lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-            c = (cols > rows) & (cols < src_len)
+    if cfg.causal or cfg.padded:
+        shape, q_axis, k_axis = ((bk, bq), 1, 0) if keys_first else ((bq, bk), 0, 1)
+        cols = j * bk + lax.broadcasted_iota(jnp.int32, shape, k_axis)
+        if cfg.padded:
+            hide = cols >= cfg.total_len
+        if cfg.causal:
+            rows = i * bq + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+            c = (cols > rows) & (cols < cfg.src_len)
             hide = c if hide is None else hide | c
     return bias, hide
 
 
-def _scores(q_blk, k_blk, cfg, kp, am, i, j, sdtype, k_transposed=False):
-    spec = "nhqd,nhdk->nhqk" if k_transposed else "nhqd,nhkd->nhqk"
-    s = jnp.einsum(spec, q_blk, k_blk, preferred_element_type=sdtype)
-    bias, hide = _block_bias(cfg, kp, am, i, j)
+def _when_visible(cfg: _Config, i, j, compute, skip, *operands):
+    """``compute(*operands)``, or ``skip(*operands)`` when the causal mask hides all of block ``(i, j)``.
+
+    Key block ``j`` is wholly hidden from query block ``i`` when its first key
+    comes after the block's last query and it holds no appended key (those stay
+    visible). Skipping such blocks halves causal attention's work. The predicate
+    depends only on loop indices, never on batched data, so under ``jax.vmap`` the
+    ``lax.cond`` stays a real branch.
+    """
+    if not cfg.causal:
+        return compute(*operands)
+    visible = (j * cfg.block_k <= (i + 1) * cfg.block_q - 1) | ((j + 1) * cfg.block_k > cfg.src_len)
+    if isinstance(visible, (bool, np.bool_)):
+        return compute(*operands) if visible else skip(*operands)
+    return lax.cond(visible, compute, skip, *operands)
+
+
+def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
+    """The block's masked scores ``einsum(spec, a, b)`` (``[..., bq, bk]``, or ``[..., bk, bq]`` with ``keys_first``)."""
+    s = jnp.einsum(spec, a, b, preferred_element_type=sdtype)
+    bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
     if bias is not None:
         s = s + bias
     if hide is not None:
@@ -84,9 +153,9 @@ def _dropout_keep(dropout, key, i, j, shape):
     return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, i), j), 1.0 - p, shape)
 
 
-def _forward(cfg, dropout, q, k, v, kp, am, key):
-    """Returns ``out [N, H, L, D]`` and ``lse [N, H, L]`` (0 on fully masked rows)."""
-    bq, bk = cfg[0], cfg[1]
+def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
+    """Returns ``out [N, H, L, D]`` and ``lse [N, H, L]`` (``inf`` on fully masked rows)."""
+    bq, bk = cfg.block_q, cfg.block_k
     sdtype = softmax_dtype(q.dtype)
     n, h, lq, _ = q.shape
     nq, nk = lq // bq, k.shape[2] // bk
@@ -94,18 +163,18 @@ def _forward(cfg, dropout, q, k, v, kp, am, key):
     # Keys as [N, H, D, S]: a plain (q, d) x (d, k) product per block, no per-block transpose.
     kt = jnp.swapaxes(k, 2, 3)
     # Without masks or padding every row has a finite maximum: skip the -inf guards.
-    finite = kp is None and am is None and not cfg[2] and not cfg[5]
+    finite = kp is None and am is None and not cfg.causal and not cfg.padded
 
     def q_block(i):
         q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)
 
-        def step(carry, j):
+        def update(carry, j):
             m, l, acc = carry
             k_blk = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=3)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-            s = _scores(q_blk, k_blk, cfg, kp, am, i, j, sdtype, k_transposed=True)
+            s = _scores("nhqd,nhdk->nhqk", q_blk, k_blk, cfg, kp, am, i, j, sdtype)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-            m_safe = m_new if finite else jnp.where(jnp.isneginf(m_new), 0.0, m_new).astype(sdtype)
+            m_safe = m_new if finite else finite_shift(m_new, sdtype)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
             l = alpha * l + jnp.sum(p, axis=-1)
@@ -119,7 +188,10 @@ def _forward(cfg, dropout, q, k, v, kp, am, key):
                 preferred_element_type=sdtype,
             )
             acc = alpha[..., None] * acc + pv
-            return (m_new, l, acc), None
+            return m_new, l, acc
+
+        def step(carry, j):
+            return _when_visible(cfg, i, j, lambda c: update(c, j), lambda c: c, carry), None
 
         init = (
             jnp.full((n, h, bq), -jnp.inf, sdtype),
@@ -133,8 +205,7 @@ def _forward(cfg, dropout, q, k, v, kp, am, key):
         empty = l == 0
         l_safe = jnp.where(empty, 1.0, l).astype(sdtype)
         out = acc / l_safe[..., None]
-        m_safe = jnp.where(jnp.isneginf(m), 0.0, m).astype(sdtype)
-        lse = jnp.where(empty, jnp.inf, m_safe + jnp.log(l_safe)).astype(sdtype)
+        lse = jnp.where(empty, jnp.inf, finite_shift(m, sdtype) + jnp.log(l_safe)).astype(sdtype)
         return out, lse
 
     if nq == 1:
@@ -146,8 +217,8 @@ def _forward(cfg, dropout, q, k, v, kp, am, key):
     return out, lse
 
 
-def _backward(cfg, dropout, q, k, v, kp, am, key, out, lse, dout, need_dkp, need_dam):
-    bq, bk = cfg[0], cfg[1]
+def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_dkp, need_dam):
+    bq, bk = cfg.block_q, cfg.block_k
     sdtype = softmax_dtype(q.dtype)
     n, h, lq, d = q.shape
     nq, nk = lq // bq, k.shape[2] // bk
@@ -158,50 +229,44 @@ def _backward(cfg, dropout, q, k, v, kp, am, key, out, lse, dout, need_dkp, need
         k_blk = lax.dynamic_slice_in_dim(k, j * bk, bk, axis=2)
         v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
 
-        def step(carry, i):
+        def update(carry, i):
+            # Everything in [keys, queries] layout: then dV += P^T dO and dK += dS^T Q are
+            # plain products (a transposed left operand runs about 2x slower on CPU).
             dk, dv = carry
             q_blk = lax.dynamic_slice_in_dim(q, i * bq, bq, axis=2)
             do_blk = lax.dynamic_slice_in_dim(dout, i * bq, bq, axis=2)
             lse_blk = lax.dynamic_slice_in_dim(lse, i * bq, bq, axis=2)
             dl_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)
-            s = _scores(q_blk, k_blk, cfg, kp, am, i, j, sdtype)
-            p = jnp.exp(s - lse_blk[..., None])  # 0 where masked and on fully masked rows (lse = inf)
-            dp = jnp.einsum(
-                "nhqd,nhkd->nhqk",
-                do_blk,
-                v_blk.astype(sdtype),
-                preferred_element_type=sdtype,
-            )
+            st = _scores("nhkd,nhqd->nhkq", k_blk, q_blk, cfg, kp, am, i, j, sdtype, keys_first=True)
+            pt = jnp.exp(st - lse_blk[..., None, :])  # 0 where masked and on fully masked rows (lse = inf)
+            dpt = jnp.einsum("nhkd,nhqd->nhkq", v_blk.astype(sdtype), do_blk, preferred_element_type=sdtype)
             if dropout is not None:
-                keep = _dropout_keep(dropout, key, i, j, p.shape)
+                keep = jnp.swapaxes(_dropout_keep(dropout, key, i, j, (n, h, bq, bk)), 2, 3)
                 scale = jnp.asarray(1.0 / (1.0 - dropout[0]), sdtype)
-                p_used = jnp.where(keep, p * scale, 0.0).astype(sdtype)
-                dp = jnp.where(keep, dp * scale, 0.0).astype(sdtype)
+                pt_used = jnp.where(keep, pt * scale, 0.0).astype(sdtype)
+                dpt = jnp.where(keep, dpt * scale, 0.0).astype(sdtype)
             else:
-                p_used = p
-            dv = dv + jnp.einsum("nhqk,nhqd->nhkd", p_used, do_blk, preferred_element_type=sdtype)
-            ds = p * (dp - dl_blk[..., None])
-            dk = dk + jnp.einsum(
-                "nhqk,nhqd->nhkd",
-                ds,
-                q_blk.astype(sdtype),
-                preferred_element_type=sdtype,
-            )
-            dq_blk = jnp.einsum(
-                "nhqk,nhkd->nhqd",
-                ds,
-                k_blk.astype(sdtype),
-                preferred_element_type=sdtype,
-            )
-            dkp_blk = jnp.sum(ds, axis=(1, 2)) if need_dkp else None
+                pt_used = pt
+            dv = dv + jnp.einsum("nhkq,nhqd->nhkd", pt_used, do_blk, preferred_element_type=sdtype)
+            dst = pt * (dpt - dl_blk[..., None, :])
+            dk = dk + jnp.einsum("nhkq,nhqd->nhkd", dst, q_blk.astype(sdtype), preferred_element_type=sdtype)
+            dq_blk = jnp.einsum("nhkq,nhkd->nhqd", dst, k_blk.astype(sdtype), preferred_element_type=sdtype)
+            dkp_blk = jnp.sum(dst, axis=(1, 3)) if need_dkp else None
             dam_blk = None
             if need_dam:
-                dam_blk = ds
+                dam_blk = jnp.swapaxes(dst, 2, 3)
                 if am.shape[0] == 1:
                     dam_blk = jnp.sum(dam_blk, axis=0, keepdims=True)
                 if am.shape[1] == 1:
                     dam_blk = jnp.sum(dam_blk, axis=1, keepdims=True)
             return (dk, dv), (dq_blk, dkp_blk, dam_blk)
+
+        def skip(carry, i):
+            zeros = jax.tree.map(lambda x: jnp.zeros(x.shape, x.dtype), jax.eval_shape(update, carry, i)[1])
+            return carry, zeros
+
+        def step(carry, i):
+            return _when_visible(cfg, i, j, update, skip, carry, i)
 
         init = (
             jnp.zeros((n, h, bk, d), sdtype),
@@ -281,8 +346,8 @@ def blockwise_attention(
         masks: canonical masks for ``S'`` keys (see [`Masks`][noxton.functional.Masks]).
         dropout_p: dropout probability on the normalised weights.
         dropout_key: PRNG key, required when ``dropout_p > 0``.
-        block_q: queries per block (clipped to ``L``); ``None`` reads ``DEFAULT_BLOCK_Q``.
-        block_k: keys per block (clipped to ``S'``); ``None`` reads ``DEFAULT_BLOCK_K``.
+        block_q: queries per block (clipped to ``L``); ``None``: chosen by ``block_sizes`` (about ``BLOCK_SCORES`` scores per block).
+        block_k: keys per block (clipped to ``S'``); ``None``: chosen by ``block_sizes`` (about ``BLOCK_SCORES`` scores per block).
 
     Returns:
         ``[*B, L, H, D]`` in the softmax dtype (float32, or float64 for float64 inputs).
@@ -292,8 +357,7 @@ def blockwise_attention(
     total_len = k.shape[-3]
     n = math.prod(batch_shape)
     sdtype = softmax_dtype(q.dtype)
-    bq = max(1, min(DEFAULT_BLOCK_Q if block_q is None else block_q, tgt_len))
-    bk = max(1, min(DEFAULT_BLOCK_K if block_k is None else block_k, total_len))
+    bq, bk = block_sizes(n * heads, tgt_len, total_len, block_q, block_k)
     lq = -(-tgt_len // bq) * bq
     sk = -(-total_len // bk) * bk
 
@@ -315,14 +379,7 @@ def blockwise_attention(
         else:
             a = a.reshape(n, heads, tgt_len, total_len)
         am = _pad_to(_pad_to(a, 2, lq), 3, sk)
-    cfg = (
-        bq,
-        bk,
-        bool(masks.causal),
-        int(masks.src_len),
-        int(total_len),
-        sk != total_len,
-    )
+    cfg = _Config(bq, bk, bool(masks.causal), int(masks.src_len), int(total_len), sk != total_len)
     dropout = None
     if dropout_p > 0.0:
         dropout = (float(dropout_p), None)

@@ -75,6 +75,12 @@ def lift(x, ndim: int):
     return x.reshape((1,) * (ndim - x.ndim) + tuple(x.shape))
 
 
+def finite_shift(row_max, dtype):
+    """A row maximum made safe to subtract before ``exp``: ``-inf`` (a row whose
+    every score is masked) becomes 0, so that row gives ``exp(-inf) = 0``, not NaN."""
+    return jnp.where(jnp.isneginf(row_max), 0.0, row_max).astype(dtype)
+
+
 def softmax_dtype(dtype):
     """Scores and softmax run in float32, or in float64 for float64 inputs."""
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype).itemsize > 4 else jnp.dtype(jnp.float32)
