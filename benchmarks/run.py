@@ -278,6 +278,43 @@ def build_matmul(B, L, E, H, mode):
     return (lambda: g(w_in, w_out, x)), jax_sync
 
 
+def build_block_matmul(B, L, E, H, mode):
+    """Lower bound for the blockwise path: its matrix products, in its blocks, with no softmax and no masking."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from noxton.functional._blockwise import block_sizes
+
+    D = E // H
+    bq, bk = block_sizes(B * H, L, L)
+    nq, nk = -(-L // bq), -(-L // bk)
+    k0, k1, k2 = jax.random.split(jax.random.PRNGKey(0), 3)
+    w_in = jax.random.normal(k0, (3 * E, E)) / E**0.5
+    w_out = jax.random.normal(k1, (E, E)) / E**0.5
+    x = jax.random.normal(k2, (B, nq * bq, E))
+
+    def fwd(w_in, w_out, x):
+        qkv = jnp.einsum("ble,fe->blf", x, w_in).reshape(B, nq * bq, 3, H, D)
+        q, k, v = (jnp.moveaxis(qkv[:, :, i], 1, 2) for i in range(3))  # [B, H, L, D]
+        kb = jnp.moveaxis(k[:, :, : nk * bk].reshape(B, H, nk, bk, D), 2, 0)
+        vb = jnp.moveaxis(v[:, :, : nk * bk].reshape(B, H, nk, bk, D), 2, 0)
+
+        def q_block(qb):
+            def step(acc, kv):
+                s = jnp.einsum("bhqd,bhkd->bhqk", qb, kv[0])
+                return acc + jnp.einsum("bhqk,bhkd->bhqd", s, kv[1]), None
+
+            return lax.scan(step, jnp.zeros_like(qb), (kb, vb))[0]
+
+        o = lax.map(q_block, jnp.moveaxis(q.reshape(B, H, nq, bq, D), 2, 0))
+        o = jnp.moveaxis(o, 0, 2).reshape(B, H, nq * bq, D)
+        return jnp.einsum("ble,fe->blf", jnp.moveaxis(o, 1, 2).reshape(B, nq * bq, E), w_out)
+
+    f = jax.jit(fwd)
+    return (lambda: f(w_in, w_out, x)), jax_sync
+
+
 BUILDERS = {
     "torch": build_torch,
     "torch_batch_first": lambda *a: build_torch(*a, batch_first=True),
@@ -292,6 +329,7 @@ BUILDERS = {
     "flax": build_flax,
     "jax_dpa": build_jax_dpa,
     "matmul_only": build_matmul,
+    "block_matmul_only": build_block_matmul,
 }
 
 LABELS = {
@@ -308,6 +346,7 @@ LABELS = {
     "flax": "flax.nnx.MultiHeadAttention",
     "jax_dpa": "jax.nn.dot_product_attention",
     "matmul_only": "JAX matmul-only lower bound",
+    "block_matmul_only": "JAX blockwise matmul-only lower bound",
 }
 
 
@@ -520,6 +559,37 @@ def child(name, mode, L, reps):
     )
 
 
+def long_row(args, mode, name, L, budget, results):
+    """Run one (mode, contender, L) child process; its table row, the contender's name last."""
+    # Dense contenders hold several (H, L, L) float32 arrays (more in backward).
+    est = LONG_B * LONG_H * L * L * 4 * (3 if mode == "fwd" else 6) / 2**30
+    if name in DENSE and est > budget:
+        return [mode, LABELS[name], L, "-", "-", f"not run: est. {est:.0f} GiB > budget {budget} GiB", name]
+    reps = 3 if L <= 16384 else (2 if L <= 32768 else 1)
+    if args.quick:
+        reps = 2 if L <= 4096 else 1
+    cmd = [sys.executable, os.path.abspath(__file__), "--child", name, mode, str(L), str(reps)]
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.child_timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return [mode, LABELS[name], L, "-", "-", f"timeout > {args.child_timeout} s", name]
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return [mode, LABELS[name], L, "-", "-", f"failed (rc {p.returncode}): {p.stderr.strip()[-120:]}", name]
+    r = json.loads(lines[-1])
+    results["long"].append(r)
+    print(f"  long: {mode} {name} L={L}: {r['median_s']:.3f} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr)
+    return [
+        mode,
+        LABELS[name],
+        L,
+        f"{r['median_s']:.3f}",
+        f"{r['peak_gib']:.2f}",
+        f"{r['peak_gib'] - r['base_gib']:.2f}",
+        name,
+    ]
+
+
 def long_table(args, results):
     sizes = [1024, 4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
     plan = {
@@ -530,92 +600,29 @@ def long_table(args, results):
             "noxton_eqx_dense",
             "eqx",
             "jax_dpa",
+            "block_matmul_only",
         ],
         "fwd_bwd": ["torch", "noxton_eqx", "noxton_eqx_dense", "eqx"],
     }
     max_len = {"fwd": max(sizes), "fwd_bwd": 16384 if not args.quick else 4096}
     budget = args.mem_budget_gib
     rows = []
+    # Interleaved by length (every contender at L, then the next L), so that load drift on
+    # a shared machine enters the ratios at one length less than a contender-by-contender sweep.
     for mode, names in plan.items():
-        for name in names:
-            for L in sizes:
-                if L > max_len[mode]:
+        stopped = set()
+        for L in sizes:
+            if L > max_len[mode]:
+                continue
+            for name in names:
+                if name in stopped:
                     continue
-                # Dense contenders hold several (H, L, L) float32 arrays (more in backward).
-                est = LONG_B * LONG_H * L * L * 4 * (3 if mode == "fwd" else 6) / 2**30
-                if name in DENSE and est > budget:
-                    rows.append(
-                        [
-                            mode,
-                            LABELS[name],
-                            L,
-                            "-",
-                            "-",
-                            f"not run: est. {est:.0f} GiB > budget {budget} GiB",
-                        ]
-                    )
-                    break
-                reps = 3 if L <= 16384 else (2 if L <= 32768 else 1)
-                if args.quick:
-                    reps = 2 if L <= 4096 else 1
-                cmd = [
-                    sys.executable,
-                    os.path.abspath(__file__),
-                    "--child",
-                    name,
-                    mode,
-                    str(L),
-                    str(reps),
-                ]
-                try:
-                    p = subprocess.run(
-                        cmd,
-                        capture_output=True,
-                        text=True,
-                        timeout=args.child_timeout,
-                        check=False,
-                    )
-                except subprocess.TimeoutExpired:
-                    rows.append(
-                        [
-                            mode,
-                            LABELS[name],
-                            L,
-                            "-",
-                            "-",
-                            f"timeout > {args.child_timeout} s",
-                        ]
-                    )
-                    break
-                lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
-                if p.returncode != 0 or not lines:
-                    rows.append(
-                        [
-                            mode,
-                            LABELS[name],
-                            L,
-                            "-",
-                            "-",
-                            f"failed (rc {p.returncode}): {p.stderr.strip()[-120:]}",
-                        ]
-                    )
-                    break
-                r = json.loads(lines[-1])
-                results["long"].append(r)
-                rows.append(
-                    [
-                        mode,
-                        LABELS[name],
-                        L,
-                        f"{r['median_s']:.3f}",
-                        f"{r['peak_gib']:.2f}",
-                        f"{r['peak_gib'] - r['base_gib']:.2f}",
-                    ]
-                )
-                print(
-                    f"  long: {mode} {name} L={L}: {r['median_s']:.3f} s, peak {r['peak_gib']:.2f} GiB",
-                    file=sys.stderr,
-                )
+                row = long_row(args, mode, name, L, budget, results)
+                rows.append(row)
+                if row[3] == "-":
+                    stopped.add(name)
+    rows.sort(key=lambda r: (r[0] != "fwd", plan[r[0]].index(r[-1]), r[2]))
+    rows = [r[:-1] for r in rows]
     # Ratios against torch (batch_first=False) at equal (mode, L)
     ref = {(r["mode"], r["L"]): r["median_s"] for r in results["long"] if r["name"] == "torch"}
     for row in rows:
@@ -723,7 +730,8 @@ def main():
     header = (
         f"Machine: {platform.processor() or platform.machine()}, {THREADS} CPU cores, "
         f"Python {platform.python_version()}, jax {jax.__version__}, torch {torch.__version__}, "
-        f"torch.set_num_threads({THREADS}) (XLA's CPU client uses all {THREADS} cores)."
+        f"torch.set_num_threads({THREADS}) (XLA's CPU client uses all {THREADS} cores). "
+        "Load average (1, 5, 15 min) at the start: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "."
     )
     sections = [header]
     print(header, flush=True)
@@ -739,6 +747,9 @@ def main():
         if results["long"]:
             plot(results, os.path.join(args.out, "long_sequences.png"))
             print(f"\nplot: {os.path.join(args.out, 'long_sequences.png')}")
+    load = "Load average (1, 5, 15 min) at the end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + "."
+    print("\n" + load)
+    sections.append(load)
     with open(os.path.join(args.out, "results.md"), "w") as f:
         f.write("\n\n".join(sections) + "\n")
     with open(os.path.join(args.out, "results.json"), "w") as f:

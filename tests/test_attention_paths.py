@@ -229,7 +229,7 @@ def test_blockwise_dropout_single_block_matches_hand_computation():
     )
     key, p = jax.random.PRNGKey(7), 0.4
     out = blockwise_attention(q, k, v, masks, dropout_p=p, dropout_key=key, block_q=L, block_k=S)
-    scores = jnp.einsum("nlhd,nshd->nhls", q, k) + lift(masks.dense((N,), L, S, jnp.float32), 4)
+    scores = jnp.einsum("nlhd,nshd->nhls", q, k) + lift(masks.dense(L, S, jnp.float32), 4)
     w = jax.nn.softmax(scores, axis=-1)
     keep = jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, 0), 0), 1.0 - p, (N, H, L, S))
     w = jnp.where(keep, w / (1.0 - p), 0.0)

@@ -165,8 +165,7 @@ def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, nee
     """
     sdtype = softmax_dtype(q.dtype)
     scores = jnp.einsum("...lhd,...shd->...hls", q, k, preferred_element_type=sdtype)
-    batch_shape = q.shape[:-3]
-    mask = masks.dense(batch_shape, q.shape[-3], k.shape[-3], sdtype)
+    mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
     if mask is not None:
         scores = scores + lift(mask, scores.ndim)
     weights = masked_softmax(scores)

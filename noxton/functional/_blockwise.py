@@ -5,9 +5,15 @@ time (a sequential ``lax.map``) and, for each query block, keys ``block_k`` at a
 time (a ``lax.scan``) with a running maximum, normaliser and weighted sum (the
 online softmax of Milakov & Gimelshein, 2018, as in FlashAttention). The
 key-padding and causal masks are generated block by block from indices; an
-explicit additive ``attn_mask`` is read block by block. The backward pass is a
-custom VJP that recomputes each block from ``q``, ``k``, ``v`` and the saved
-log-sum-exp (FlashAttention-2's backward), so training is memory-efficient too.
+explicit additive ``attn_mask`` is read block by block; key blocks that the
+causal mask hides entirely are skipped. The backward pass is a custom VJP that
+recomputes each block from ``q``, ``k``, ``v`` and the saved log-sum-exp
+(FlashAttention-2's backward), so training is memory-efficient too.
+
+Block sizes follow the number of scores a block holds over every batch row and
+head (``block_sizes``); under ``jax.vmap`` the mapped axis is folded into the
+batch rows first (``_fold_vmapped_rows``), so the Equinox front end, batched
+with ``jax.vmap``, gets the blocks that the batched Haiku call gets.
 
 Shapes inside the kernel: ``N`` flattened batch, ``H`` heads, ``L``/``S`` query
 and key lengths padded to whole blocks, ``D`` head size.
@@ -34,15 +40,16 @@ from jax.custom_derivatives import SymbolicZero
 from noxton.functional._checks import finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
-#: Target number of scores in one block, batch rows and heads together (16 MiB in
-#: float32). Measured on a 2-core x86 CPU (README, "Performance"): blocks of 2**22
-#: scores run the forward and backward 1.7-2x faster than 128 x 512 blocks per 8 heads
-#: did, and larger ones gain nothing while raising peak memory.
-BLOCK_SCORES = 2**22
-#: Keys per block at most; the key axis is split into equal blocks of at most this many.
+#: Target number of scores in one block, batch rows and heads together (32 MiB in
+#: float32), with at most ``MAX_BLOCK_Q`` queries and ``MAX_BLOCK_K`` keys. Measured on
+#: a 2-core x86 CPU (README, "Performance"): at B=8, L=512, H=8 this gives 256 x 512
+#: blocks, 20% faster than 128 x 512; at L=4096-16384, H=8 it gives 512 x 1024, up to
+#: 2x faster than the 128 x 512 blocks used before, while 1024 x 1024 is 10-25% slower.
+BLOCK_SCORES = 2**23
+MAX_BLOCK_Q = 512
 MAX_BLOCK_K = 1024
-#: Fixed block sizes for every call (tests shrink them); ``None``: chosen per call from
-#: ``BLOCK_SCORES`` and ``MAX_BLOCK_K``.
+#: Fixed block sizes for every call (tests shrink them); ``None``: chosen per call by
+#: ``block_sizes``.
 DEFAULT_BLOCK_Q: int | None = None
 DEFAULT_BLOCK_K: int | None = None
 
@@ -69,8 +76,9 @@ def block_sizes(rows: int, tgt_len: int, total_len: int, block_q=None, block_k=N
 
     Explicit sizes (arguments, else ``DEFAULT_BLOCK_Q``/``DEFAULT_BLOCK_K``) are used
     as given, clipped to the lengths. Otherwise keys are split into equal blocks of
-    at most ``MAX_BLOCK_K`` and queries into equal blocks sized so that one block of
-    scores holds about ``BLOCK_SCORES`` elements.
+    at most ``MAX_BLOCK_K``, and queries into equal blocks of at most ``MAX_BLOCK_Q``
+    sized so that one block of scores holds about ``BLOCK_SCORES`` elements. Equal
+    blocks keep the padding of a ragged last block under one row per block.
     """
     bq = DEFAULT_BLOCK_Q if block_q is None else block_q
     bk = DEFAULT_BLOCK_K if block_k is None else block_k
@@ -78,17 +86,17 @@ def block_sizes(rows: int, tgt_len: int, total_len: int, block_q=None, block_k=N
         bk = _balanced(total_len, MAX_BLOCK_K)
     bk = max(1, min(bk, total_len))
     if bq is None:
-        bq = _balanced(tgt_len, max(8, BLOCK_SCORES // (rows * bk)))
+        bq = _balanced(tgt_len, min(MAX_BLOCK_Q, max(8, BLOCK_SCORES // (rows * bk))))
     return max(1, min(bq, tgt_len)), bk
 
 
-def _pad_to(x, axis: int, size: int):
-    pad = size - x.shape[axis]
-    if pad == 0:
+def _pad_to(x, axis: int, size: int, value=0.0):
+    if x is None or x.shape[axis] == size:
         return x
+    pad = size - x.shape[axis]
     widths = [(0, 0)] * x.ndim
     widths[axis] = (0, pad)
-    return jnp.pad(x, widths)
+    return jnp.pad(x, widths, constant_values=value)
 
 
 def _block_bias(cfg: _Config, kp, am, i, j, keys_first: bool = False):
@@ -290,9 +298,105 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
     return dq, dk, dv, dkp, dam
 
 
+class _Static(NamedTuple):
+    """What a call fixes before the kernel sees shapes: the causal rule and any forced block sizes."""
+
+    causal: bool
+    src_len: int
+    block_q: int | None
+    block_k: int | None
+
+
+def _plan(static: _Static, q, k) -> _Config:
+    """Block sizes for these (possibly vmap-folded) shapes ``q [N, H, L, D]``, ``k [N, H, S', D]``."""
+    n, h, tgt_len, _ = q.shape
+    total_len = k.shape[2]
+    bq, bk = block_sizes(n * h, tgt_len, total_len, static.block_q, static.block_k)
+    return _Config(bq, bk, static.causal, static.src_len, total_len, total_len % bk != 0)
+
+
+def _whole_blocks(cfg: _Config, q, k, v, kp, am):
+    lq = -(-q.shape[2] // cfg.block_q) * cfg.block_q
+    sk = -(-cfg.total_len // cfg.block_k) * cfg.block_k
+    am = None if am is None else _pad_to(_pad_to(am, 2, lq), 3, sk)
+    return lq, _pad_to(q, 2, lq), _pad_to(k, 2, sk), _pad_to(v, 2, sk), _pad_to(kp, 1, sk), am
+
+
+def _fold_vmapped_rows(impl, *, am_index: int, key_index: int, need_dam: bool = False):
+    """``impl`` (arrays with rows ``N`` first) whose ``jax.vmap`` folds the mapped axis into those rows.
+
+    Block sizes are chosen from the number of rows the kernel really runs. Under
+    plain ``jax.vmap`` (how the Equinox front end batches) the kernel would see one
+    example's rows and choose blocks ``B`` times too large for the cache; folding
+    the mapped axis into ``N`` lets it choose for all of them. Arrays that are not
+    mapped are broadcast along the axis first, except an unmapped ``attn_mask`` with
+    one row, which broadcasts as it is. Calls that cannot be folded (a dropout key,
+    a per-row mask that is not mapped, or a gradient for an unmapped mask) are
+    vmapped as usual.
+    """
+
+    def call(*args):
+        f = jax.custom_batching.custom_vmap(impl)
+
+        @f.def_vmap
+        def rule(axis_size, in_batched, *args):
+            am, am_mapped = args[am_index], in_batched[am_index]
+            rows = args[0].shape[1] if in_batched[0] else args[0].shape[0]
+            foldable = args[key_index] is None and (
+                am is None or (am_mapped and am.shape[1] == rows) or (not am_mapped and am.shape[0] == 1 and not need_dam)
+            )
+            if not foldable:
+                outs = jax.vmap(impl, in_axes=tuple(0 if b else None for b in in_batched))(*args)
+                return outs, jax.tree.map(lambda _: True, outs)
+            folded = []
+            for i, (x, mapped) in enumerate(zip(args, in_batched)):
+                if x is not None and i != key_index and (mapped or i != am_index):
+                    if not mapped:
+                        x = jnp.broadcast_to(x, (axis_size, *x.shape))
+                    x = x.reshape(axis_size * x.shape[1], *x.shape[2:])
+                folded.append(x)
+            outs = jax.tree.map(lambda y: y.reshape(axis_size, -1, *y.shape[1:]), call(*folded))
+            return outs, jax.tree.map(lambda _: True, outs)
+
+        return f(*args)
+
+    return call
+
+
+def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
+    """``_forward`` on shapes that need not be whole blocks: pads, runs, and cuts back to ``L``."""
+
+    def impl(q, k, v, kp, am, key):
+        cfg = _plan(static, q, k)
+        tgt_len = q.shape[2]
+        _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
+        out, lse = _forward(cfg, dropout, q, k, v, kp, am, key)
+        return out[:, :, :tgt_len], lse[:, :, :tgt_len]
+
+    return _fold_vmapped_rows(impl, am_index=4, key_index=5)(q, k, v, kp, am, key)
+
+
+def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout):
+    """``_backward`` on shapes that need not be whole blocks (padded query rows get ``lse = inf``: no weight)."""
+
+    def impl(q, k, v, kp, am, key, out, lse, dout):
+        cfg = _plan(static, q, k)
+        tgt_len, src_len = q.shape[2], k.shape[2]
+        lq, q, k, v, kp, am_p = _whole_blocks(cfg, q, k, v, kp, am)
+        out, dout = _pad_to(out, 2, lq), _pad_to(dout, 2, lq)
+        lse = _pad_to(lse, 2, lq, jnp.inf)
+        dq, dk, dv, dkp, dam = _backward(cfg, dropout, q, k, v, kp, am_p, key, out, lse, dout, need_dkp, need_dam)
+        dkp = None if dkp is None else dkp[:, :src_len]
+        dam = None if dam is None else dam[:, :, :tgt_len, :src_len]
+        return dq[:, :, :tgt_len], dk[:, :, :src_len], dv[:, :, :src_len], dkp, dam
+
+    fold = _fold_vmapped_rows(impl, am_index=4, key_index=5, need_dam=need_dam)
+    return fold(q, k, v, kp, am, key, out, lse, dout)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _attention_core(cfg, dropout, q, k, v, kp, am, key):
-    out, _ = _forward(cfg, dropout, q, k, v, kp, am, key)
+def _attention_core(static, dropout, q, k, v, kp, am, key):
+    out, _ = _padded_forward(static, dropout, q, k, v, kp, am, key)
     return out
 
 
@@ -304,18 +408,20 @@ def _perturbed(x):
     return any(p.perturbed for p in jax.tree.leaves(x))
 
 
-def _core_fwd(cfg, dropout, q, k, v, kp, am, key):
+def _core_fwd(static, dropout, q, k, v, kp, am, key):
     flags = (_perturbed(kp), _perturbed(am))
     q, k, v, kp, am, key = (_value(x) for x in (q, k, v, kp, am, key))
-    out, lse = _forward(cfg, dropout, q, k, v, kp, am, key)
+    out, lse = _padded_forward(static, dropout, q, k, v, kp, am, key)
     return out, (q, k, v, kp, am, key, out, lse, flags)
 
 
-def _core_bwd(cfg, dropout, res, dout):
+def _core_bwd(static, dropout, res, dout):
     q, k, v, kp, am, key, out, lse, (need_dkp, need_dam) = res
     if isinstance(dout, SymbolicZero):
         dout = jnp.zeros(dout.shape, dout.dtype)
-    dq, dk, dv, dkp, dam = _backward(cfg, dropout, q, k, v, kp, am, key, out, lse, dout, need_dkp, need_dam)
+    dq, dk, dv, dkp, dam = _padded_backward(
+        static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout
+    )
     if kp is not None and dkp is None:
         dkp = jnp.zeros_like(kp)
     if am is not None and dam is None:
@@ -346,8 +452,10 @@ def blockwise_attention(
         masks: canonical masks for ``S'`` keys (see [`Masks`][noxton.functional.Masks]).
         dropout_p: dropout probability on the normalised weights.
         dropout_key: PRNG key, required when ``dropout_p > 0``.
-        block_q: queries per block (clipped to ``L``); ``None``: chosen by ``block_sizes`` (about ``BLOCK_SCORES`` scores per block).
-        block_k: keys per block (clipped to ``S'``); ``None``: chosen by ``block_sizes`` (about ``BLOCK_SCORES`` scores per block).
+        block_q: queries per block (clipped to ``L``); ``None``: chosen by ``block_sizes``
+            (about ``BLOCK_SCORES`` scores per block, over every batch row and head,
+            those of a ``jax.vmap`` included).
+        block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``.
 
     Returns:
         ``[*B, L, H, D]`` in the softmax dtype (float32, or float64 for float64 inputs).
@@ -357,32 +465,25 @@ def blockwise_attention(
     total_len = k.shape[-3]
     n = math.prod(batch_shape)
     sdtype = softmax_dtype(q.dtype)
-    bq, bk = block_sizes(n * heads, tgt_len, total_len, block_q, block_k)
-    lq = -(-tgt_len // bq) * bq
-    sk = -(-total_len // bk) * bk
 
-    def to_nhld(x, length):
-        x = x.reshape(n, x.shape[-3], heads, x.shape[-1])
-        return _pad_to(jnp.transpose(x, (0, 2, 1, 3)), 2, length)
+    def to_nhld(x):
+        return jnp.transpose(x.reshape(n, x.shape[-3], heads, x.shape[-1]), (0, 2, 1, 3))
 
-    qh, kh, vh = to_nhld(q, lq), to_nhld(k, sk), to_nhld(v, sk)
     kp = None
     if masks.key_padding is not None:
-        kp = _pad_to(masks.key_padding.astype(sdtype).reshape(n, total_len), 1, sk)
+        kp = masks.key_padding.astype(sdtype).reshape(n, total_len)
     am = None
     if masks.attn is not None:
         a = masks.attn.astype(sdtype)
         if a.ndim == 2:
-            a = a.reshape(1, 1, tgt_len, total_len)
+            am = a.reshape(1, 1, tgt_len, total_len)
         elif a.ndim == 3:
-            a = a.reshape(1, heads, tgt_len, total_len)
+            am = a.reshape(1, heads, tgt_len, total_len)
         else:
-            a = a.reshape(n, heads, tgt_len, total_len)
-        am = _pad_to(_pad_to(a, 2, lq), 3, sk)
-    cfg = _Config(bq, bk, bool(masks.causal), int(masks.src_len), int(total_len), sk != total_len)
-    dropout = None
-    if dropout_p > 0.0:
-        dropout = (float(dropout_p), None)
-    out = _attention_core(cfg, dropout, qh, kh, vh, kp, am, dropout_key if dropout is not None else None)
-    out = jnp.transpose(out[:, :, :tgt_len], (0, 2, 1, 3))
+            am = a.reshape(n, heads, tgt_len, total_len)
+    static = _Static(bool(masks.causal), int(masks.src_len), block_q, block_k)
+    dropout = (float(dropout_p), None) if dropout_p > 0.0 else None
+    key = dropout_key if dropout is not None else None
+    out = _attention_core(static, dropout, to_nhld(q), to_nhld(k), to_nhld(v), kp, am, key)
+    out = jnp.transpose(out, (0, 2, 1, 3))
     return out.reshape(*batch_shape, tgt_len, heads, v.shape[-1])

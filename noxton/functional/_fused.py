@@ -24,18 +24,13 @@ import math
 import jax
 import jax.numpy as jnp
 
-from noxton.functional._checks import softmax_dtype
+from noxton.functional._checks import lift, softmax_dtype
 from noxton.functional._masks import Masks
 
 
-def _to4(x, n, heads, tgt_len, total_len):
-    """Additive or bool mask broadcastable to ``[*B, H, L, S']`` -> ``[N|1, H|1, L, S']``."""
-    if x.ndim == 2:
-        return x.reshape(1, 1, tgt_len, total_len)
-    if x.ndim == 3:
-        return x.reshape(1, heads, tgt_len, total_len)
-    lead = math.prod(x.shape[:-3])
-    return x.reshape(n if lead == n else 1, x.shape[-3], tgt_len, total_len)
+def _to4(x):
+    """A mask broadcastable to ``[*B, H, L, S']`` as ``[N|1, H|1, L|1, S']``."""
+    return lift(x, 4) if x.ndim < 4 else x.reshape(-1, *x.shape[-3:])
 
 
 def fused_attention(q, k, v, masks: Masks):
@@ -59,15 +54,10 @@ def fused_attention(q, k, v, masks: Masks):
     k4 = k.reshape(n, total_len, heads, head_dim)
     v4 = v.reshape(n, total_len, heads, v.shape[-1])
 
-    additive = []
-    if masks.attn is not None:
-        additive.append(_to4(masks.attn.astype(sdtype), n, heads, tgt_len, total_len))
-    if masks.key_padding is not None:
-        additive.append(masks.key_padding.astype(sdtype).reshape(n, 1, 1, total_len))
     bias = visible = None
-    for a in additive:
-        bias = a if bias is None else bias + a
-    if bias is not None:
+    additive = masks.dense(tgt_len, total_len, sdtype, causal=False)
+    if additive is not None:
+        bias = _to4(additive)
         visible = jnp.logical_not(jnp.isneginf(bias))
         bias = jnp.where(visible, bias, 0.0).astype(sdtype)
     # jax's is_causal is top-left aligned like torch's, but cannot keep appended keys visible.

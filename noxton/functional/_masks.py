@@ -43,14 +43,18 @@ class Masks:
         cols = jnp.arange(total_len)[None, :]
         return (cols > rows) & (cols < self.src_len)
 
-    def dense(self, batch_shape: tuple[int, ...], tgt_len: int, total_len: int, dtype) -> jnp.ndarray | None:
-        """All masks summed into one additive mask broadcastable to ``[*B, H, L, S']``."""
+    def dense(self, tgt_len: int, total_len: int, dtype, *, causal: bool = True) -> jnp.ndarray | None:
+        """All masks summed into one additive mask broadcastable to ``[*B, H, L, S']`` (or ``None``).
+
+        With ``causal=False`` the causal mask is left out, for kernels that take it
+        as a flag.
+        """
         parts = []
         if self.attn is not None:
             parts.append(self.attn)
         if self.key_padding is not None:
             parts.append(self.key_padding[..., None, None, :])
-        if self.causal:
+        if causal and self.causal:
             parts.append(jnp.where(self.causal_mask(tgt_len, total_len), -jnp.inf, 0.0).astype(dtype))
         if not parts:
             return None
