@@ -592,6 +592,8 @@ def long_row(args, mode, name, L, budget, results):
 
 def long_table(args, results):
     sizes = [1024, 4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    if args.sizes:
+        sizes = sorted(int(x) for x in args.sizes.split(","))
     plan = {
         "fwd": [
             "torch",
@@ -707,6 +709,7 @@ def main():
         default=900,
         help="seconds per long-sequence process",
     )
+    ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
     ap.add_argument("--out", default=os.path.join(HERE, "results"))
     ap.add_argument(
         "--child",

@@ -50,29 +50,54 @@ warnings.filterwarnings("ignore", message=".*jax.*deprecated.*", category=Deprec
 
 # Hypothesis profiles for the property-based suites (tests/test_hypothesis_parity.py).
 # "ci" is the default: 300 derandomised examples (the same ones on every run, so a
-# failure reproduces), no deadline (the first example of a shape compiles). "long"
-# is for long runs: pytest --hypothesis-profile=long.
+# failure reproduces), no deadline (the first example of a shape compiles). "smoke"
+# (40) is for the older-JAX tox envs, "long" for long runs: --hypothesis-profile=long.
 from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
 from hypothesis import settings as _hypothesis_settings  # noqa: E402
 
-_hypothesis_settings.register_profile(
-    "ci",
-    max_examples=300,
-    deadline=None,
-    derandomize=True,
-    print_blob=True,
-    suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large],
+_common = dict(
+    deadline=None, print_blob=True, suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large]
 )
-_hypothesis_settings.register_profile(
-    "long",
-    max_examples=5000,
-    deadline=None,
-    print_blob=True,
-    suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large],
-)
+_hypothesis_settings.register_profile("ci", max_examples=300, derandomize=True, **_common)
+_hypothesis_settings.register_profile("smoke", max_examples=40, derandomize=True, **_common)  # older-JAX tox envs
+_hypothesis_settings.register_profile("long", max_examples=5000, **_common)
+
+
+def pytest_addoption(parser):
+    parser.addoption(
+        "--cross-product-sample",
+        type=int,
+        default=1,
+        metavar="K",
+        help="run every K-th case of the tests marked cross_product (1, the default: all of them)",
+    )
 
 
 def pytest_configure(config):
     # The hypothesis plugin loads the profile named by --hypothesis-profile; without one, "ci".
     if not config.getoption("hypothesis_profile", None):
         _hypothesis_settings.load_profile("ci")
+    config.addinivalue_line(
+        "markers", "cross_product: one case of a full cross-product of options (see --cross-product-sample)"
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    """With ``--cross-product-sample=K``, keep every K-th ``cross_product`` case, by sorted test id.
+
+    The tox envs for the older JAX versions use it: the full cross-product against
+    torch runs once, on the newest JAX that has torch, and a fixed, evenly spread
+    sample of it runs on the others.
+    """
+    k = config.getoption("cross_product_sample")
+    if k <= 1:
+        return
+    marked = sorted(item.nodeid for item in items if item.get_closest_marker("cross_product"))
+    keep = set(marked[::k])
+    selected, dropped = [], []
+    for item in items:
+        sampled_out = item.get_closest_marker("cross_product") and item.nodeid not in keep
+        (dropped if sampled_out else selected).append(item)
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+        items[:] = selected

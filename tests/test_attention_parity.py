@@ -213,6 +213,7 @@ def check_case(front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key,
             assert_close(grads[name], t_grads[name], grad_atol, f"grad {name} ({tag})")
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize("mask_case", MASKS)
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
 @pytest.mark.parametrize("front", ["equinox", "haiku"])
@@ -220,6 +221,7 @@ def test_parity_float32(front, struct, mask_case, key):
     check_case(front, struct, mask_case, np.float32, torch.float32, 1e-5, 1e-4, key)
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize("mask_case", ["none", "both_bool", "heads_float", "causal_kpm"])
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
 @pytest.mark.parametrize("front", ["equinox", "haiku"])

@@ -320,8 +320,9 @@ def test_random_configurations_match_torch(front, c, x64):
         _close(grads[name], g, f"{front} grad {name}")
 
 
-def test_profile_is_registered():
-    """The CI profile runs at least 300 examples (the long one more)."""
-    assert settings.default.max_examples >= 300
+def test_profile_is_registered(pytestconfig):
+    """The CI profile, loaded unless another is named, runs at least 300 examples (the long one more)."""
+    requested = pytestconfig.getoption("hypothesis_profile", None) or "ci"
+    assert settings.default.max_examples == settings.get_profile(requested).max_examples
     assert settings.get_profile("ci").max_examples >= 300
     assert settings.get_profile("long").max_examples >= 5000
