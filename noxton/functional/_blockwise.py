@@ -62,7 +62,11 @@ class _Config(NamedTuple):
     causal: bool
     src_len: int  # keys before any were appended (the causal mask covers only these)
     total_len: int  # keys after appending, before padding to whole blocks
-    padded: bool  # the key axis was padded to whole blocks (columns >= total_len are hidden)
+
+    @property
+    def padded(self) -> bool:
+        """The key axis is padded to whole blocks (columns ``>= total_len`` are hidden)."""
+        return self.total_len % self.block_k != 0
 
 
 def _balanced(length: int, target: int) -> int:
@@ -312,7 +316,7 @@ def _plan(static: _Static, q, k) -> _Config:
     n, h, tgt_len, _ = q.shape
     total_len = k.shape[2]
     bq, bk = block_sizes(n * h, tgt_len, total_len, static.block_q, static.block_k)
-    return _Config(bq, bk, static.causal, static.src_len, total_len, total_len % bk != 0)
+    return _Config(bq, bk, static.causal, static.src_len, total_len)
 
 
 def _whole_blocks(cfg: _Config, q, k, v, kp, am):
