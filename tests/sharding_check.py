@@ -61,10 +61,10 @@ def main() -> dict:
     err("readme_tensor_parallel", out_tp, ref)
     report["checks"]["out_dp_devices"] = devices_of(out_dp)
     report["checks"]["out_dp_shard_shapes"] = shard_shapes(out_dp)
-    tp = ns["mha_tp"].params
-    report["checks"]["in_proj_weight_shards"] = shard_shapes(tp["multihead_attention"]["in_proj_weight"])
-    report["checks"]["out_proj_weight_shards"] = shard_shapes(tp["multihead_attention/~/out_proj"]["weight"])
-    report["checks"]["in_proj_weight_devices"] = devices_of(tp["multihead_attention"]["in_proj_weight"])
+    tp = ns["mha_tp"]
+    report["checks"]["in_proj_weight_shards"] = shard_shapes(tp.in_proj_weight)
+    report["checks"]["out_proj_weight_shards"] = shard_shapes(tp.out_proj.weight)
+    report["checks"]["in_proj_weight_devices"] = devices_of(tp.in_proj_weight)
 
     shard_by_head, head_mesh, data_mesh = ns["shard_by_head"], ns["head_mesh"], ns["data_mesh"]
     specs = ns["HEAD_SPECS"]
@@ -82,7 +82,7 @@ def main() -> dict:
 
     ref_out, ref_w = cross(mha, x, kv_k, kv_v, kpm)
     mha_tp = shard_by_head(mha, head_mesh)
-    report["checks"]["q_proj_weight_shards"] = shard_shapes(mha_tp.params["multihead_attention"]["q_proj_weight"])
+    report["checks"]["q_proj_weight_shards"] = shard_shapes(mha_tp.q_proj_weight)
     out, w = cross(mha_tp, x, kv_k, kv_v, kpm)
     err("separate_tensor_parallel_out", out, ref_out)
     err("separate_tensor_parallel_weights", w, ref_w)
@@ -100,7 +100,8 @@ def main() -> dict:
     f = hk.transform(lambda x: nxhk.MultiheadAttention(64, 8, add_bias_kv=True)(x, x, x, is_causal=True))
     params = f.init(jax.random.PRNGKey(6), x)
     ref_out, ref_w = jax.jit(f.apply)(params, None, x)
-    shardings = {m: {n: NamedSharding(mesh2, specs[n]) for n in ps} for m, ps in params.items()}
+    torch_name = {"multihead_attention": "{}", "multihead_attention/~/out_proj": "out_proj.{}"}
+    shardings = {m: {n: NamedSharding(mesh2, specs[torch_name[m].format(n)]) for n in ps} for m, ps in params.items()}
     params_tp = jax.device_put(params, shardings)
     out, w = jax.jit(f.apply)(params_tp, None, put(x))
     err("haiku_data_and_heads_out", out, ref_out)

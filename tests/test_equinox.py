@@ -43,19 +43,38 @@ def test_extra_keys_widen_weights(key):
     assert mha(q, q, q)[1].shape == (5, 7)
 
 
-def test_only_array_leaves_are_params(key):
-    for layer in (MultiheadAttention(8, 2, add_bias_kv=True, key=key), SqueezeExcitation(8, 2, key=key)):
+def test_parameters_are_torch_named_attributes(key):
+    mha = MultiheadAttention(8, 2, add_bias_kv=True, key=key)
+    assert mha.in_proj_weight.shape == (24, 8) and mha.in_proj_bias.shape == (24,)
+    assert mha.bias_k.shape == mha.bias_v.shape == (1, 1, 8)
+    assert mha.q_proj_weight is None and mha.k_proj_weight is None and mha.v_proj_weight is None
+    assert mha.out_proj.weight.shape == (8, 8) and mha.out_proj.bias.shape == (8,)
+    kv = MultiheadAttention(8, 2, kdim=3, vdim=5, bias=False, key=key)
+    assert (kv.q_proj_weight.shape, kv.k_proj_weight.shape, kv.v_proj_weight.shape) == ((8, 8), (8, 3), (8, 5))
+    assert kv.in_proj_weight is None and kv.in_proj_bias is None and kv.out_proj.bias is None
+    se = SqueezeExcitation(8, 2, key=key)
+    assert (se.fc1.weight.shape, se.fc1.bias.shape, se.fc2.weight.shape) == ((2, 8, 1, 1), (2,), (8, 2, 1, 1))
+    # The array leaves are exactly the torch state_dict's entries; the only other leaf is the inference flag.
+    for layer in (mha, kv, se):
         arrays = jax.tree_util.tree_leaves(eqx.filter(layer, eqx.is_array))
-        params = jax.tree_util.tree_leaves(layer.params)
-        assert len(arrays) == len(params) and all(a is b for a, b in zip(arrays, params))
-    non_arrays = jax.tree_util.tree_leaves(eqx.filter(MultiheadAttention(8, 2, key=key), eqx.is_array, inverse=True))
+        assert len(arrays) == len(layer.state_dict())
+    non_arrays = jax.tree_util.tree_leaves(eqx.filter(mha, eqx.is_array, inverse=True))
     assert non_arrays == [False]  # the `inference` flag, which inference_mode flips
+
+
+def test_attributes_drive_the_computation(key):
+    """Editing an attribute with eqx.tree_at changes what the layer computes, as in torch."""
+    mha = MultiheadAttention(8, 2, key=key)
+    q = jax.random.normal(key, (3, 8))
+    zeroed = eqx.tree_at(lambda m: m.out_proj.weight, mha, jnp.zeros((8, 8)))
+    out, _ = zeroed(q, q, q)
+    np.testing.assert_array_equal(out, jnp.broadcast_to(mha.out_proj.bias, (3, 8)))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
 def test_param_dtype(key, dtype):
     for layer in (MultiheadAttention(8, 2, key=key, dtype=dtype), SqueezeExcitation(8, 2, key=key, dtype=dtype)):
-        assert {a.dtype for a in jax.tree_util.tree_leaves(layer.params)} == {jnp.dtype(dtype)}
+        assert {a.dtype for a in jax.tree_util.tree_leaves(eqx.filter(layer, eqx.is_array))} == {jnp.dtype(dtype)}
 
 
 def test_vmap_matches_loop(key):
@@ -157,8 +176,19 @@ def test_keys_are_validated_and_named(key, bad, got):
     assert mha(q, q, q, dropout_key=jax.random.key(1))[0].shape == (3, 8)  # typed keys work too
 
 
-@pytest.mark.parametrize("arg", ["activation", "scale_activation"])
-def test_se_activations_must_be_callable(key, arg):
+def test_se_activations_are_stored_and_overridable(key):
+    x = jax.random.normal(key, (4, 3, 3))
+    relu = SqueezeExcitation(4, 2, key=key)
+    hard = SqueezeExcitation(4, 2, key=key, activation=jax.nn.relu6, scale_activation=jax.nn.hard_sigmoid)
+    assert (hard.activation, hard.scale_activation) == (jax.nn.relu6, jax.nn.hard_sigmoid)
+    expected = relu(x, jax.nn.relu6, jax.nn.hard_sigmoid)  # call-time override of the defaults
+    np.testing.assert_array_equal(hard(x), expected)
+    assert not np.array_equal(relu(x), expected)
+    np.testing.assert_array_equal(hard(x, scale_activation=jax.nn.sigmoid), relu(x, jax.nn.relu6))
+
+
+def test_se_works_in_sequential(key):
     se = SqueezeExcitation(4, 2, key=key)
-    with pytest.raises(TypeError, match=f"`{arg}` must be callable"):
-        se(jnp.ones((4, 3, 3)), **{arg: None})
+    model = eqx.nn.Sequential([se, eqx.nn.Lambda(jax.nn.relu)])
+    x = jax.random.normal(key, (4, 3, 3))
+    np.testing.assert_array_equal(model(x, key=key), jax.nn.relu(se(x)))

@@ -14,33 +14,40 @@ from conftest import assert_close, requires_torch, torch
 from noxton.nn import SqueezeExcitation
 from torch_reference import TorchSqueezeExcitation
 
+# (activation, scale_activation) as torch modules: together every activation from_torch maps.
 ACTIVATIONS = {
-    "relu-sigmoid": (jax.nn.relu, jax.nn.sigmoid, "ReLU", "Sigmoid"),
-    "silu-softsign": (jax.nn.silu, jax.nn.soft_sign, "SiLU", "Softsign"),
-    "gelu-tanh": (lambda x: jax.nn.gelu(x, approximate=False), jnp.tanh, "GELU", "Tanh"),
+    "relu-sigmoid": ("ReLU", {}, "Sigmoid", {}),
+    "relu6-hardsigmoid": ("ReLU6", {}, "Hardsigmoid", {}),
+    "silu-tanh": ("SiLU", {}, "Tanh", {}),
+    "gelu-sigmoid": ("GELU", {}, "Sigmoid", {}),
+    "gelutanh-identity": ("GELU", {"approximate": "tanh"}, "Identity", {}),
+    "hardswish-hardsigmoid": ("Hardswish", {}, "Hardsigmoid", {}),
 }
 
 
-def torch_se(C, Q, act, scale_act, dtype):
+def torch_se(C, Q, acts, dtype):
+    act, act_kw, scale, scale_kw = ACTIVATIONS[acts]
     torch.manual_seed(0)
-    m = TorchSqueezeExcitation(C, Q, getattr(torch.nn, act)(), getattr(torch.nn, scale_act)()).to(dtype)
-    return m
+    return TorchSqueezeExcitation(C, Q, getattr(torch.nn, act)(**act_kw), getattr(torch.nn, scale)(**scale_kw)).to(dtype)
 
 
 @requires_torch
 @pytest.mark.parametrize("acts", list(ACTIVATIONS))
-@pytest.mark.parametrize("shape", [(6, 3, 5), (16, 7, 7), (3, 1, 1)], ids=str)
+@pytest.mark.parametrize("shape", [(6, 3, 5), (3, 1, 1)], ids=str)
 @pytest.mark.parametrize("front", ["equinox", "haiku"])
 @pytest.mark.parametrize("precision", ["float32", "float64"])
-def test_parity(front, shape, acts, precision, key, request):
+def test_from_torch_parity(front, shape, acts, precision, request):
+    """from_torch takes channels, activations and weights; outputs and gradients match torch's by name."""
     if precision == "float64":
         request.getfixturevalue("x64")
     np_dtype, t_dtype = (np.float32, torch.float32) if precision == "float32" else (np.float64, torch.float64)
     atol, gatol = (1e-5, 1e-4) if precision == "float32" else (1e-10, 1e-10)
-    act, scale_act, t_act, t_scale_act = ACTIVATIONS[acts]
+    if precision == "float64" and "hardsigmoid" in acts:
+        # torch's float64 Hardsigmoid backward is inexact: its slope is 1/6 + 5e-9, a relative 3e-8 (see
+        # test_torch_hardsigmoid_backward_is_inexact); noxton's is 1/6.
+        gatol = 1e-7
     C, Hh, W = shape
-    Q = max(1, C // 4)
-    tm = torch_se(C, Q, t_act, t_scale_act, t_dtype)
+    tm = torch_se(C, max(1, C // 4), acts, t_dtype)
     x = np.random.default_rng(0).normal(size=(2, C, Hh, W)).astype(np_dtype)
     r = np.random.default_rng(1).normal(size=x.shape).astype(np_dtype)
     tx = torch.tensor(x, requires_grad=True)
@@ -49,17 +56,18 @@ def test_parity(front, shape, acts, precision, key, request):
     t_grads = {"x": tx.grad.numpy(), **{f"param.{n}": p.grad.numpy() for n, p in tm.named_parameters()}}
 
     if front == "equinox":
-        se = SqueezeExcitation(C, Q, key=key, dtype=np_dtype).load_state_dict(tm.state_dict())
+        se = SqueezeExcitation.from_torch(tm)
+        assert se.dtype == np_dtype
 
         def run(se, x):
-            return jax.vmap(lambda x: se(x, act, scale_act))(x)
+            return jax.vmap(se)(x)
 
         out = run(se, jnp.asarray(x))
         g_se, gx = eqx.filter_grad(lambda a: jnp.sum(run(*a) * r))((se, jnp.asarray(x)))
         grads = {"x": gx, **{f"param.{n}": v for n, v in g_se.state_dict().items()}}
     else:
-        f = hk.transform(lambda x: nxhk.SqueezeExcitation(C, Q, act, scale_act, dtype=np_dtype)(x))
-        params = nxhk.state_dict_to_params(f.init(key, jnp.asarray(x)), tm.state_dict(), "squeeze_excitation")
+        f = hk.transform(lambda x: nxhk.SqueezeExcitation.from_torch(tm)(x))
+        params = f.init(None, jnp.asarray(x))
         out = f.apply(params, None, jnp.asarray(x))
         gp, gx = jax.grad(lambda p, x: jnp.sum(f.apply(p, None, x) * r), argnums=(0, 1))(params, jnp.asarray(x))
         grads = {"x": gx, **{f"param.{n}": v for n, v in nxhk.params_to_state_dict(gp, "squeeze_excitation").items()}}
@@ -67,6 +75,15 @@ def test_parity(front, shape, acts, precision, key, request):
     assert sorted(grads) == sorted(t_grads)
     for n in t_grads:
         assert_close(grads[n], t_grads[n], gatol, n)
+
+
+@requires_torch
+def test_torch_hardsigmoid_backward_is_inexact(x64):
+    x = torch.linspace(-2.0, 2.0, 5, dtype=torch.float64, requires_grad=True)
+    torch.nn.Hardsigmoid()(x).sum().backward()
+    slope = jax.grad(lambda x: jnp.sum(jax.nn.hard_sigmoid(x)))(jnp.linspace(-2.0, 2.0, 5))
+    assert np.all(np.asarray(slope) == 1 / 6)
+    assert 1e-9 < np.abs(x.grad.numpy() - 1 / 6).max() < 1e-8
 
 
 def test_haiku_call_activation_overrides_constructor(key):
@@ -102,8 +119,9 @@ def test_haiku_leading_batch_dims(key):
 
 
 def test_params_tree_reads_like_torch(key):
-    se = SqueezeExcitation(8, 2, key=key)
-    shapes = jax.tree_util.tree_map(lambda a: a.shape, se.params)
+    x = jnp.ones((8, 3, 3))
+    params = hk.transform(lambda x: nxhk.SqueezeExcitation(8, 2)(x)).init(key, x)
+    shapes = jax.tree_util.tree_map(lambda a: a.shape, params)
     assert shapes == {
         "squeeze_excitation/~/fc1": {"weight": (2, 8, 1, 1), "bias": (2,)},
         "squeeze_excitation/~/fc2": {"weight": (8, 2, 1, 1), "bias": (8,)},

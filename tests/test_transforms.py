@@ -130,7 +130,7 @@ def test_scan_over_a_stack_of_layers():
     depth = 3
     keys = jax.random.split(jax.random.PRNGKey(5), depth)
     stack = eqx.filter_vmap(lambda k: MultiheadAttention(E, H, key=k))(keys)
-    assert stack.params["multihead_attention"]["in_proj_weight"].shape == (depth, 3 * E, E)
+    assert stack.in_proj_weight.shape == (depth, 3 * E, E)
     params, static = eqx.partition(stack, eqx.is_array)
     x = _normal(1, (L, E))
 
@@ -160,16 +160,16 @@ def test_equinox_serialisation_round_trip_bit_for_bit(dtype, tmp_path):
         MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(99), dtype=jnp.dtype(dtype)),
         SqueezeExcitation(E, 2, key=jax.random.PRNGKey(98), dtype=jnp.dtype(dtype)),
     )
-    assert not _tree_equal(like[0].params, mha.params)
+    assert not _tree_equal(like[0], mha)
     mha2, se2 = eqx.tree_deserialise_leaves(path, like)
-    assert _tree_equal(mha2.params, mha.params) and _tree_equal(se2.params, se.params)
+    assert _tree_equal(mha2, mha) and _tree_equal(se2, se)
     q = _normal(1, (L, E), jnp.dtype(dtype))
     np.testing.assert_array_equal(np.asarray(mha2(q, q, q)[0]), np.asarray(mha(q, q, q)[0]))
     # in memory too
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, mha)
     buf.seek(0)
-    assert _tree_equal(eqx.tree_deserialise_leaves(buf, like[0]).params, mha.params)
+    assert _tree_equal(eqx.tree_deserialise_leaves(buf, like[0]), mha)
 
 
 def _haiku_mha_fn(x):

@@ -1,5 +1,8 @@
 """Pure maths shared by both front ends: no parameters, no Haiku, no Equinox."""
 
+from noxton.functional._activations import gelu as gelu
+from noxton.functional._activations import gelu_tanh as gelu_tanh
+from noxton.functional._activations import identity as identity
 from noxton.functional._attention import dense_attention as dense_attention
 from noxton.functional._attention import select_implementation as select_implementation
 from noxton.functional._attention import masked_softmax as masked_softmax
@@ -16,6 +19,9 @@ __all__ = [
     "canonical_masks",
     "dense_attention",
     "fused_attention",
+    "gelu",
+    "gelu_tanh",
+    "identity",
     "masked_softmax",
     "multi_head_attention",
     "select_implementation",

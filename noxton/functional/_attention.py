@@ -23,6 +23,8 @@ from noxton.functional._blockwise import blockwise_attention
 from noxton.functional._checks import (
     check_array,
     check_bool,
+    check_dropout_key,
+    check_heads,
     check_positive_int,
     check_probability,
     finite_shift,
@@ -234,11 +236,7 @@ def multi_head_attention(
     add_zero_attn = check_bool("add_zero_attn", add_zero_attn)
     dropout_p = check_probability("dropout", dropout_p)
     implementation = check_implementation(implementation)
-    if dropout_p > 0.0 and dropout_key is None:
-        raise ValueError(
-            f"dropout={dropout_p} is active but no dropout key was given: pass `dropout_key=` "
-            "(Equinox) or an `rng` to `apply` (Haiku), or switch dropout off with inference mode."
-        )
+    dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
 
     out_w = _expected(params, "out_proj.weight")
     embed_dim = out_w.shape[0]
@@ -268,8 +266,7 @@ def multi_head_attention(
         raise ValueError(
             f"`key` and `value` must have the same sequence length S, got key {key.shape} and value {value.shape}."
         )
-    if embed_dim % num_heads:
-        raise ValueError(f"`embed_dim` ({embed_dim}) must be divisible by `num_heads` ({num_heads}).")
+    check_heads(embed_dim, num_heads)
 
     tgt_len, src_len = query.shape[-2], key.shape[-2]
     head_dim = embed_dim // num_heads

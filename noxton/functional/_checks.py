@@ -99,3 +99,54 @@ def check_prng_key(name: str, key: Any) -> Any:
     else:
         got = type(key).__name__
     raise TypeError(f"`{name}` must be a PRNG key from `jax.random.PRNGKey` or `jax.random.key`, got {got}.")
+
+
+#: How to supply a dropout key, or switch dropout off, in each front end.
+_DROPOUT_KEY_FIX = {
+    "equinox": "pass `dropout_key=`, or switch dropout off with `eqx.nn.inference_mode(layer)`",
+    "haiku": "pass a key as `rng` to `apply`, or call the module with `inference=True`",
+    "functional": "pass `dropout_key=`, or `dropout_p=0.0`",
+}
+
+
+def check_dropout_key(dropout_p: float, key: Any, frontend: str) -> Any:
+    """Active dropout needs a PRNG key; the message says how to pass one in ``frontend``."""
+    if dropout_p > 0.0 and key is None:
+        raise ValueError(f"dropout={dropout_p} is active but no dropout key was given: {_DROPOUT_KEY_FIX[frontend]}.")
+    return key if key is None else check_prng_key("dropout_key", key)
+
+
+def check_inference(value: Any, frontend: str) -> bool:
+    """The ``inference`` flag must be a Python bool (a traced one cannot switch dropout)."""
+    if not isinstance(value, (bool, np.bool_)):
+        hint = (
+            " Under `jax.jit` every leaf is traced, this flag included: use `eqx.filter_jit`, which keeps it static."
+            if frontend == "equinox"
+            else ""
+        )
+        raise TypeError(f"`inference` must be a Python bool, got {value!r} of type {type(value).__name__}.{hint}")
+    return bool(value)
+
+
+def check_heads(embed_dim: int, num_heads: int) -> None:
+    if embed_dim % num_heads:
+        raise ValueError(
+            f"`embed_dim` must be divisible by `num_heads`, got embed_dim={embed_dim} and num_heads={num_heads}."
+        )
+
+
+def check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim) -> dict:
+    """Validate ``MultiheadAttention`` hyperparameters (both front ends); return them canonicalised, by name."""
+    embed_dim = check_positive_int("embed_dim", embed_dim)
+    num_heads = check_positive_int("num_heads", num_heads)
+    check_heads(embed_dim, num_heads)
+    return dict(
+        embed_dim=embed_dim,
+        num_heads=num_heads,
+        dropout=check_probability("dropout", dropout),
+        bias=check_bool("bias", bias),
+        add_bias_kv=check_bool("add_bias_kv", add_bias_kv),
+        add_zero_attn=check_bool("add_zero_attn", add_zero_attn),
+        kdim=embed_dim if kdim is None else check_positive_int("kdim", kdim),
+        vdim=embed_dim if vdim is None else check_positive_int("vdim", vdim),
+    )

@@ -7,6 +7,7 @@ from collections.abc import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from noxton.functional._activations import check_activation
 from noxton.functional._checks import check_array, lift, softmax_dtype
 
 
@@ -38,10 +39,8 @@ def squeeze_excitation(
         raise ValueError(
             f"`x` must have input_channels={channels} channels at axis -3 (layout (..., C, H, W)), got shape {x.shape}."
         )
-    if not callable(activation):
-        raise TypeError(f"`activation` must be callable, got {activation!r}.")
-    if not callable(scale_activation):
-        raise TypeError(f"`scale_activation` must be callable, got {scale_activation!r}.")
+    activation = check_activation("activation", activation)
+    scale_activation = check_activation("scale_activation", scale_activation)
     dtype = x.dtype
     sdtype = softmax_dtype(dtype)
     pooled = jnp.mean(x.astype(sdtype), axis=(-2, -1))  # [*B, C], accumulated in >= float32

@@ -6,29 +6,13 @@ import haiku as hk
 import jax
 
 from noxton.functional import multi_head_attention
-from noxton.functional._checks import check_bool, check_positive_int, check_probability
+from noxton.functional._checks import check_dropout_key, check_inference, check_mha_config
 from noxton.haiku import _initializers as init
-from noxton.haiku._common import Affine, resolve_dtype
+from noxton.haiku._common import Affine, TorchModule, resolve_dtype
+from noxton.interop._from_torch import mha_config_from_torch, state_dict_from_torch
 
 
-def check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim):
-    """Validate ``MultiheadAttention`` hyperparameters; return them canonicalised."""
-    embed_dim = check_positive_int("embed_dim", embed_dim)
-    num_heads = check_positive_int("num_heads", num_heads)
-    if embed_dim % num_heads:
-        raise ValueError(
-            f"`embed_dim` must be divisible by `num_heads`, got embed_dim={embed_dim} and num_heads={num_heads}."
-        )
-    dropout = check_probability("dropout", dropout)
-    bias = check_bool("bias", bias)
-    add_bias_kv = check_bool("add_bias_kv", add_bias_kv)
-    add_zero_attn = check_bool("add_zero_attn", add_zero_attn)
-    kdim = embed_dim if kdim is None else check_positive_int("kdim", kdim)
-    vdim = embed_dim if vdim is None else check_positive_int("vdim", vdim)
-    return embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim
-
-
-class MultiheadAttention(hk.Module):
+class MultiheadAttention(TorchModule):
     """Multi-head attention, exactly ``torch.nn.MultiheadAttention``, as a Haiku module.
 
     Parameters are created on the first call with torch's names, shapes and
@@ -78,37 +62,57 @@ class MultiheadAttention(hk.Module):
         name: str | None = None,
     ):
         super().__init__(name=name)
-        (
-            self.embed_dim,
-            self.num_heads,
-            self.dropout,
-            self.bias,
-            self.add_bias_kv,
-            self.add_zero_attn,
-            self.kdim,
-            self.vdim,
-        ) = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
+        config = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
+        self.embed_dim = config["embed_dim"]
+        self.num_heads = config["num_heads"]
+        self.dropout = config["dropout"]
+        self.bias = config["bias"]
+        self.add_bias_kv = config["add_bias_kv"]
+        self.add_zero_attn = config["add_zero_attn"]
+        self.kdim = config["kdim"]
+        self.vdim = config["vdim"]
         self.head_dim = self.embed_dim // self.num_heads
         self.dtype = resolve_dtype(dtype)
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         E = self.embed_dim
         self.out_proj = Affine(E, E, bias=self.bias, bias_init=init.zeros, dtype=self.dtype, name="out_proj")
 
+    @classmethod
+    def from_torch(cls, module, *, name: str | None = None) -> MultiheadAttention:
+        """A module with the configuration of the torch ``nn.MultiheadAttention`` ``module``,
+        whose ``init`` returns ``module``'s weights.
+
+        Dropout follows the module's ``dropout``; as for every call of this module,
+        pass ``inference=True`` (torch's ``module.eval()``) to switch it off.
+
+        Example:
+            >>> import haiku as hk, jax, torch
+            >>> from noxton.haiku import MultiheadAttention
+            >>> torch_mha = torch.nn.MultiheadAttention(64, 4)
+            >>> f = hk.transform(lambda x: MultiheadAttention.from_torch(torch_mha)(x, x, x, inference=True))
+            >>> params = f.init(None, jax.numpy.ones((10, 64)))
+            >>> bool((params["multihead_attention"]["in_proj_weight"] == torch_mha.in_proj_weight.detach().numpy()).all())
+            True
+        """
+        layer = cls(**mha_config_from_torch(module), name=name)
+        layer.set_initial_state_dict(state_dict_from_torch(module))
+        return layer
+
     def state_dict_params(self) -> dict[str, jax.Array]:
         """Get (creating on first use) this module's parameters, keyed by torch's names."""
         E, dt = self.embed_dim, self.dtype
         p = {}
         if self._qkv_same_embed_dim:
-            p["in_proj_weight"] = hk.get_parameter("in_proj_weight", (3 * E, E), dt, init=init.xavier_uniform)
+            p["in_proj_weight"] = self.param("in_proj_weight", (3 * E, E), dt, init.xavier_uniform)
         else:
-            p["q_proj_weight"] = hk.get_parameter("q_proj_weight", (E, E), dt, init=init.xavier_uniform)
-            p["k_proj_weight"] = hk.get_parameter("k_proj_weight", (E, self.kdim), dt, init=init.xavier_uniform)
-            p["v_proj_weight"] = hk.get_parameter("v_proj_weight", (E, self.vdim), dt, init=init.xavier_uniform)
+            p["q_proj_weight"] = self.param("q_proj_weight", (E, E), dt, init.xavier_uniform)
+            p["k_proj_weight"] = self.param("k_proj_weight", (E, self.kdim), dt, init.xavier_uniform)
+            p["v_proj_weight"] = self.param("v_proj_weight", (E, self.vdim), dt, init.xavier_uniform)
         if self.bias:
-            p["in_proj_bias"] = hk.get_parameter("in_proj_bias", (3 * E,), dt, init=init.zeros)
+            p["in_proj_bias"] = self.param("in_proj_bias", (3 * E,), dt, init.zeros)
         if self.add_bias_kv:
-            p["bias_k"] = hk.get_parameter("bias_k", (1, 1, E), dt, init=init.xavier_normal)
-            p["bias_v"] = hk.get_parameter("bias_v", (1, 1, E), dt, init=init.xavier_normal)
+            p["bias_k"] = self.param("bias_k", (1, 1, E), dt, init.xavier_normal)
+            p["bias_v"] = self.param("bias_v", (1, 1, E), dt, init.xavier_normal)
         p.update({f"out_proj.{k}": v for k, v in self.out_proj.params().items()})
         return p
 
@@ -151,17 +155,10 @@ class MultiheadAttention(hk.Module):
             ``(attn_output, attn_weights)``; ``attn_weights`` is ``None`` when
             ``need_weights=False``.
         """
-        inference = check_bool("inference", inference)
+        inference = check_inference(inference, "haiku")
         params = self.state_dict_params()
         dropout_p = 0.0 if inference else self.dropout
-        dropout_key = None
-        if dropout_p > 0.0:
-            dropout_key = hk.maybe_next_rng_key()
-            if dropout_key is None:
-                raise ValueError(
-                    f"dropout={dropout_p} is active but no PRNG key is available: pass a key as `rng` to "
-                    "`apply`, or call the module with `inference=True`."
-                )
+        dropout_key = check_dropout_key(dropout_p, hk.maybe_next_rng_key() if dropout_p > 0.0 else None, "haiku")
         return multi_head_attention(
             query,
             key,

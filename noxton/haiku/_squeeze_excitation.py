@@ -8,11 +8,13 @@ import haiku as hk
 import jax
 
 from noxton.functional import squeeze_excitation
+from noxton.functional._activations import check_activation
 from noxton.functional._checks import check_positive_int
-from noxton.haiku._common import Affine, resolve_dtype
+from noxton.haiku._common import Affine, TorchModule, resolve_dtype
+from noxton.interop._from_torch import se_config_from_torch, state_dict_from_torch
 
 
-class SqueezeExcitation(hk.Module):
+class SqueezeExcitation(TorchModule):
     """Squeeze-and-Excitation block (Hu et al., 2018), exactly torchvision's.
 
     ``scale = scale_activation(fc2(activation(fc1(avgpool(x)))))``; ``out = scale * x``.
@@ -38,24 +40,33 @@ class SqueezeExcitation(hk.Module):
         self,
         input_channels: int,
         squeeze_channels: int,
+        *,
         activation: Callable[[jax.Array], jax.Array] = jax.nn.relu,
         scale_activation: Callable[[jax.Array], jax.Array] = jax.nn.sigmoid,
-        *,
         dtype=None,
         name: str | None = None,
     ):
         super().__init__(name=name)
         self.input_channels = check_positive_int("input_channels", input_channels)
         self.squeeze_channels = check_positive_int("squeeze_channels", squeeze_channels)
-        for arg, fn in (("activation", activation), ("scale_activation", scale_activation)):
-            if not callable(fn):
-                raise TypeError(f"`{arg}` must be callable, got {fn!r}.")
-        self.activation = activation
-        self.scale_activation = scale_activation
+        self.activation = check_activation("activation", activation)
+        self.scale_activation = check_activation("scale_activation", scale_activation)
         self.dtype = resolve_dtype(dtype)
         C, Q = self.input_channels, self.squeeze_channels
         self.fc1 = Affine(Q, C, bias=True, kernel=(1, 1), dtype=self.dtype, name="fc1")
         self.fc2 = Affine(C, Q, bias=True, kernel=(1, 1), dtype=self.dtype, name="fc2")
+
+    @classmethod
+    def from_torch(cls, module, *, name: str | None = None) -> SqueezeExcitation:
+        """A module with the configuration of torch squeeze-excitation ``module`` (channels and
+        activations, mapped to their exact JAX functions), whose ``init`` returns its weights.
+
+        ``module`` is recognised by its structure (``fc1``/``fc2`` 1x1 convolutions,
+        ``activation``, ``scale_activation``), as torchvision's ``SqueezeExcitation``.
+        """
+        layer = cls(**se_config_from_torch(module), name=name)
+        layer.set_initial_state_dict(state_dict_from_torch(module))
+        return layer
 
     def state_dict_params(self) -> dict[str, jax.Array]:
         """Get (creating on first use) the parameters, keyed by torch's names."""

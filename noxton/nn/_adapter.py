@@ -1,76 +1,92 @@
 """The thin adapter: a Haiku module's transformed pair, bundled as an Equinox module.
 
-An adapted layer stores the Haiku params tree as its only array leaves and
-every hyperparameter as a static field. The ``hk.Transformed`` pair is not
-stored: it is rebuilt from the hyperparameters by a cached factory, so two
-layers with the same settings share one function, one treedef, and hence one
-compiled program under ``eqx.filter_jit``.
+An adapted layer holds its parameters as attributes named after torch's
+``state_dict`` keys (``layer.in_proj_weight``, ``layer.out_proj.weight``) and every
+hyperparameter as a static field. At call time the Haiku params tree is
+assembled from those attributes through the one table of names in
+``noxton.interop`` (torch key ``out_proj.weight`` <-> Haiku ``<name>/~/out_proj``,
+``weight``), as Haiku's own ``FlaxModule`` maps Haiku paths into Flax's
+structure, and the Haiku module's ``apply`` runs: one implementation for both
+front ends. The ``hk.transform`` pair is not stored: a cached factory rebuilds it
+from the hyperparameters, so two layers with the same settings share one
+function and hence one compiled program under ``eqx.filter_jit``.
 """
 
-from __future__ import annotations
 
+import abc
 import functools
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import haiku as hk
 import numpy as np
+from equinox import AbstractClassVar
 
 from noxton.functional._checks import check_prng_key
-from noxton.interop import params_to_state_dict, state_dict_to_params
+from noxton.interop import load_torch_state_dict, torch_state_dict
+from noxton.interop._equinox import haiku_params
+from noxton.interop._state_dict import haiku_state_dict
 
 
 @functools.lru_cache(maxsize=None)
-def transformed(haiku_cls: type[hk.Module], config: tuple[tuple[str, Any], ...]) -> tuple[Any, Any]:
-    """``(init, apply)`` for ``haiku_cls(**dict(config))``, one pair per distinct config.
+def transformed(haiku_cls: type[hk.Module], name: str, config: tuple[tuple[str, Any], ...]) -> hk.Transformed:
+    """One ``hk.Transformed`` per Haiku class, module name and config.
 
     ``init(key)`` creates the parameters without running the layer (through the
     module's ``state_dict_params``); ``apply(params, rng, *args, **kwargs)`` calls it.
     """
     kwargs = dict(config)
-    init = hk.transform(lambda: haiku_cls(**kwargs).state_dict_params()).init
-    apply = hk.transform(lambda *args, **kw: haiku_cls(**kwargs)(*args, **kw)).apply
-    return init, apply
+
+    def forward(*args, **kw):
+        module = haiku_cls(**kwargs, name=name)
+        return module(*args, **kw) if args else module.state_dict_params()
+
+    return hk.transform(forward)
 
 
 class HaikuLayer(eqx.Module):
-    """Base of noxton's Equinox layers: Haiku params plus static hyperparameters.
+    """Base of noxton's Equinox layers: torch-named parameter attributes, static hyperparameters.
 
-    Subclasses set ``haiku_cls`` and ``haiku_name`` (the Haiku module path their
-    params live under) and implement ``_config`` (the static constructor kwargs).
+    Subclasses set ``haiku_cls`` and ``haiku_name`` (the name of the Haiku module
+    their parameters belong to) and implement ``_config`` (the Haiku module's
+    constructor kwargs, all static).
     """
 
-    params: dict[str, dict[str, Any]]
+    haiku_cls: AbstractClassVar[type[hk.Module]]
+    haiku_name: AbstractClassVar[str]
 
-    haiku_cls: ClassVar[type[hk.Module]]
-    haiku_name: ClassVar[str]
-
+    @abc.abstractmethod
     def _config(self) -> tuple[tuple[str, Any], ...]:
-        raise NotImplementedError
+        """The Haiku module's constructor kwargs, as a hashable tuple of pairs."""
 
-    def _init_params(self, key) -> dict[str, dict[str, Any]]:
-        init, _ = transformed(self.haiku_cls, self._config())
-        return init(check_prng_key("key", key))
+    def _initial_state_dict(self, key) -> dict[str, Any]:
+        """Freshly initialised parameters, keyed by torch's names (run once, in ``__init__``)."""
+        f = transformed(self.haiku_cls, self.haiku_name, self._config())
+        return haiku_state_dict(f.init(check_prng_key("key", key)), self.haiku_name)
 
     def _apply(self, rng, *args, **kwargs):
-        _, apply = transformed(self.haiku_cls, self._config())
-        return apply(self.params, rng, *args, **kwargs)
+        f = transformed(self.haiku_cls, self.haiku_name, self._config())
+        return f.apply(haiku_params(self, self.haiku_name), rng, *args, **kwargs)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """torch ``state_dict`` of this layer (NumPy arrays keyed by torch's names).
 
         Also works on the gradient ``eqx.filter_grad`` returns for this layer, so
-        gradients compare with torch's ``param.grad`` by name.
+        gradients compare with torch's ``param.grad`` by name. The same as
+        [`noxton.interop.torch_state_dict(layer)`][noxton.interop.torch_state_dict].
         """
-        return params_to_state_dict(self.params, self.haiku_name)
+        return torch_state_dict(self)
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]):
+    def load_state_dict(self, state_dict: Mapping[str, Any], *, prefix: str = ""):
         """A copy of this layer with the weights of a torch ``state_dict`` (tensors or arrays).
 
         Strict, as torch's: missing keys, unexpected keys and shape mismatches
         raise one ``ValueError`` listing every problem. Values are cast to this
-        layer's parameter dtype.
+        layer's parameter dtype. The same as
+        [`noxton.interop.load_torch_state_dict(layer, state_dict)`][noxton.interop.load_torch_state_dict].
+        Only weights are loaded: use ``from_torch`` to also take a torch module's
+        configuration (``num_heads``, ``dropout``, activations), which a
+        ``state_dict`` does not hold.
         """
-        new = state_dict_to_params(self.params, state_dict, self.haiku_name)
-        return eqx.tree_at(lambda m: m.params, self, new)
+        return load_torch_state_dict(self, state_dict, prefix=prefix)

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import equinox as eqx
+import jax
 import numpy as np
 from jaxtyping import Array, Bool, Float, PRNGKeyArray
 
-from noxton.functional._checks import check_array, check_bool, check_prng_key
+from noxton.functional._checks import check_array, check_dropout_key, check_inference, check_mha_config
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
-from noxton.haiku._attention import check_mha_config
 from noxton.haiku._common import resolve_dtype
+from noxton.interop._from_torch import mha_config_from_torch, state_dict_from_torch
 from noxton.nn._adapter import HaikuLayer
+from noxton.nn._linear import Linear
 
 
 class MultiheadAttention(HaikuLayer):
@@ -36,6 +38,19 @@ class MultiheadAttention(HaikuLayer):
         inference: disable dropout (``eqx.nn.inference_mode`` toggles it).
         key: PRNG key for parameter initialisation.
         dtype: parameter dtype; ``None`` is float32 (float64 under ``jax_enable_x64``).
+
+    Attributes:
+        in_proj_weight: ``(3E, E)``, when ``kdim == vdim == embed_dim``; else ``None``.
+        q_proj_weight: ``(E, E)``, when ``kdim`` or ``vdim`` differ; else ``None``.
+        k_proj_weight: ``(E, kdim)``, likewise.
+        v_proj_weight: ``(E, vdim)``, likewise.
+        in_proj_bias: ``(3E,)``, when ``bias``; else ``None``.
+        bias_k: ``(1, 1, E)``, when ``add_bias_kv``; else ``None``.
+        bias_v: ``(1, 1, E)``, likewise.
+        out_proj: a [`Linear`][noxton.nn.Linear] with ``weight`` ``(E, E)`` and ``bias`` ``(E,)`` (or ``None``).
+
+        Named, shaped and initialised as torch's parameters, so ``mha.out_proj.weight``,
+        ``eqx.tree_at``, optax masks and sharding specs address them as in torch.
 
     Shape:
         - query: ``(L, E)``; key: ``(S, kdim)``; value: ``(S, vdim)``.
@@ -65,6 +80,15 @@ class MultiheadAttention(HaikuLayer):
         >>> out, _ = mha(q, q, q, is_causal=True, need_weights=False)
     """
 
+    in_proj_weight: Float[Array, "3*embed_dim embed_dim"] | None
+    q_proj_weight: Float[Array, "embed_dim embed_dim"] | None
+    k_proj_weight: Float[Array, "embed_dim kdim"] | None
+    v_proj_weight: Float[Array, "embed_dim vdim"] | None
+    in_proj_bias: Float[Array, " 3*embed_dim"] | None
+    bias_k: Float[Array, "1 1 embed_dim"] | None
+    bias_v: Float[Array, "1 1 embed_dim"] | None
+    out_proj: Linear
+    inference: bool
     embed_dim: int = eqx.field(static=True)
     num_heads: int = eqx.field(static=True)
     dropout: float = eqx.field(static=True)
@@ -74,7 +98,6 @@ class MultiheadAttention(HaikuLayer):
     kdim: int = eqx.field(static=True)
     vdim: int = eqx.field(static=True)
     dtype: np.dtype = eqx.field(static=True)
-    inference: bool
 
     haiku_cls = HaikuMultiheadAttention
     haiku_name = "multihead_attention"
@@ -94,19 +117,47 @@ class MultiheadAttention(HaikuLayer):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        (
-            self.embed_dim,
-            self.num_heads,
-            self.dropout,
-            self.bias,
-            self.add_bias_kv,
-            self.add_zero_attn,
-            self.kdim,
-            self.vdim,
-        ) = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
-        self.inference = check_bool("inference", inference)
+        config = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
+        self.embed_dim = config["embed_dim"]
+        self.num_heads = config["num_heads"]
+        self.dropout = config["dropout"]
+        self.bias = config["bias"]
+        self.add_bias_kv = config["add_bias_kv"]
+        self.add_zero_attn = config["add_zero_attn"]
+        self.kdim = config["kdim"]
+        self.vdim = config["vdim"]
+        self.inference = check_inference(inference, "equinox")
         self.dtype = resolve_dtype(dtype)
-        self.params = self._init_params(key)
+        sd = self._initial_state_dict(key)
+        self.in_proj_weight = sd.get("in_proj_weight")
+        self.q_proj_weight = sd.get("q_proj_weight")
+        self.k_proj_weight = sd.get("k_proj_weight")
+        self.v_proj_weight = sd.get("v_proj_weight")
+        self.in_proj_bias = sd.get("in_proj_bias")
+        self.bias_k = sd.get("bias_k")
+        self.bias_v = sd.get("bias_v")
+        self.out_proj = Linear(sd["out_proj.weight"], sd.get("out_proj.bias"))
+
+    @classmethod
+    def from_torch(cls, module) -> MultiheadAttention:
+        """A layer with the whole configuration and the weights of a torch ``nn.MultiheadAttention``.
+
+        Takes ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``add_bias_kv``,
+        ``add_zero_attn``, ``kdim``, ``vdim``, the parameter dtype and ``inference``
+        (``not module.training``), so nothing is restated by hand. torch's
+        ``batch_first`` has no counterpart: inputs here are unbatched ``(L, E)``.
+
+        Example:
+            >>> import torch
+            >>> from noxton.nn import MultiheadAttention
+            >>> torch_mha = torch.nn.MultiheadAttention(64, 4, dropout=0.1).eval()
+            >>> mha = MultiheadAttention.from_torch(torch_mha)
+            >>> mha.num_heads, mha.dropout, mha.inference, mha.out_proj.weight.shape
+            (4, 0.1, True, (64, 64))
+        """
+        config = mha_config_from_torch(module)
+        layer = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))
+        return layer.load_state_dict(state_dict_from_torch(module))
 
     def _config(self):
         return (
@@ -159,21 +210,11 @@ class MultiheadAttention(HaikuLayer):
             ``(attn_output (L, E), attn_weights)``: ``None`` when ``need_weights=False``,
             ``(L, S')`` when averaged, ``(H, L, S')`` per head.
         """
-        if not isinstance(self.inference, (bool, np.bool_)):
-            raise TypeError(
-                f"`inference` must be a Python bool, got {type(self.inference).__name__}: under `jax.jit` every "
-                "leaf is traced, this flag included; use `eqx.filter_jit`, which keeps it static."
-            )
-        if self.dropout > 0.0 and not self.inference and dropout_key is None:
-            raise ValueError(
-                f"dropout={self.dropout} is active but no dropout key was given: pass `dropout_key=`, "
-                "or switch dropout off with `eqx.nn.inference_mode(layer)`."
-            )
+        inference = check_inference(self.inference, "equinox")
+        dropout_key = check_dropout_key(0.0 if inference else self.dropout, dropout_key, "equinox")
         check_array("query", query, min_rank=2, max_rank=2, layout="(L, E)")
         check_array("key", key, min_rank=2, max_rank=2, layout="(S, kdim)")
         check_array("value", value, min_rank=2, max_rank=2, layout="(S, vdim)")
-        if dropout_key is not None:
-            check_prng_key("dropout_key", dropout_key)
         return self._apply(
             dropout_key,
             query,
@@ -184,7 +225,7 @@ class MultiheadAttention(HaikuLayer):
             attn_mask=attn_mask,
             average_attn_weights=average_attn_weights,
             is_causal=is_causal,
-            inference=self.inference,
+            inference=inference,
             implementation=implementation,
         )
 

@@ -9,10 +9,13 @@ import jax
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from noxton.functional._activations import check_activation
 from noxton.functional._checks import check_array, check_positive_int
 from noxton.haiku import SqueezeExcitation as HaikuSqueezeExcitation
 from noxton.haiku._common import resolve_dtype
+from noxton.interop._from_torch import se_config_from_torch, state_dict_from_torch
 from noxton.nn._adapter import HaikuLayer
+from noxton.nn._linear import PointwiseConv2d
 
 
 class SqueezeExcitation(HaikuLayer):
@@ -21,7 +24,7 @@ class SqueezeExcitation(HaikuLayer):
     Globally pools the spatial dimensions, passes the result through two 1x1
     convolutions to get a per-channel scale, and multiplies it back into the input::
 
-        scale = sigmoid(fc2(relu(fc1(avgpool(x)))))
+        scale = scale_activation(fc2(activation(fc1(avgpool(x)))))
         output = scale * x
 
     Args:
@@ -29,6 +32,14 @@ class SqueezeExcitation(HaikuLayer):
         squeeze_channels: bottleneck width (typically ``C // reduction_ratio``).
         key: PRNG key for parameter initialisation.
         dtype: parameter dtype; ``None`` is float32 (float64 under ``jax_enable_x64``).
+        activation: applied after ``fc1``; default ``jax.nn.relu`` (torchvision's
+            MobileNetV3 uses ``jax.nn.relu``, EfficientNet ``jax.nn.silu``).
+        scale_activation: applied after ``fc2``; default ``jax.nn.sigmoid``
+            (MobileNetV3: ``jax.nn.hard_sigmoid``).
+
+    Attributes:
+        fc1: a [`PointwiseConv2d`][noxton.nn.PointwiseConv2d], ``weight`` ``(Q, C, 1, 1)``, ``bias`` ``(Q,)``.
+        fc2: a [`PointwiseConv2d`][noxton.nn.PointwiseConv2d], ``weight`` ``(C, Q, 1, 1)``, ``bias`` ``(C,)``.
 
     Shape:
         - x: ``(C, H, W)``, unbatched (use ``jax.vmap``); output: ``(C, H, W)``.
@@ -43,35 +54,73 @@ class SqueezeExcitation(HaikuLayer):
         (64, 28, 28)
     """
 
+    fc1: PointwiseConv2d
+    fc2: PointwiseConv2d
     input_channels: int = eqx.field(static=True)
     squeeze_channels: int = eqx.field(static=True)
+    activation: Callable[[Array], Array] = eqx.field(static=True)
+    scale_activation: Callable[[Array], Array] = eqx.field(static=True)
     dtype: np.dtype = eqx.field(static=True)
 
     haiku_cls = HaikuSqueezeExcitation
     haiku_name = "squeeze_excitation"
 
-    def __init__(self, input_channels: int, squeeze_channels: int, *, key: PRNGKeyArray, dtype=None):
+    def __init__(
+        self,
+        input_channels: int,
+        squeeze_channels: int,
+        *,
+        key: PRNGKeyArray,
+        dtype=None,
+        activation: Callable[[Array], Array] = jax.nn.relu,
+        scale_activation: Callable[[Array], Array] = jax.nn.sigmoid,
+    ):
         self.input_channels = check_positive_int("input_channels", input_channels)
         self.squeeze_channels = check_positive_int("squeeze_channels", squeeze_channels)
+        self.activation = check_activation("activation", activation)
+        self.scale_activation = check_activation("scale_activation", scale_activation)
         self.dtype = resolve_dtype(dtype)
-        self.params = self._init_params(key)
+        sd = self._initial_state_dict(key)
+        self.fc1 = PointwiseConv2d(sd["fc1.weight"], sd["fc1.bias"])
+        self.fc2 = PointwiseConv2d(sd["fc2.weight"], sd["fc2.bias"])
+
+    @classmethod
+    def from_torch(cls, module) -> SqueezeExcitation:
+        """A layer with the configuration and weights of a torch squeeze-excitation block.
+
+        ``module`` is recognised by its structure (``fc1``/``fc2`` 1x1 convolutions,
+        ``activation``, ``scale_activation`` modules), as torchvision's
+        ``SqueezeExcitation``; its activations become their exact JAX functions
+        (ReLU, ReLU6, SiLU, GELU, Hardsigmoid, Hardswish, Sigmoid, Tanh, Identity).
+        """
+        layer = cls(**se_config_from_torch(module), key=jax.random.PRNGKey(0))
+        return layer.load_state_dict(state_dict_from_torch(module))
 
     def _config(self):
         return (
             ("input_channels", self.input_channels),
             ("squeeze_channels", self.squeeze_channels),
+            ("activation", self.activation),
+            ("scale_activation", self.scale_activation),
             ("dtype", self.dtype),
         )
 
     def __call__(
         self,
         x: Float[Array, "channels height width"],
-        activation: Callable[[Array], Array] = jax.nn.relu,
-        scale_activation: Callable[[Array], Array] = jax.nn.sigmoid,
+        activation: Callable[[Array], Array] | None = None,
+        scale_activation: Callable[[Array], Array] | None = None,
+        *,
+        key: PRNGKeyArray | None = None,
     ) -> Float[Array, "channels height width"]:
-        """Rescale the channels of ``x`` ``(C, H, W)``; returns the same shape."""
+        """Rescale the channels of ``x`` ``(C, H, W)``; returns the same shape.
+
+        Args:
+            x: the feature map.
+            activation: overrides the layer's ``activation`` for this call.
+            scale_activation: overrides the layer's ``scale_activation`` for this call.
+            key: accepted and ignored (no randomness), so the layer works in ``eqx.nn.Sequential``.
+        """
+        del key
         check_array("x", x, min_rank=3, max_rank=3, layout="(C, H, W)")
-        for name, fn in (("activation", activation), ("scale_activation", scale_activation)):
-            if not callable(fn):
-                raise TypeError(f"`{name}` must be callable (e.g. jax.nn.relu), got {fn!r}.")
         return self._apply(None, x, activation, scale_activation)
