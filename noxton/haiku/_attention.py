@@ -91,7 +91,8 @@ class MultiheadAttention(TorchModule):
             >>> torch_mha = torch.nn.MultiheadAttention(64, 4)
             >>> f = hk.transform(lambda x: MultiheadAttention.from_torch(torch_mha)(x, x, x, inference=True))
             >>> params = f.init(None, jax.numpy.ones((10, 64)))
-            >>> bool((params["multihead_attention"]["in_proj_weight"] == torch_mha.in_proj_weight.detach().numpy()).all())
+            >>> w = params["multihead_attention"]
+            >>> bool((w["in_proj_weight"] == torch_mha.in_proj_weight.detach().numpy()).all())
             True
         """
         layer = cls(**mha_config_from_torch(module), name=name)

@@ -23,6 +23,11 @@ class MultiheadAttention(HaikuLayer):
     the concatenated outputs back to ``embed_dim``. Inputs are unbatched, as in
     every ``eqx.nn`` layer: batch with ``jax.vmap``.
 
+    The parameters are attributes named, shaped and initialised as torch's
+    (see Attributes), so ``mha.out_proj.weight``, ``eqx.tree_at``, optax masks and
+    sharding specs address them as in torch; ``from_torch`` builds a layer from a
+    torch module.
+
     This layer is API-compatible with ``torch.nn.MultiheadAttention``. Unless
     you need that compatibility, ``eqx.nn.MultiheadAttention`` is more idiomatic.
 
@@ -48,9 +53,6 @@ class MultiheadAttention(HaikuLayer):
         bias_k: ``(1, 1, E)``, when ``add_bias_kv``; else ``None``.
         bias_v: ``(1, 1, E)``, likewise.
         out_proj: a [`Linear`][noxton.nn.Linear] with ``weight`` ``(E, E)`` and ``bias`` ``(E,)`` (or ``None``).
-
-        Named, shaped and initialised as torch's parameters, so ``mha.out_proj.weight``,
-        ``eqx.tree_at``, optax masks and sharding specs address them as in torch.
 
     Shape:
         - query: ``(L, E)``; key: ``(S, kdim)``; value: ``(S, vdim)``.
