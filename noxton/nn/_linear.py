@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float
 
 from noxton.functional._attention import _linear
-
-import equinox as eqx
 
 
 def _check_bias(weight, bias) -> None:
