@@ -17,15 +17,35 @@ from benchmarks.contenders import THREADS, build, label
 from benchmarks.measure import LONG_B, LONG_E, LONG_H, child, long_run, medians
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODE_NAMES = {"fwd": "forward, need_weights=False", "fwd_w": "forward, need_weights=True", "fwd_bwd": "forward+backward"}
+MODE_NAMES = {
+    "fwd": "forward, need_weights=False",
+    "fwd_w": "forward, need_weights=True",
+    "fwd_bwd": "forward+backward",
+}
 
 # (mode, contender) rows of the main table, each compared with torch in the same mode.
 MAIN_PLAN = [
-    *[("fwd", n) for n in ("torch", "noxton_eqx", "noxton_haiku", "noxton_eqx_dense", "noxton_eqx_fused", "eqx",
-                           "haiku", "flax", "jax_dpa", "matmul_only", "torch_matmul")],
+    *[
+        ("fwd", n)
+        for n in (
+            "torch",
+            "noxton_eqx",
+            "noxton_haiku",
+            "noxton_eqx_dense",
+            "noxton_eqx_fused",
+            "eqx",
+            "haiku",
+            "flax",
+            "jax_dpa",
+            "matmul_only",
+            "torch_matmul",
+        )
+    ],
     *[("fwd_w", n) for n in ("torch", "noxton_eqx", "noxton_haiku")],
-    *[("fwd_bwd", n) for n in ("torch", "noxton_eqx", "noxton_haiku", "noxton_eqx_dense", "eqx", "haiku", "flax",
-                               "matmul_only")],
+    *[
+        ("fwd_bwd", n)
+        for n in ("torch", "noxton_eqx", "noxton_haiku", "noxton_eqx_dense", "eqx", "haiku", "flax", "matmul_only")
+    ],
 ]
 LONG_PLAN = {
     "fwd": ["torch", "noxton_eqx", "torch_batch_first", "noxton_eqx_dense", "eqx", "jax_dpa", "block_matmul_only"],
@@ -136,13 +156,21 @@ def long_table(args, results):
                     rows[(mode, name, L)] = ["-", "-", "-", "-", r["skipped"]]
                     continue
                 results["long"].append(r)
-                print(f"  long: {mode} {name} L={L}: {r['median_s']:.3f} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr)
-                rows[(mode, name, L)] = [f"{r['median_s']:.3f}", None, f"{r['peak_gib']:.2f}",
-                                         f"{r['peak_gib'] - r['base_gib']:.2f}", ""]
+                print(
+                    f"  long: {mode} {name} L={L}: {r['median_s']:.3f} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr
+                )
+                rows[(mode, name, L)] = [
+                    f"{r['median_s']:.3f}",
+                    None,
+                    f"{r['peak_gib']:.2f}",
+                    f"{r['peak_gib'] - r['base_gib']:.2f}",
+                    "",
+                ]
     torch_s = {(r["mode"], r["L"]): r["median_s"] for r in results["long"] if r["name"] == "torch"}
     table = []
-    for (mode, name, L), row in sorted(rows.items(), key=lambda kv: (kv[0][0], LONG_PLAN[kv[0][0]].index(kv[0][1]),
-                                                                     kv[0][2])):
+    for (mode, name, L), row in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], LONG_PLAN[kv[0][0]].index(kv[0][1]), kv[0][2])
+    ):
         if row[1] is None:
             row[1] = f"{float(row[0]) / torch_s[(mode, L)]:.2f}x" if (mode, L) in torch_s else "-"
         table.append([mode, label(name), L, *row])
@@ -157,8 +185,9 @@ def long_table(args, results):
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a few minutes)")
     ap.add_argument("--skip-long", action="store_true", help="skip the long-sequence table")
     ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
