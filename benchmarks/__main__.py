@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import sys
 import time
 
@@ -216,7 +217,11 @@ def main(argv=None):
     import torch
 
     torch.set_num_threads(THREADS)
-    command = " ".join(["python -m benchmarks", *(argv if argv is not None else sys.argv[1:])])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in argv:  # what else ran is written on the page, not part of the command to repeat
+        del argv[argv.index("--note") : argv.index("--note") + 2]
+    argv = [a for a in argv if not a.startswith("--note=")]
+    command = shlex.join(["python", "-m", "benchmarks", *argv])
     started, load_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), report.load_average()
     print(f"Machine: {report.machine()}.", flush=True)
     results: dict = {"main": [], "long": []}
@@ -226,8 +231,9 @@ def main(argv=None):
         sections.append(table(args, results))
         print("\n" + sections[-1], flush=True)
     conditions = (
-        f"`{command}`, started {started}. Machine: {report.machine()}. Load average (1, 5, 15 min) at the start: "
-        f"{load_start}; at the end: {report.load_average()}." + (f" {args.note}" if args.note else "")
+        (f"**{args.note}**\n\n" if args.note else "")
+        + f"`{command}`, started {started}. Machine: {report.machine()}. Load average (1, 5, 15 min) at the start: "
+        f"{load_start}; at the end: {report.load_average()}."
     )
     print("\n" + conditions)
     report.write(args.out, args.page, command, conditions, sections, results)

@@ -99,7 +99,7 @@ def write(out_dir: str, page: str | None, command: str, conditions: str, section
         json.dump(results, f, indent=1)
     if page is None:
         return
-    parts = [PAGE_INTRO.format(command=command), "## The run\n\n" + conditions, *sections]
+    parts = [PAGE_INTRO.format(command=command).rstrip(), "## The run\n\n" + conditions, *sections]
     if results["long"]:
         page_image = os.path.splitext(page)[0] + "_long_sequences.png"
         shutil.copyfile(image, page_image)
