@@ -1,9 +1,9 @@
-"""Run the README's "Multiple devices" code on 8 (simulated) devices and report on it as JSON.
+"""Run the "Multiple devices" page's code on 8 (simulated) devices and report on it as JSON.
 
 Started by ``tests/test_sharding.py`` in its own process, with
 ``XLA_FLAGS=--xla_force_host_platform_device_count=8`` in the environment:
 the flag only works when it is set before JAX starts. It executes the Python
-blocks of the README section verbatim (so the README stays true), then checks
+blocks of docs/multiple_devices.md verbatim (so the page stays true), then checks
 the same patterns further: the Haiku front end with head-sharded params, a
 layer with separate q/k/v projections and ``bias_k``/``bias_v``, a 2-D
 ``(data, heads)`` mesh, and SqueezeExcitation data parallel. It prints one JSON
@@ -18,22 +18,22 @@ import re
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-README = os.path.join(HERE, os.pardir, "README.md")
+PAGE = os.path.join(HERE, os.pardir, "docs", "multiple_devices.md")
 
 
-def readme_blocks() -> list[str]:
-    text = open(README, encoding="utf-8").read()
-    start = text.index("## Multiple devices")
+def page_blocks() -> list[str]:
+    text = open(PAGE, encoding="utf-8").read()
+    start = text.index("# Multiple devices")
     end = text.find("\n## ", start + 1)
     section = text[start : end if end != -1 else len(text)]
     return re.findall(r"```python\n(.*?)```", section, flags=re.S)
 
 
 def main() -> dict:
-    blocks = readme_blocks()
+    blocks = page_blocks()
     ns: dict = {"__name__": "readme"}
     for block in blocks:
-        exec(compile(block, "README.md#multiple-devices", "exec"), ns)  # noqa: S102
+        exec(compile(block, "docs/multiple_devices.md", "exec"), ns)  # noqa: S102
 
     import equinox as eqx
     import haiku as hk

@@ -3,7 +3,7 @@
 ``--xla_force_host_platform_device_count`` only works when set before JAX
 starts, and this process has JAX running already, so the checks run in a
 subprocess (``tests/sharding_check.py``) with the flag in its environment. The
-subprocess executes the README's "Multiple devices" code verbatim, then more
+subprocess executes the code of docs/multiple_devices.md verbatim, then more
 configurations, and reports the largest difference from the single-device
 result for each, and how the arrays were laid out.
 """

@@ -5,8 +5,10 @@ from __future__ import annotations
 import itertools
 
 import numpy as np
-
 from conftest import torch
+
+# The one torch squeeze-excitation block, shared with the benchmark; the tests import it from here.
+from benchmarks.reference import TorchSqueezeExcitation  # noqa: F401
 
 
 def torch_mha(cfg, dtype, seed=0):
@@ -27,22 +29,6 @@ def torch_mha(cfg, dtype, seed=0):
         for p in m.parameters():
             p.uniform_(-0.5, 0.5)
     return m.eval()
-
-
-class TorchSqueezeExcitation(torch.nn.Module if torch is not None else object):
-    """torchvision.ops.SqueezeExcitation, rebuilt from torch.nn (torchvision has no CPU wheel here)."""
-
-    def __init__(self, input_channels, squeeze_channels, activation=None, scale_activation=None):
-        super().__init__()
-        self.avgpool = torch.nn.AdaptiveAvgPool2d(1)
-        self.fc1 = torch.nn.Conv2d(input_channels, squeeze_channels, 1)
-        self.fc2 = torch.nn.Conv2d(squeeze_channels, input_channels, 1)
-        self.activation = activation or torch.nn.ReLU()
-        self.scale_activation = scale_activation or torch.nn.Sigmoid()
-
-    def forward(self, x):
-        s = self.scale_activation(self.fc2(self.activation(self.fc1(self.avgpool(x)))))
-        return s * x
 
 
 def grid(**axes):

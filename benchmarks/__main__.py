@@ -1,0 +1,244 @@
+"""noxton against its peers, side by side: ``python -m benchmarks [--quick] ...``.
+
+Prints Markdown tables; writes them, the raw figures (``results.json``) and a plot of time and peak
+memory against sequence length to ``--out`` (``benchmarks/results/``), and the documentation page
+``docs/performance.md`` (``--page``) with its plot. Needs the ``torch`` and ``bench`` extras.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import time
+
+from benchmarks import report
+from benchmarks.contenders import THREADS, build, label
+from benchmarks.measure import LONG_B, LONG_E, LONG_H, child, long_run, medians
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODE_NAMES = {
+    "fwd": "forward, need_weights=False",
+    "fwd_w": "forward, need_weights=True",
+    "fwd_bwd": "forward+backward",
+}
+
+# (mode, contender) rows of the main table, each compared with torch in the same mode.
+MAIN_PLAN = [
+    *[
+        ("fwd", n)
+        for n in (
+            "torch",
+            "noxton_eqx",
+            "noxton_haiku",
+            "noxton_eqx_dense",
+            "noxton_eqx_fused",
+            "eqx",
+            "haiku",
+            "flax",
+            "jax_dpa",
+            "matmul_only",
+            "torch_matmul",
+        )
+    ],
+    *[("fwd_w", n) for n in ("torch", "noxton_eqx", "noxton_haiku")],
+    *[
+        ("fwd_bwd", n)
+        for n in ("torch", "noxton_eqx", "noxton_haiku", "noxton_eqx_dense", "eqx", "haiku", "flax", "matmul_only")
+    ],
+]
+LONG_PLAN = {
+    "fwd": ["torch", "noxton_eqx", "torch_batch_first", "noxton_eqx_dense", "eqx", "jax_dpa", "block_matmul_only"],
+    "fwd_bwd": ["torch", "noxton_eqx", "noxton_eqx_dense", "eqx"],
+}
+
+
+def main_table(args, results):
+    B, L, E, H = args.shape
+    reps = 5 if args.quick else 15
+    med = medians({(mode, name): build(name, B, L, E, H, mode) for mode, name in MAIN_PLAN}, reps)
+    rows = []
+    for mode, name in MAIN_PLAN:
+        ratio = med[(mode, name)] / med[(mode, "torch")]
+        rows.append([MODE_NAMES[mode], label(name), f"{med[(mode, name)] * 1e3:.1f}", f"{ratio:.2f}x"])
+        results["main"].append(dict(mode=mode, name=name, median_s=med[(mode, name)], ratio_vs_torch=ratio))
+    title = (
+        f"## B={B}, L=S={L}, E={E}, H={H} self-attention\n\nMedians of {reps} interleaved runs after a warm-up; "
+        "ratio = time / torch's time in the same mode.\n\n"
+    )
+    return title + report.md_table(["mode", "contender", "median ms", "vs torch"], rows)
+
+
+def eager_table(args, results):
+    import equinox as eqx
+    import jax
+    import torch
+
+    from noxton.nn import MultiheadAttention
+
+    L, E, H = 10, 64, 4
+    reps = 50 if args.quick else 200
+    key = jax.random.PRNGKey(0)
+    nx, eq = MultiheadAttention(E, H, key=key), eqx.nn.MultiheadAttention(H, E, key=key)
+    tm = torch.nn.MultiheadAttention(E, H).eval()
+    x, tx = jax.random.normal(key, (L, E)), torch.randn(L, 1, E)
+
+    def torch_call():
+        with torch.no_grad():
+            return tm(tx, tx, tx)
+
+    calls = {
+        "noxton.nn MultiheadAttention (eager)": lambda: jax.block_until_ready(nx(x, x, x)),
+        "noxton.nn, need_weights=False (eager)": lambda: jax.block_until_ready(nx(x, x, x, need_weights=False)),
+        "eqx.nn.MultiheadAttention (eager)": lambda: jax.block_until_ready(eq(x, x, x)),
+        "torch MHA (eager, no_grad)": torch_call,
+    }
+    med = medians(calls, reps, warmup=3)
+    ref = med["eqx.nn.MultiheadAttention (eager)"]
+    results["eager"] = med
+    rows = [[n, f"{t * 1e3:.2f}", f"{t / ref:.2f}x"] for n, t in med.items()]
+    return f"## Eager call, L={L}, E={E}, H={H}\n\nNo jit; medians of {reps}.\n\n" + report.md_table(
+        ["contender", "median ms", "vs eqx.nn"], rows
+    )
+
+
+def se_table(args, results):
+    import equinox as eqx
+    import jax
+    import torch
+
+    from benchmarks.reference import TorchSqueezeExcitation
+    from noxton.nn import SqueezeExcitation
+
+    N, C, Q, HW = 32, 256, 64, 28
+    reps = 10 if args.quick else 30
+    se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
+    x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
+    batched = eqx.filter_jit(lambda se, x: jax.vmap(se)(x))
+
+    def torch_call():
+        with torch.no_grad():
+            return tse(tx)
+
+    calls = {
+        "torch SqueezeExcitation (eval, no_grad)": torch_call,
+        "noxton.nn SqueezeExcitation (vmap, jit)": lambda: jax.block_until_ready(batched(se, x)),
+    }
+    med = medians(calls, reps, warmup=2)
+    ref = med["torch SqueezeExcitation (eval, no_grad)"]
+    results["se"] = med
+    rows = [[n, f"{t * 1e3:.2f}", f"{t / ref:.2f}x"] for n, t in med.items()]
+    return f"## SqueezeExcitation, (N, C, H, W) = ({N}, {C}, {HW}, {HW}), squeeze {Q}\n\nMedians of {reps}.\n\n" + (
+        report.md_table(["contender", "median ms", "vs torch"], rows)
+    )
+
+
+def long_table(args, results):
+    sizes = [1024, 4096, 16384] if args.quick else [1024, 2048, 4096, 8192, 16384, 32768, 65536]
+    if args.sizes:
+        sizes = sorted(int(x) for x in args.sizes.split(","))
+    max_len = {"fwd": max(sizes), "fwd_bwd": 4096 if args.quick else 16384}
+    rows = {}
+    # Interleaved by length (every contender at L, then the next L), so that load drift on a shared
+    # machine enters the ratios at one length rather than a contender-by-contender sweep.
+    for mode, names in LONG_PLAN.items():
+        stopped = set()
+        for L in sizes:
+            if L > max_len[mode]:
+                continue
+            for name in names:
+                if name in stopped:
+                    continue
+                reps = (2 if L <= 4096 else 1) if args.quick else (3 if L <= 16384 else 2 if L <= 32768 else 1)
+                r = long_run(name, mode, L, reps, args.mem_budget_gib, args.child_timeout)
+                if "skipped" in r:
+                    stopped.add(name)
+                    rows[(mode, name, L)] = ["-", "-", "-", "-", r["skipped"]]
+                    continue
+                results["long"].append(r)
+                print(
+                    f"  long: {mode} {name} L={L}: {r['median_s']:.3f} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr
+                )
+                rows[(mode, name, L)] = [
+                    f"{r['median_s']:.3f}",
+                    None,
+                    f"{r['peak_gib']:.2f}",
+                    f"{r['peak_gib'] - r['base_gib']:.2f}",
+                    "",
+                ]
+    torch_s = {(r["mode"], r["L"]): r["median_s"] for r in results["long"] if r["name"] == "torch"}
+    table = []
+    for (mode, name, L), row in sorted(
+        rows.items(), key=lambda kv: (kv[0][0], LONG_PLAN[kv[0][0]].index(kv[0][1]), kv[0][2])
+    ):
+        if row[1] is None:
+            row[1] = f"{float(row[0]) / torch_s[(mode, L)]:.2f}x" if (mode, L) in torch_s else "-"
+        table.append([mode, label(name), L, *row])
+    title = (
+        f"## Long sequences: E={LONG_E}, H={LONG_H}, batch {LONG_B}, need_weights=False\n\n"
+        "One process per row, contenders interleaved length by length; median of the runs after a warm-up "
+        "(fewer at the longest lengths); peak = that process's peak RSS (VmHWM), library and inputs included; "
+        "base = its RSS before the first call.\n\n"
+    )
+    headers = ["mode", "contender", "L=S", "median s", "vs torch", "peak GiB", "peak - base GiB", "note"]
+    return title + report.md_table(headers, table)
+
+
+def parse_args(argv=None):
+    ap = argparse.ArgumentParser(
+        prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a few minutes)")
+    ap.add_argument("--skip-long", action="store_true", help="skip the long-sequence table")
+    ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
+    ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
+    ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
+    ap.add_argument("--mem-budget-gib", type=float, default=8.0, help="do not start dense runs estimated above this")
+    ap.add_argument("--child-timeout", type=int, default=900, help="seconds per long-sequence process")
+    ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, written on the page")
+    ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="tables, JSON and plot")
+    ap.add_argument("--page", default=os.path.join(ROOT, "docs", "performance.md"), help="the documentation page")
+    ap.add_argument("--child", nargs=4, metavar=("NAME", "MODE", "L", "REPS"), help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    args.shape = tuple(int(x) for x in args.shape.split(","))
+    return args
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if args.child:
+        name, mode, L, reps = args.child
+        child(name, mode, int(L), int(reps))
+        return
+    import jax
+
+    jax.config.update("jax_platforms", "cpu")
+    import torch
+
+    torch.set_num_threads(THREADS)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--note" in argv:  # what else ran is written on the page, not part of the command to repeat
+        del argv[argv.index("--note") : argv.index("--note") + 2]
+    argv = [a for a in argv if not a.startswith("--note=")]
+    command = shlex.join(["python", "-m", "benchmarks", *argv])
+    started, load_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), report.load_average()
+    print(f"Machine: {report.machine()}.", flush=True)
+    results: dict = {"main": [], "long": []}
+    sections = []
+    tables = [] if args.only_long else [main_table, eager_table, se_table]
+    for table in tables + ([] if args.skip_long else [long_table]):
+        sections.append(table(args, results))
+        print("\n" + sections[-1], flush=True)
+    conditions = (
+        (f"**{args.note}**\n\n" if args.note else "")
+        + f"`{command}`, started {started}. Machine: {report.machine()}. Load average (1, 5, 15 min) at the start: "
+        f"{load_start}; at the end: {report.load_average()}."
+    )
+    print("\n" + conditions)
+    report.write(args.out, args.page, command, conditions, sections, results)
+    print(f"\nwrote {args.out}" + (f" and {args.page}" if args.page else ""))
+
+
+if __name__ == "__main__":
+    main()

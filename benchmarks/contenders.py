@@ -1,0 +1,227 @@
+"""The contenders: each builds, for a shape ``(B, L, E, H)`` and a mode, a call that runs to completion.
+
+Modes: ``"fwd"`` (need_weights=False), ``"fwd_w"`` (need_weights=True), ``"fwd_bwd"`` (forward and
+backward of ``<output, R>`` for a fixed random ``R``, with respect to the inputs and every parameter).
+Each JAX contender is a pure forward function and its arguments; :func:`jax_call` jits it, or its
+gradient, the same way for all of them. torch runs in eval + ``no_grad`` for the forward modes and
+in train mode for forward+backward.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from typing import Any
+
+THREADS = os.cpu_count() or 1  # XLA's CPU client uses every core; torch is given as many threads
+
+
+def jax_call(forward: Callable[..., Any], args: tuple, mode: str) -> Callable[[], Any]:
+    """A zero-argument call of ``forward(*args)`` (or of its gradient, for ``"fwd_bwd"``), jitted, synchronised."""
+    import equinox as eqx
+    import jax
+
+    def first(out):
+        return out[0] if isinstance(out, tuple) else out
+
+    if mode == "fwd_bwd":
+        shape = first(eqx.filter_eval_shape(forward, *args)).shape
+        r = jax.random.normal(jax.random.PRNGKey(2), shape)
+        f = eqx.filter_jit(eqx.filter_grad(lambda a: (first(forward(*a)) * r).sum()))
+        return lambda: jax.block_until_ready(f(args))
+    f = eqx.filter_jit(forward)
+    return lambda: jax.block_until_ready(f(*args))
+
+
+def _inputs(B, L, E):
+    import jax
+
+    return jax.random.normal(jax.random.PRNGKey(1), (B, L, E))
+
+
+def _projections(E):
+    import jax
+
+    k0, k1 = jax.random.split(jax.random.PRNGKey(0))
+    return jax.random.normal(k0, (3 * E, E)) / E**0.5, jax.random.normal(k1, (E, E)) / E**0.5
+
+
+def noxton_eqx(B, L, E, H, mode, implementation="auto"):
+    import jax
+
+    from noxton.nn import MultiheadAttention
+
+    need = mode == "fwd_w"
+
+    def forward(m, x):
+        return jax.vmap(lambda xi: m(xi, xi, xi, need_weights=need, implementation=implementation))(x)
+
+    return jax_call(forward, (MultiheadAttention(E, H, key=jax.random.PRNGKey(0)), _inputs(B, L, E)), mode)
+
+
+def noxton_haiku(B, L, E, H, mode):
+    import haiku as hk
+    import jax
+
+    import noxton.haiku as nxhk
+
+    need = mode == "fwd_w"
+    f = hk.transform(lambda x: nxhk.MultiheadAttention(E, H)(x, x, x, need_weights=need))
+    x = _inputs(B, L, E)
+    return jax_call(lambda p, x: f.apply(p, None, x), (f.init(jax.random.PRNGKey(0), x), x), mode)
+
+
+def eqx_mha(B, L, E, H, mode):
+    import equinox as eqx
+    import jax
+
+    def forward(m, x):
+        return jax.vmap(lambda xi: m(xi, xi, xi))(x)
+
+    return jax_call(forward, (eqx.nn.MultiheadAttention(H, E, key=jax.random.PRNGKey(0)), _inputs(B, L, E)), mode)
+
+
+def haiku_mha(B, L, E, H, mode):
+    import haiku as hk
+    import jax
+
+    init = hk.initializers.VarianceScaling(1.0)
+    f = hk.transform(lambda x: hk.MultiHeadAttention(H, E // H, w_init=init, model_size=E)(x, x, x))
+    x = _inputs(B, L, E)
+    return jax_call(lambda p, x: f.apply(p, None, x), (f.init(jax.random.PRNGKey(0), x), x), mode)
+
+
+def flax_mha(B, L, E, H, mode):
+    from flax import nnx
+
+    graphdef, state = nnx.split(nnx.MultiHeadAttention(H, E, decode=False, deterministic=True, rngs=nnx.Rngs(0)))
+    return jax_call(lambda s, x: nnx.merge(graphdef, s)(x), (state, _inputs(B, L, E)), mode)
+
+
+def jax_dpa(B, L, E, H, mode):
+    """``jax.nn.dot_product_attention`` between the same projections (what the "fused" path calls)."""
+    import jax
+
+    def forward(w_in, w_out, x):
+        q, k, v = (x @ w_in.T).reshape(B, L, 3, H, E // H).transpose(2, 0, 1, 3, 4)
+        return jax.nn.dot_product_attention(q, k, v).reshape(B, L, E) @ w_out.T
+
+    return jax_call(forward, (*_projections(E), _inputs(B, L, E)), mode)
+
+
+def matmul_only(B, L, E, H, mode):
+    """Lower bound: the matrix products of attention, with no softmax and no masking."""
+    import jax.numpy as jnp
+
+    def forward(w_in, w_out, x):
+        q, k, v = jnp.split((x @ w_in.T).reshape(B, L, 3 * H, E // H), 3, axis=2)
+        o = jnp.einsum("bhls,bshd->blhd", jnp.einsum("blhd,bshd->bhls", q, k), v)
+        return o.reshape(B, L, E) @ w_out.T
+
+    return jax_call(forward, (*_projections(E), _inputs(B, L, E)), mode)
+
+
+def block_matmul_only(B, L, E, H, mode):
+    """Lower bound for the blockwise path: its matrix products, in its blocks, with no softmax and no masking."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    from noxton.functional._blockwise import block_sizes
+
+    D = E // H
+    bq, bk = block_sizes(B * H, L, L)
+    nq, nk = -(-L // bq), -(-L // bk)
+
+    def forward(w_in, w_out, x):
+        qkv = (x @ w_in.T).reshape(B, nq * bq, 3, H, D)
+        q, k, v = (jnp.moveaxis(qkv[:, :, i], 1, 2) for i in range(3))  # [B, H, L, D]
+        kb = jnp.moveaxis(k[:, :, : nk * bk].reshape(B, H, nk, bk, D), 2, 0)
+        vb = jnp.moveaxis(v[:, :, : nk * bk].reshape(B, H, nk, bk, D), 2, 0)
+
+        def q_block(qb):
+            def step(acc, kv):
+                s = jnp.einsum("bhqd,bhkd->bhqk", qb, kv[0])
+                return acc + jnp.einsum("bhqk,bhkd->bhqd", s, kv[1]), None
+
+            return lax.scan(step, jnp.zeros_like(qb), (kb, vb))[0]
+
+        o = lax.map(q_block, jnp.moveaxis(q.reshape(B, H, nq, bq, D), 2, 0))
+        o = jnp.moveaxis(o, 0, 2).reshape(B, H, nq * bq, D)
+        return jnp.moveaxis(o, 1, 2).reshape(B, nq * bq, E) @ w_out.T
+
+    return jax_call(forward, (*_projections(E), _inputs(B, nq * bq, E)), mode)
+
+
+def torch_mha(B, L, E, H, mode, batch_first=False):
+    import torch
+
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    m = torch.nn.MultiheadAttention(E, H, batch_first=batch_first)
+    x = torch.randn((B, L, E) if batch_first else (L, B, E))
+    if mode != "fwd_bwd":
+        m.eval()
+
+        def forward():
+            with torch.no_grad():
+                return m(x, x, x, need_weights=mode == "fwd_w")
+
+        return forward
+    m.train()
+    xg = x.clone().requires_grad_()
+    r = torch.randn_like(x)
+
+    def forward_backward():
+        m.zero_grad(set_to_none=True)
+        xg.grad = None
+        out, _ = m(xg, xg, xg, need_weights=False)
+        (out * r).sum().backward()
+        return out
+
+    return forward_backward
+
+
+def torch_matmul_only(B, L, E, H, mode):
+    """torch's side of the matmul-only lower bound (forward only)."""
+    import torch
+
+    torch.set_num_threads(THREADS)
+    D = E // H
+    x = torch.randn(B, L, E)
+    w_in, w_out = torch.randn(3 * E, E) / E**0.5, torch.randn(E, E) / E**0.5
+
+    def forward():
+        with torch.no_grad():
+            q, k, v = (x @ w_in.T).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
+            return ((q @ k.transpose(-1, -2)) @ v).transpose(1, 2).reshape(B, L, E) @ w_out.T
+
+    return forward
+
+
+# name -> (label, builder(B, L, E, H, mode) -> zero-argument call)
+CONTENDERS: dict[str, tuple[str, Callable[..., Callable[[], Any]]]] = {
+    "torch": ("torch MHA (batch_first=False)", torch_mha),
+    "torch_batch_first": ("torch MHA (batch_first=True)", lambda *a: torch_mha(*a, batch_first=True)),
+    "torch_matmul": ("torch matmul-only", torch_matmul_only),
+    "noxton_eqx": ("noxton.nn (Equinox, auto)", noxton_eqx),
+    "noxton_eqx_dense": ("noxton.nn implementation='dense'", lambda *a: noxton_eqx(*a, implementation="dense")),
+    "noxton_eqx_fused": ("noxton.nn implementation='fused'", lambda *a: noxton_eqx(*a, implementation="fused")),
+    "noxton_haiku": ("noxton.haiku (auto)", noxton_haiku),
+    "eqx": ("eqx.nn.MultiheadAttention", eqx_mha),
+    "haiku": ("hk.MultiHeadAttention", haiku_mha),
+    "flax": ("flax.nnx.MultiHeadAttention", flax_mha),
+    "jax_dpa": ("jax.nn.dot_product_attention", jax_dpa),
+    "matmul_only": ("JAX matmul-only lower bound", matmul_only),
+    "block_matmul_only": ("JAX blockwise matmul-only lower bound", block_matmul_only),
+}
+
+# Contenders that materialise the (H, L, S) scores: not started where those would exceed the memory budget.
+DENSE = {"torch_batch_first", "noxton_eqx_dense", "eqx", "jax_dpa"}
+
+
+def label(name: str) -> str:
+    return CONTENDERS[name][0]
+
+
+def build(name: str, B: int, L: int, E: int, H: int, mode: str) -> Callable[[], Any]:
+    return CONTENDERS[name][1](B, L, E, H, mode)

@@ -1,0 +1,87 @@
+"""Measurement: medians of interleaved runs in one process, and one process per long-sequence run."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+from benchmarks.contenders import DENSE, build
+
+
+def medians(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[Any, float]:
+    """Median seconds per call, after ``warmup`` calls each (compilation included there).
+
+    The repeats are interleaved (round robin over the calls), so that noise from the machine hits
+    every contender alike.
+    """
+    for call in calls.values():
+        for _ in range(warmup):
+            call()
+    times: dict[Any, list[float]] = {k: [] for k in calls}
+    for _ in range(reps):
+        for k, call in calls.items():
+            t = time.perf_counter()
+            call()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def rss_gib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
+
+
+def peak_gib() -> float:
+    # VmHWM, not ru_maxrss: ru_maxrss survives fork+exec, so a child would report its parent's peak.
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+LONG_E, LONG_H, LONG_B = 256, 8, 1
+
+
+def child(name: str, mode: str, L: int, reps: int) -> None:
+    """In the child process: time one contender at one length, print its figures as one JSON line."""
+    if not name.startswith("torch"):
+        import jax
+
+        jax.config.update("jax_platforms", "cpu")
+    call = build(name, LONG_B, L, LONG_E, LONG_H, mode)
+    base = rss_gib()
+    t0 = time.perf_counter()
+    call()  # warm-up (and compilation)
+    first = time.perf_counter() - t0
+    median = medians({name: call}, reps, warmup=0)[name]
+    record = dict(name=name, mode=mode, L=L, median_s=median, first_s=first, peak_gib=peak_gib(), base_gib=base)
+    print(json.dumps(record))
+
+
+def long_run(name: str, mode: str, L: int, reps: int, mem_budget_gib: float, timeout_s: int) -> dict:
+    """One (contender, mode, L) in its own process: its figures, or ``{"skipped": why}``."""
+    # Dense contenders hold several (H, L, L) float32 arrays (more in backward).
+    est = LONG_B * LONG_H * L * L * 4 * (3 if mode == "fwd" else 6) / 2**30
+    if name in DENSE and est > mem_budget_gib:
+        return {"skipped": f"not run: est. {est:.0f} GiB > budget {mem_budget_gib} GiB"}
+    cmd = [sys.executable, "-m", "benchmarks", "--child", name, mode, str(L), str(reps)]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    try:
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=root)
+    except subprocess.TimeoutExpired:
+        return {"skipped": f"timeout > {timeout_s} s"}
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
+    if p.returncode != 0 or not lines:
+        return {"skipped": f"failed (rc {p.returncode}): {p.stderr.strip()[-120:]}"}
+    return json.loads(lines[-1])

@@ -1,0 +1,108 @@
+"""Reporting: Markdown tables, the machine, the plot, and the documentation page written from a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+
+from benchmarks.contenders import THREADS, label
+from benchmarks.measure import LONG_B, LONG_E, LONG_H
+
+
+def md_table(headers: list[str], rows: list[list]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+def machine() -> str:
+    import jax
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    return (
+        f"{cpu}, {THREADS} CPU cores, Python {platform.python_version()}, jax {jax.__version__}, "
+        f"torch {torch.__version__} with `torch.set_num_threads({THREADS})` (XLA's CPU client uses every core)"
+    )
+
+
+def plot(long_results: list[dict], path: str) -> None:
+    """Time and peak memory against sequence length, log-log, one line per contender and mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
+    series: dict[tuple[str, str], list[dict]] = {}
+    for r in long_results:
+        series.setdefault((r["name"], r["mode"]), []).append(r)
+    for (name, mode), rs in sorted(series.items()):
+        rs.sort(key=lambda r: r["L"])
+        for ax, field in zip(axes, ("median_s", "peak_gib"), strict=True):
+            ax.plot(
+                [r["L"] for r in rs],
+                [r[field] for r in rs],
+                "-" if mode == "fwd" else "--",
+                marker="o",
+                label=f"{label(name)} [{mode}]",
+            )
+    for ax, ylabel in zip(axes, ("median time (s)", "peak RSS (GiB)"), strict=True):
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_xlabel("sequence length L = S")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"MHA, E={LONG_E}, H={LONG_H}, batch {LONG_B}, {THREADS} CPU threads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+PAGE_INTRO = """\
+# Performance
+
+This page is written by the benchmark (`benchmarks/`) from one run; nothing on it is edited by hand.
+To reproduce it:
+
+```bash
+pip install -e ".[torch,bench]"   # torch (CPU), flax, matplotlib
+{command}
+```
+
+It times noxton's Equinox and Haiku front ends (jitted) side by side, in one process and with the
+repeats interleaved, against `torch.nn.MultiheadAttention` (eval + `no_grad`; train mode for
+forward+backward), `eqx.nn.MultiheadAttention`, `hk.MultiHeadAttention`,
+`flax.nnx.MultiHeadAttention`, `jax.nn.dot_product_attention` and a matmul-only lower bound (the same
+matrix products, no softmax, no masking); then long sequences, one process per length and contender,
+with that process's peak resident memory. Dense contenders are not started where their score matrices
+would exceed the memory budget (`--mem-budget-gib`). Which attention path `implementation="auto"`
+takes is described in the [API reference](api/functional.md).
+"""
+
+
+def write(out_dir: str, page: str | None, command: str, conditions: str, sections: list[str], results: dict) -> None:
+    """Write ``results.md``, ``results.json`` and the plot to ``out_dir``; the page and its plot next to ``page``."""
+    os.makedirs(out_dir, exist_ok=True)
+    image = os.path.join(out_dir, "long_sequences.png")
+    if results["long"]:
+        plot(results["long"], image)
+    with open(os.path.join(out_dir, "results.md"), "w") as f:
+        f.write("\n\n".join([conditions, *sections]) + "\n")
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    if page is None:
+        return
+    parts = [PAGE_INTRO.format(command=command).rstrip(), "## The run\n\n" + conditions, *sections]
+    if results["long"]:
+        page_image = os.path.splitext(page)[0] + "_long_sequences.png"
+        shutil.copyfile(image, page_image)
+        parts.append(f"![time and peak memory against sequence length]({os.path.basename(page_image)})")
+    with open(page, "w") as f:
+        f.write("\n\n".join(parts) + "\n")

@@ -1,0 +1,40 @@
+"""The benchmark runs end to end at tiny sizes and writes its tables, figures and page (timings unchecked)."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_writes_tables_and_page(tmp_path):
+    for module in ("torch", "flax", "matplotlib"):
+        pytest.importorskip(module, reason=f"the benchmark needs {module} (the torch and bench extras)")
+    page = tmp_path / "performance.md"
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks",
+        "--quick",
+        "--shape",
+        "2,16,16,2",
+        "--sizes",
+        "64",
+        "--out",
+        str(tmp_path / "results"),
+        "--page",
+        str(page),
+    ]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    for heading in ("## B=2, L=S=16, E=16, H=2", "## Eager call", "## SqueezeExcitation", "## Long sequences"):
+        assert heading in result.stdout
+        assert heading in page.read_text()
+    figures = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert len(figures["main"]) == 22 and len(figures["se"]) == 2 and len(figures["eager"]) == 4
+    assert {(r["name"], r["mode"]) for r in figures["long"]} >= {("torch", "fwd"), ("noxton_eqx", "fwd_bwd")}
+    assert (tmp_path / "performance_long_sequences.png").stat().st_size > 0
+    assert "![time and peak memory" in page.read_text()
