@@ -112,7 +112,9 @@ def main() -> dict:
     img = jax.random.normal(jax.random.PRNGKey(8), (16, 16, 6, 6))
     run_se = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
     ref_se = run_se(se, img)
-    out = run_se(eqx.filter_shard(se, NamedSharding(data_mesh, P())), jax.device_put(img, NamedSharding(data_mesh, P("data"))))
+    out = run_se(
+        eqx.filter_shard(se, NamedSharding(data_mesh, P())), jax.device_put(img, NamedSharding(data_mesh, P("data")))
+    )
     err("squeeze_excitation_data_parallel", out, ref_se)
     report["checks"]["se_out_devices"] = devices_of(out)
     return report

@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close, requires_torch, torch
+from torch_reference import grid, random_bool_mask, random_float_mask, torch_mha
 
 import noxton.haiku as nxhk
-from conftest import assert_close, requires_torch, torch
 from noxton.nn import MultiheadAttention
-from torch_reference import grid, random_bool_mask, random_float_mask, torch_mha
 
 pytestmark = requires_torch
 
@@ -106,7 +106,12 @@ def torch_run(cfg, case, need_weights, average, tdtype):
     if attn is not None and attn.dim() == 3:
         attn = attn.repeat(N, 1, 1)  # torch's batched per-head layout is (N*H, L, S)
     out, w = tm(
-        q, k, v, key_padding_mask=t(case["kpm"]), need_weights=need_weights, attn_mask=attn,
+        q,
+        k,
+        v,
+        key_padding_mask=t(case["kpm"]),
+        need_weights=need_weights,
+        attn_mask=attn,
         average_attn_weights=average,
     )
     rng = np.random.default_rng(1)
@@ -148,8 +153,18 @@ def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key, implement
         def one(q, k, v, kpm):
             if self_attn:
                 k = v = q
-            return m(q, k, v, key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn,
-                     average_attn_weights=average, is_causal=case["is_causal"], implementation=implementation)
+            return m(
+                q,
+                k,
+                v,
+                key_padding_mask=kpm,
+                need_weights=need_weights,
+                attn_mask=attn,
+                average_attn_weights=average,
+                is_causal=case["is_causal"],
+                implementation=implementation,
+            )
+
         return jax.vmap(one)(q, k, v, kpm)
 
     q, k, v = (jnp.asarray(case[n]) for n in "qkv")
@@ -172,8 +187,17 @@ def haiku_run(cfg, case, sd, need_weights, average, r_out, r_w, key, implementat
         if self_attn:
             k = v = q
         mha = nxhk.MultiheadAttention(**cfg, dtype=case["q"].dtype)
-        return mha(q, k, v, key_padding_mask=kpm, need_weights=need_weights, attn_mask=attn,
-                   average_attn_weights=average, is_causal=case["is_causal"], implementation=implementation)
+        return mha(
+            q,
+            k,
+            v,
+            key_padding_mask=kpm,
+            need_weights=need_weights,
+            attn_mask=attn,
+            average_attn_weights=average,
+            is_causal=case["is_causal"],
+            implementation=implementation,
+        )
 
     kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
     attn = None if case["attn"] is None else jnp.asarray(case["attn"])
@@ -196,8 +220,9 @@ RUNNERS = {"equinox": equinox_run, "haiku": haiku_run}
 WEIGHT_MODES = [(True, True), (True, False), (False, True)]
 
 
-def check_case(front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key, modes=WEIGHT_MODES,
-               implementation="auto"):
+def check_case(
+    front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key, modes=WEIGHT_MODES, implementation="auto"
+):
     cfg, case = make_case(struct, mask_case, np_dtype)
     for need_weights, average in modes:
         sd, t_out, t_w, t_grads, r_out, r_w = torch_run(cfg, case, need_weights, average, tdtype)
@@ -234,5 +259,15 @@ def test_parity_float64(front, struct, mask_case, key, x64):
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
 def test_parity_forced_paths(struct, mask_case, implementation, key):
     """The memory-efficient and fused paths (need_weights=False) against torch too, not only against dense."""
-    check_case("equinox", struct, mask_case, np.float32, torch.float32, 1e-5, 1e-4, key,
-               modes=[(False, True)], implementation=implementation)
+    check_case(
+        "equinox",
+        struct,
+        mask_case,
+        np.float32,
+        torch.float32,
+        1e-5,
+        1e-4,
+        key,
+        modes=[(False, True)],
+        implementation=implementation,
+    )

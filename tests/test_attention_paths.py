@@ -175,7 +175,7 @@ def test_path_matches_dense(implementation, struct, mask_case):
     assert_close(out_x, out_d, ATOL, "output")
     flat_d, _ = jax.tree_util.tree_flatten_with_path(g_d)
     flat_x, _ = jax.tree_util.tree_flatten_with_path(g_x)
-    for (path, gd), (_, gx) in zip(flat_d, flat_x):
+    for (path, gd), (_, gx) in zip(flat_d, flat_x, strict=True):
         name = jax.tree_util.keystr(path)
         assert np.all(np.isfinite(np.asarray(gx))), name
         assert_close(gx, gd, ATOL, name)

@@ -14,11 +14,13 @@ import pkgutil
 import re
 
 import pytest
-
-import noxton
 from conftest import torch
 
-MODULES = sorted(m.name for m in pkgutil.walk_packages(noxton.__path__, prefix="noxton.") if m.name != "noxton.__main__")
+import noxton
+
+MODULES = sorted(
+    m.name for m in pkgutil.walk_packages(noxton.__path__, prefix="noxton.") if m.name != "noxton.__main__"
+)
 
 # The modules whose examples the documentation shows: they must have some.
 DOCUMENTED = [

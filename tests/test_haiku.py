@@ -51,7 +51,9 @@ def test_params_tree_has_torch_names(key, kwargs, expected):
 def test_leading_batch_dims(key):
     q = jax.random.normal(key, (2, 3, 5, 8))
     kpm = jax.random.bernoulli(key, 0.3, (2, 3, 5)).at[..., 0].set(False)
-    f = hk.transform(lambda q, m: nxhk.MultiheadAttention(8, 2)(q, q, q, key_padding_mask=m, average_attn_weights=False))
+    f = hk.transform(
+        lambda q, m: nxhk.MultiheadAttention(8, 2)(q, q, q, key_padding_mask=m, average_attn_weights=False)
+    )
     params = f.init(key, q, kpm)
     out, w = f.apply(params, None, q, kpm)
     assert out.shape == (2, 3, 5, 8) and w.shape == (2, 3, 2, 5, 5)

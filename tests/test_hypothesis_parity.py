@@ -37,13 +37,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import requires_torch, torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from torch_reference import torch_mha
 
 import noxton.haiku as nxhk
-from conftest import requires_torch, torch
 from noxton.nn import MultiheadAttention
-from torch_reference import torch_mha
 
 pytestmark = requires_torch
 
@@ -95,9 +95,22 @@ def cases(draw):
     full_input = draw(st.booleans())
     seed = draw(st.integers(0, 2**31 - 1))
     return dict(
-        n=n, L=L, S=S, E=E, H=H, kdim=kdim, vdim=vdim, self_attn=self_attn, kpm_kind=kpm_kind,
-        attn_kind=attn_kind, attn_shape=attn_shape, density=density, full_rows=full_rows,
-        full_input=full_input, seed=seed, **flags,
+        n=n,
+        L=L,
+        S=S,
+        E=E,
+        H=H,
+        kdim=kdim,
+        vdim=vdim,
+        self_attn=self_attn,
+        kpm_kind=kpm_kind,
+        attn_kind=attn_kind,
+        attn_shape=attn_shape,
+        density=density,
+        full_rows=full_rows,
+        full_input=full_input,
+        seed=seed,
+        **flags,
     )
 
 
@@ -129,8 +142,13 @@ def make_inputs(c):
     attn_shape = {"LS": (L, S), "HLS": (H, L, S), "NHLS": (n, H, L, S)}[c["attn_shape"]]
     attn = _mask(rng, c["attn_kind"], attn_shape, c["density"], c["full_rows"], c["full_input"])
     cfg = dict(
-        embed_dim=E, num_heads=H, bias=c["bias"], add_bias_kv=c["add_bias_kv"],
-        add_zero_attn=c["add_zero_attn"], kdim=kdim, vdim=vdim,
+        embed_dim=E,
+        num_heads=H,
+        bias=c["bias"],
+        add_bias_kv=c["add_bias_kv"],
+        add_zero_attn=c["add_zero_attn"],
+        kdim=kdim,
+        vdim=vdim,
     )
     return cfg, q, k, v, kpm, attn
 
@@ -225,8 +243,14 @@ def torch_reference(c, cfg, q, k, v, kpm, attn, r_out, r_w):
     r_heads = np.where(fully[..., None], 0.0, r_heads)
     open_mask = np.where(fully[..., None], 0.0, combined).reshape(c["n"] * c["H"], c["L"], c["S"])
     _, _, g_w = torch_grads(
-        tm, q, k, v, lambda _, w: (w * torch.tensor(r_heads)).sum(),
-        need_weights=True, average_attn_weights=False, attn_mask=torch.tensor(open_mask),
+        tm,
+        q,
+        k,
+        v,
+        lambda _, w: (w * torch.tensor(r_heads)).sum(),
+        need_weights=True,
+        average_attn_weights=False,
+        attn_mask=torch.tensor(open_mask),
     )
     grads = {name: g_out[name] + g_w[name] for name in g_out}
     return tm.state_dict(), ref_out, ref_w, grads, nan_rows
@@ -247,8 +271,16 @@ def run_equinox(c, cfg, sd, q, k, v, kpm, attn, r_out, r_w):
         def one(q, k, v, kpm, attn):
             if c["self_attn"]:
                 k = v = q
-            return m(q, k, v, key_padding_mask=kpm, need_weights=c["need_weights"], attn_mask=attn,
-                     average_attn_weights=c["average_attn_weights"], is_causal=c["is_causal"])
+            return m(
+                q,
+                k,
+                v,
+                key_padding_mask=kpm,
+                need_weights=c["need_weights"],
+                attn_mask=attn,
+                average_attn_weights=c["average_attn_weights"],
+                is_causal=c["is_causal"],
+            )
 
         return jax.vmap(one, in_axes=(0, 0, 0, 0, attn_axis))(q, k, v, kpm, attn)
 
@@ -268,17 +300,23 @@ def run_haiku(c, cfg, sd, q, k, v, kpm, attn, r_out, r_w):
         if c["self_attn"]:
             k = v = q
         return nxhk.MultiheadAttention(**cfg, dtype=jnp.float64)(
-            q, k, v, key_padding_mask=kpm, need_weights=c["need_weights"], attn_mask=attn,
-            average_attn_weights=c["average_attn_weights"], is_causal=c["is_causal"],
+            q,
+            k,
+            v,
+            key_padding_mask=kpm,
+            need_weights=c["need_weights"],
+            attn_mask=attn,
+            average_attn_weights=c["average_attn_weights"],
+            is_causal=c["is_causal"],
         )
 
     f = hk.transform(forward)
     q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
     params = nxhk.state_dict_to_params(f.init(jax.random.PRNGKey(0), q, k, v), sd, "multihead_attention")
     out, w = f.apply(params, None, q, k, v)
-    g_p, gq, gk, gv = jax.grad(
-        lambda p, q, k, v: _loss(*f.apply(p, None, q, k, v), r_out, r_w), argnums=(0, 1, 2, 3)
-    )(params, q, k, v)
+    g_p, gq, gk, gv = jax.grad(lambda p, q, k, v: _loss(*f.apply(p, None, q, k, v), r_out, r_w), argnums=(0, 1, 2, 3))(
+        params, q, k, v
+    )
     grads = {"query": gq} if c["self_attn"] else {"query": gq, "key": gk, "value": gv}
     grads.update({f"param.{n}": a for n, a in nxhk.params_to_state_dict(g_p, "multihead_attention").items()})
     return out, w, grads
@@ -302,7 +340,9 @@ def test_random_configurations_match_torch(front, c, x64):
     extra = c["add_bias_kv"] + c["add_zero_attn"]
     rng = np.random.default_rng(c["seed"] + 1)
     r_out = rng.normal(size=(c["n"], c["L"], c["E"]))
-    w_shape = (c["n"], c["L"], c["S"] + extra) if c["average_attn_weights"] else (c["n"], c["H"], c["L"], c["S"] + extra)
+    w_shape = (
+        (c["n"], c["L"], c["S"] + extra) if c["average_attn_weights"] else (c["n"], c["H"], c["L"], c["S"] + extra)
+    )
     r_w = rng.normal(size=w_shape) if c["need_weights"] else None
     sd, t_out, t_w, t_grads, nan_rows = torch_reference(c, cfg, q, k, v, kpm, attn, r_out, r_w)
 

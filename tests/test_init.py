@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import requires_torch, torch
 
 import noxton.haiku as nxhk
-from conftest import requires_torch, torch
 from noxton.nn import MultiheadAttention, SqueezeExcitation
 
 stats = pytest.importorskip("scipy.stats", reason="scipy is needed for the two-sample tests")
@@ -74,7 +74,7 @@ def check_moments(x, kind, scale, name):
     else:
         var, var_of_x2 = scale**2, 2 * scale**4
     assert abs(x.mean()) <= 6 * math.sqrt(var / n), f"{name} mean {x.mean()}"
-    assert abs(np.mean(x**2) - var) <= 6 * math.sqrt(var_of_x2 / n), f"{name} variance {np.mean(x ** 2)} != {var}"
+    assert abs(np.mean(x**2) - var) <= 6 * math.sqrt(var_of_x2 / n), f"{name} variance {np.mean(x**2)} != {var}"
 
 
 def ks_same(a, b, name):
@@ -93,8 +93,12 @@ CONFIGS = {
 
 def _full(cfg):
     E = cfg["embed_dim"]
-    return dict(kdim=cfg.get("kdim") or E, vdim=cfg.get("vdim") or E, bias=cfg.get("bias", True),
-                add_bias_kv=cfg.get("add_bias_kv", False))
+    return dict(
+        kdim=cfg.get("kdim") or E,
+        vdim=cfg.get("vdim") or E,
+        bias=cfg.get("bias", True),
+        add_bias_kv=cfg.get("add_bias_kv", False),
+    )
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -182,8 +186,9 @@ def test_every_parameter_has_its_own_key(front):
         sd = MultiheadAttention(**cfg, key=jax.random.PRNGKey(6)).state_dict()
     else:
         f = hk.transform(lambda q, v: nxhk.MultiheadAttention(**cfg)(q, q, v))
-        sd = nxhk.params_to_state_dict(f.init(jax.random.PRNGKey(6), jnp.ones((1, E)), jnp.ones((1, 32))),
-                                       "multihead_attention")
+        sd = nxhk.params_to_state_dict(
+            f.init(jax.random.PRNGKey(6), jnp.ones((1, E)), jnp.ones((1, 32))), "multihead_attention"
+        )
     dists = expected_distributions(E, **_full(cfg))
     random = {k: _quantiles(sd[k], *dists[k]) for k, (kind, _) in dists.items() if kind != "zeros"}
     for (a, x), (b, y) in itertools.combinations(random.items(), 2):

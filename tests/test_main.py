@@ -9,7 +9,11 @@ def test_tour_runs_and_agrees():
     assert result.returncode == 0, result.stdout + result.stderr
     out = result.stdout
     assert "All differences within 1e-05" in out
-    for front in ("| MultiheadAttention | Equinox |", "| MultiheadAttention | Haiku |",
-                  "| SqueezeExcitation | Equinox |", "| SqueezeExcitation | Haiku |"):
+    for front in (
+        "| MultiheadAttention | Equinox |",
+        "| MultiheadAttention | Haiku |",
+        "| SqueezeExcitation | Equinox |",
+        "| SqueezeExcitation | Haiku |",
+    ):
         assert front in out
     assert "(10, 64) | (10, 10)" in out and "(64, 28, 28)" in out

@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import requires_torch, torch
 
 import noxton.haiku as nxhk
-from conftest import requires_torch, torch
 from noxton.nn import MultiheadAttention
 
 L, S, E = 4, 5, 8
@@ -52,7 +52,9 @@ def test_equinox_fully_masked_rows(key, kind, need_weights, average):
     kpm, attn, dead = masks(kind)
     q = jax.random.normal(key, (L, E))
     kv = jax.random.normal(jax.random.PRNGKey(1), (S, E))
-    out, w = mha(q, kv, kv, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights, average_attn_weights=average)
+    out, w = mha(
+        q, kv, kv, key_padding_mask=kpm, attn_mask=attn, need_weights=need_weights, average_attn_weights=average
+    )
     for r in dead:
         np.testing.assert_array_equal(out[r], np.arange(E, dtype=np.float32))
         if need_weights:
@@ -109,8 +111,14 @@ def test_documented_difference_from_torch(key, kind):
         t_out_now, _ = tm(t(q), t(kv), t(kv), key_padding_mask=t(kpm), attn_mask=t_attn, need_weights=False)
     results = {}
     for need_weights in (True, False):
-        results[need_weights] = mha(jnp.asarray(q), jnp.asarray(kv), jnp.asarray(kv), key_padding_mask=kpm,
-                                    attn_mask=attn, need_weights=need_weights)
+        results[need_weights] = mha(
+            jnp.asarray(q),
+            jnp.asarray(kv),
+            jnp.asarray(kv),
+            key_padding_mask=kpm,
+            attn_mask=attn,
+            need_weights=need_weights,
+        )
         np.testing.assert_allclose(results[need_weights][0], t_out_now.numpy(), atol=1e-5)
     out, w = results[True]
     nan_rows = np.isnan(t_out_w.numpy()).any(-1)

@@ -9,13 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close, requires_torch, torch
+from torch_reference import TorchSqueezeExcitation, grid
 
 import noxton
 import noxton.haiku as nxhk
-from conftest import assert_close, requires_torch, torch
 from noxton.interop import load_torch_state_dict, torch_state_dict
 from noxton.nn import MultiheadAttention, SqueezeExcitation
-from torch_reference import TorchSqueezeExcitation, grid
 
 pytestmark = requires_torch
 
@@ -33,8 +33,14 @@ def test_mha_from_torch_takes_config_and_weights(options):
     kdim, vdim = options["dims"] or (None, None)
     torch.manual_seed(0)
     tm = torch.nn.MultiheadAttention(
-        8, 2, dropout=options["dropout"], bias=options["bias"], add_bias_kv=options["add_bias_kv"],
-        add_zero_attn=options["add_zero_attn"], kdim=kdim, vdim=vdim,
+        8,
+        2,
+        dropout=options["dropout"],
+        bias=options["bias"],
+        add_bias_kv=options["add_bias_kv"],
+        add_zero_attn=options["add_zero_attn"],
+        kdim=kdim,
+        vdim=vdim,
     ).eval()
     with torch.no_grad():
         for p in tm.parameters():
@@ -42,7 +48,11 @@ def test_mha_from_torch_takes_config_and_weights(options):
     mha = MultiheadAttention.from_torch(tm)
     assert (mha.embed_dim, mha.num_heads, mha.dropout, mha.bias) == (8, 2, options["dropout"], options["bias"])
     assert (mha.add_bias_kv, mha.add_zero_attn, mha.kdim, mha.vdim) == (
-        options["add_bias_kv"], options["add_zero_attn"], kdim or 8, vdim or 8)
+        options["add_bias_kv"],
+        options["add_zero_attn"],
+        kdim or 8,
+        vdim or 8,
+    )
     assert mha.inference and mha.dtype == jnp.float32
     assert not MultiheadAttention.from_torch(tm.train()).inference
     tm.eval()
@@ -211,10 +221,13 @@ class EncoderLayer(eqx.Module):
 
 def test_transformer_encoder_layer_block_and_prefix():
     torch.manual_seed(0)
-    stack = torch.nn.TransformerEncoder(torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2,
-                                        enable_nested_tensor=False)
+    stack = torch.nn.TransformerEncoder(
+        torch.nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0), 2, enable_nested_tensor=False
+    )
     tl = stack.layers[1]
-    layer = load_torch_state_dict(EncoderLayer(16, 4, 32, jax.random.PRNGKey(0)), stack.state_dict(), prefix="layers.1.")
+    layer = load_torch_state_dict(
+        EncoderLayer(16, 4, 32, jax.random.PRNGKey(0)), stack.state_dict(), prefix="layers.1."
+    )
     x = np.random.default_rng(0).normal(size=(5, 2, 16)).astype(np.float32)  # torch's (L, N, E)
     kpm = np.zeros((2, 5), bool)
     kpm[1, 3:] = True
@@ -224,7 +237,9 @@ def test_transformer_encoder_layer_block_and_prefix():
     out = run(jnp.asarray(x), jnp.asarray(kpm))
     assert_close(out, t_out.detach().numpy(), 1e-5, "output")
     t_out.sum().backward()
-    g = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m, in_axes=(1, 0), out_axes=1)(jnp.asarray(x), jnp.asarray(kpm))))(layer)
+    g = eqx.filter_grad(lambda m: jnp.sum(jax.vmap(m, in_axes=(1, 0), out_axes=1)(jnp.asarray(x), jnp.asarray(kpm))))(
+        layer
+    )
     grads = torch_state_dict(g)
     for n, p in tl.named_parameters():
         assert_close(grads[n], p.grad.numpy(), 1e-4, n)
@@ -232,11 +247,18 @@ def test_transformer_encoder_layer_block_and_prefix():
 
 def test_conv_embedding_groupnorm_sequential_round_trip():
     torch.manual_seed(0)
-    tm = torch.nn.Sequential(torch.nn.Conv1d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Embedding(6, 4),
-                             torch.nn.Conv3d(2, 2, 1))
+    tm = torch.nn.Sequential(
+        torch.nn.Conv1d(3, 4, 3), torch.nn.GroupNorm(2, 4), torch.nn.Embedding(6, 4), torch.nn.Conv3d(2, 2, 1)
+    )
     k = jax.random.split(jax.random.PRNGKey(0), 3)
-    model = eqx.nn.Sequential([eqx.nn.Conv1d(3, 4, 3, key=k[0]), eqx.nn.GroupNorm(2, 4),
-                               eqx.nn.Embedding(6, 4, key=k[1]), eqx.nn.Conv3d(2, 2, 1, key=k[2])])
+    model = eqx.nn.Sequential(
+        [
+            eqx.nn.Conv1d(3, 4, 3, key=k[0]),
+            eqx.nn.GroupNorm(2, 4),
+            eqx.nn.Embedding(6, 4, key=k[1]),
+            eqx.nn.Conv3d(2, 2, 1, key=k[2]),
+        ]
+    )
     model = load_torch_state_dict(model, tm.state_dict())
     assert model.layers[0].bias.shape == (4, 1) and model.layers[3].bias.shape == (2, 1, 1, 1)
     np.testing.assert_array_equal(model.layers[0].bias[:, 0], tm[0].bias.detach().numpy())
@@ -249,7 +271,10 @@ def test_conv_embedding_groupnorm_sequential_round_trip():
 
 
 def _model():
-    return {"attn": MultiheadAttention(8, 2, key=jax.random.PRNGKey(0)), "proj": eqx.nn.Linear(8, 3, key=jax.random.PRNGKey(1))}
+    return {
+        "attn": MultiheadAttention(8, 2, key=jax.random.PRNGKey(0)),
+        "proj": eqx.nn.Linear(8, 3, key=jax.random.PRNGKey(1)),
+    }
 
 
 def _sd(prefix=""):
@@ -262,7 +287,11 @@ def _sd(prefix=""):
         (_sd("encoder.") if torch else None, {}, r'(?s)missing keys: attn\.in_proj_weight.*pass prefix="encoder\."'),
         (_sd() if torch else None, {"prefix": "encoder."}, r"missing keys: encoder\.attn\.in_proj_weight"),
         ({k: v for k, v in (_sd() if torch else {}).items() if k != "proj.bias"}, {}, r"missing keys: proj\.bias$"),
-        ({**(_sd() if torch else {}), "proj.bias": np.zeros(4)}, {}, r"size mismatch for proj\.bias: expected shape \(3,\), got \(4,\)"),
+        (
+            {**(_sd() if torch else {}), "proj.bias": np.zeros(4)},
+            {},
+            r"size mismatch for proj\.bias: expected shape \(3,\), got \(4,\)",
+        ),
         ({**(_sd() if torch else {}), "extra": np.zeros(1)}, {}, r"unexpected keys: extra"),
     ],
     ids=["needs_prefix", "wrong_prefix", "missing", "misshapen", "unexpected"],
@@ -285,7 +314,9 @@ def test_batchnorm_is_named_in_a_clear_error():
 
 
 def test_torch_activation_gets_the_jax_name():
-    with pytest.raises(TypeError, match=r"`scale_activation` must be a JAX function.*Hardsigmoid: pass jax\.nn\.hard_sigmoid"):
+    with pytest.raises(
+        TypeError, match=r"`scale_activation` must be a JAX function.*Hardsigmoid: pass jax\.nn\.hard_sigmoid"
+    ):
         SqueezeExcitation(8, 2, key=jax.random.PRNGKey(0), scale_activation=torch.nn.Hardsigmoid())
     with pytest.raises(TypeError, match=r"torch class SiLU: pass jax\.nn\.silu"):
         SqueezeExcitation(8, 2, key=jax.random.PRNGKey(0))(jnp.ones((8, 2, 2)), torch.nn.SiLU)

@@ -10,9 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import requires_torch, torch
 
 import noxton.haiku as nxhk
-from conftest import requires_torch, torch
 from noxton.nn import MultiheadAttention, SqueezeExcitation
 
 E, H, L, S = 16, 4, 5, 7
@@ -39,7 +39,9 @@ def _round(a, dtype):
 
 
 def _run(dtype, sd, q, kv, **kw):
-    mha = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(sd)
+    mha = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(
+        sd
+    )
     return mha(jnp.asarray(q, dtype), jnp.asarray(kv, dtype), jnp.asarray(kv, dtype), **kw)
 
 
@@ -51,8 +53,14 @@ def test_low_precision_within_bound_of_float64(dtype, x64):
     assert out.dtype == jnp.dtype(dtype) and w.dtype == jnp.dtype(dtype)
     # the reference sees exactly the low-precision parameters and inputs, computed in float64
     sd_r = {k: _round(v, dtype) for k, v in sd.items()}
-    ref_out, ref_w = _run("float64", sd_r, _round(q, dtype), _round(kv, dtype), key_padding_mask=jnp.asarray(kpm),
-                          average_attn_weights=False)
+    ref_out, ref_w = _run(
+        "float64",
+        sd_r,
+        _round(q, dtype),
+        _round(kv, dtype),
+        key_padding_mask=jnp.asarray(kpm),
+        average_attn_weights=False,
+    )
     eps = float(jnp.finfo(dtype).eps)
     err_out = np.abs(np.asarray(out, np.float64) - np.asarray(ref_out)).max() / np.abs(ref_out).max()
     err_w = np.abs(np.asarray(w, np.float64) - np.asarray(ref_w)).max()
@@ -138,7 +146,9 @@ def test_large_inputs_do_not_overflow(dtype):
         assert (w64 >= 0).all()
         np.testing.assert_allclose(w64.sum(-1), 1.0, atol=0.02 if dtype == "bfloat16" else 1e-5)
     # gradients too
-    mha = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(sd)
+    mha = MultiheadAttention(E, H, add_bias_kv=True, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(
+        sd
+    )
     qj, kvj = jnp.asarray(q, dtype), jnp.asarray(kv, dtype)
     g = jax.grad(lambda q, kv: jnp.sum(mha(q, kv, kv)[0].astype(jnp.float32)), argnums=(0, 1))(qj, kvj)
     assert all(np.isfinite(np.asarray(a, np.float64)).all() for a in g)
@@ -149,8 +159,10 @@ def test_squeeze_excitation_low_precision(dtype, x64):
     rng = np.random.default_rng(0)
     C, Q = 16, 4
     sd = {
-        "fc1.weight": rng.uniform(-0.5, 0.5, (Q, C, 1, 1)), "fc1.bias": rng.uniform(-0.5, 0.5, (Q,)),
-        "fc2.weight": rng.uniform(-0.5, 0.5, (C, Q, 1, 1)), "fc2.bias": rng.uniform(-0.5, 0.5, (C,)),
+        "fc1.weight": rng.uniform(-0.5, 0.5, (Q, C, 1, 1)),
+        "fc1.bias": rng.uniform(-0.5, 0.5, (Q,)),
+        "fc2.weight": rng.uniform(-0.5, 0.5, (C, Q, 1, 1)),
+        "fc2.bias": rng.uniform(-0.5, 0.5, (C,)),
     }
     x = rng.normal(size=(C, 9, 9))
     se = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype)).load_state_dict(sd)

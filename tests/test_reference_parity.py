@@ -7,11 +7,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from torch_reference import grid, random_bool_mask, random_float_mask
 
 import noxton.haiku as nxhk
 from noxton._reference import mha_reference, se_reference
 from noxton.nn import MultiheadAttention, SqueezeExcitation
-from torch_reference import grid, random_bool_mask, random_float_mask
 
 CASES = grid(
     bias=[True, False],
@@ -26,8 +26,16 @@ CASES = grid(
 def test_mha_matches_numpy(c, key, x64):
     rng = np.random.default_rng(0)
     kdim, vdim = (3, 5) if c["kv"] else (None, None)
-    mha = MultiheadAttention(8, 2, bias=c["bias"], add_bias_kv=c["add_bias_kv"], add_zero_attn=c["add_zero_attn"],
-                             kdim=kdim, vdim=vdim, key=key)
+    mha = MultiheadAttention(
+        8,
+        2,
+        bias=c["bias"],
+        add_bias_kv=c["add_bias_kv"],
+        add_zero_attn=c["add_zero_attn"],
+        kdim=kdim,
+        vdim=vdim,
+        key=key,
+    )
     sd = {k: rng.uniform(-0.5, 0.5, v.shape) for k, v in mha.state_dict().items()}
     mha = mha.load_state_dict(sd)
     q = rng.normal(size=(4, 8))
@@ -40,11 +48,22 @@ def test_mha_matches_numpy(c, key, x64):
         kpm, attn = random_float_mask(rng, (6,)), random_float_mask(rng, (4, 6))
     causal = c["masks"] == "causal"
     for average in (True, False):
-        want_out, want_w = mha_reference(q, k, v, sd, 2, key_padding_mask=kpm, attn_mask=attn, is_causal=causal,
-                                         add_zero_attn=c["add_zero_attn"], average=average)
+        want_out, want_w = mha_reference(
+            q,
+            k,
+            v,
+            sd,
+            2,
+            key_padding_mask=kpm,
+            attn_mask=attn,
+            is_causal=causal,
+            add_zero_attn=c["add_zero_attn"],
+            average=average,
+        )
         j = lambda a: None if a is None else jnp.asarray(a)  # noqa: E731
-        out, w = mha(j(q), j(k), j(v), key_padding_mask=j(kpm), attn_mask=j(attn), is_causal=causal,
-                     average_attn_weights=average)
+        out, w = mha(
+            j(q), j(k), j(v), key_padding_mask=j(kpm), attn_mask=j(attn), is_causal=causal, average_attn_weights=average
+        )
         np.testing.assert_allclose(out, want_out, atol=1e-10)
         np.testing.assert_allclose(w, want_w, atol=1e-10)
 

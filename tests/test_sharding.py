@@ -26,12 +26,15 @@ def run_check():
     env["PYTHONPATH"] = os.pathsep.join(p for p in (os.path.join(HERE, os.pardir), env.get("PYTHONPATH")) if p)
     proc = subprocess.run(
         [sys.executable, os.path.join(HERE, "sharding_check.py")],
-        env=env, capture_output=True, text=True, timeout=300,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert proc.returncode == 0, f"sharding_check.py failed:\n{proc.stdout}\n{proc.stderr}"
     lines = [line for line in proc.stdout.splitlines() if line.startswith("SHARDING_REPORT ")]
     assert lines, f"no report in:\n{proc.stdout}\n{proc.stderr}"
-    return json.loads(lines[-1][len("SHARDING_REPORT "):])
+    return json.loads(lines[-1][len("SHARDING_REPORT ") :])
 
 
 COMPARED = [

@@ -8,11 +8,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close, requires_torch, torch
+from torch_reference import TorchSqueezeExcitation
 
 import noxton.haiku as nxhk
-from conftest import assert_close, requires_torch, torch
 from noxton.nn import SqueezeExcitation
-from torch_reference import TorchSqueezeExcitation
 
 # (activation, scale_activation) as torch modules: together every activation from_torch maps.
 ACTIVATIONS = {
@@ -28,7 +28,9 @@ ACTIVATIONS = {
 def torch_se(C, Q, acts, dtype):
     act, act_kw, scale, scale_kw = ACTIVATIONS[acts]
     torch.manual_seed(0)
-    return TorchSqueezeExcitation(C, Q, getattr(torch.nn, act)(**act_kw), getattr(torch.nn, scale)(**scale_kw)).to(dtype)
+    return TorchSqueezeExcitation(C, Q, getattr(torch.nn, act)(**act_kw), getattr(torch.nn, scale)(**scale_kw)).to(
+        dtype
+    )
 
 
 @requires_torch

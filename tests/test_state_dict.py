@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import requires_torch, torch
+from torch_reference import TorchSqueezeExcitation, grid
 
 import noxton.haiku as nxhk
-from conftest import requires_torch, torch
 from noxton.nn import MultiheadAttention, SqueezeExcitation
-from torch_reference import TorchSqueezeExcitation, grid
 
 MHA_CONFIGS = grid(bias=[True, False], add_bias_kv=[False, True], kdims=[None, (3, 5)])
 
@@ -130,7 +130,9 @@ def test_haiku_nested_module_path(key):
     assert np.array_equal(new["encoder/multihead_attention"]["in_proj_weight"], sd["in_proj_weight"])
     # the other module is untouched, and so is the input tree
     assert new["encoder/squeeze_excitation/~/fc1"] is not None
-    assert np.array_equal(new["encoder/squeeze_excitation/~/fc1"]["weight"], params["encoder/squeeze_excitation/~/fc1"]["weight"])
+    assert np.array_equal(
+        new["encoder/squeeze_excitation/~/fc1"]["weight"], params["encoder/squeeze_excitation/~/fc1"]["weight"]
+    )
     assert not np.array_equal(params["encoder/multihead_attention"]["in_proj_weight"], sd["in_proj_weight"])
     with pytest.raises(ValueError, match="matches no module"):
         nxhk.params_to_state_dict(params, "decoder")

@@ -38,7 +38,8 @@ def _tree_equal(a, b):
     la, ta = jax.tree_util.tree_flatten(a)
     lb, tb = jax.tree_util.tree_flatten(b)
     return ta == tb and all(
-        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb)
+        np.asarray(x).dtype == np.asarray(y).dtype and np.array_equal(np.asarray(x), np.asarray(y))
+        for x, y in zip(la, lb, strict=True)
     )
 
 
@@ -48,7 +49,7 @@ def test_jit_matches_eager():
     kpm = jnp.array([False, True, False, False])
     eager = mha(q, kv, kv, key_padding_mask=kpm, average_attn_weights=False)
     jitted = eqx.filter_jit(lambda m, q, kv: m(q, kv, kv, key_padding_mask=kpm, average_attn_weights=False))(mha, q, kv)
-    for a, b in zip(eager, jitted):
+    for a, b in zip(eager, jitted, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
     # plain jax.jit, with the layer closed over
     out = jax.jit(lambda q: mha(q, q, q, is_causal=True)[0])(q)
@@ -247,7 +248,9 @@ def test_no_key_needed_without_dropout():
     q = _normal(1, (L, E))
     # dropout=0: no key, and a key changes nothing
     m0 = _mha()
-    np.testing.assert_array_equal(np.asarray(m0(q, q, q)[0]), np.asarray(m0(q, q, q, dropout_key=jax.random.PRNGKey(1))[0]))
+    np.testing.assert_array_equal(
+        np.asarray(m0(q, q, q)[0]), np.asarray(m0(q, q, q, dropout_key=jax.random.PRNGKey(1))[0])
+    )
     # inference mode (constructor flag, and eqx.nn.inference_mode): no key
     md = _mha(dropout=DROP)
     a = eqx.nn.inference_mode(md)(q, q, q)[0]

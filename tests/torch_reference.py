@@ -36,7 +36,7 @@ def grid(**axes):
     names = list(axes)
     out = []
     for values in itertools.product(*axes.values()):
-        d = dict(zip(names, values))
+        d = dict(zip(names, values, strict=True))
         out.append(d)
     return out
 
