@@ -31,6 +31,7 @@ from noxton.functional._checks import (
 )
 from noxton.functional._fused import fused_attention
 from noxton.functional._masks import Masks, canonical_masks
+from noxton.functional._vmapped import vmapped_size
 
 IMPLEMENTATIONS = ("auto", "dense", "fused", "blockwise")
 
@@ -54,6 +55,10 @@ def check_implementation(implementation) -> str:
     return implementation
 
 
+def _is_gpu(backend: str) -> bool:
+    return backend in ("gpu", "cuda", "rocm")
+
+
 def select_implementation(
     implementation: str,
     *,
@@ -68,14 +73,24 @@ def select_implementation(
 ) -> str:
     """The attention path ``multi_head_attention`` runs: ``"dense"``, ``"fused"`` or ``"blockwise"``.
 
-    A forced path is returned as given, after checking that it can honour the
-    call: only ``"dense"`` materialises the weights that ``need_weights=True``
-    returns, and ``"fused"`` has no dropout. Either mismatch raises a
-    ``ValueError`` (as torch's ``sdpa_kernel`` raises when the forced kernel
-    cannot run) rather than silently running another path.
+    A pure function of static facts: the call's options, its shapes, the input
+    dtype and the backend (``jax.default_backend()`` unless given). The one place
+    that states the ``"auto"`` rule.
 
-    ``"auto"`` chooses, from static shapes only (``batch`` is the product of the
-    leading batch dimensions seen at trace time, so 1 under ``jax.vmap``):
+    Every path keeps the precision contract: scores and softmax in float32, or in
+    float64 for float64 inputs. A forced path is returned as given, after checking
+    that it can honour the call: only ``"dense"`` materialises the weights that
+    ``need_weights=True`` returns, ``"fused"`` has no dropout, and ``"fused"``
+    cannot take float64 inputs (``jax.nn.dot_product_attention`` runs its softmax
+    in float32). Each mismatch raises a ``ValueError`` that names the path to use
+    (as torch's ``sdpa_kernel`` raises when the forced kernel cannot run) rather
+    than silently running another path or a lower precision.
+
+    ``"auto"`` chooses, from static facts only; ``batch`` is the number of
+    examples the call runs: the product of its leading batch dimensions times the
+    sizes of the ``jax.vmap`` axes that map it (``multi_head_attention`` counts
+    both), so the batched Haiku call and the vmapped Equinox call of the same
+    shapes take the same path:
 
     1. ``need_weights=True``: dense.
     2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, except on a GPU with
@@ -83,8 +98,9 @@ def select_implementation(
        not materialise the scores either).
     3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
-    4. GPU/TPU, no dropout: fused.
-    5. Otherwise dense.
+    4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
+    5. Otherwise (dropout, or float64 inputs off the CPU) dense: ``"auto"`` never
+       trades precision for speed.
     """
     implementation = check_implementation(implementation)
     if need_weights and implementation in ("fused", "blockwise"):
@@ -97,6 +113,12 @@ def select_implementation(
             f"implementation='fused' has no dropout (jax.nn.dot_product_attention has none), got dropout={dropout_p}: "
             "use implementation='blockwise' or 'dense', or inference mode."
         )
+    wide = jnp.dtype(dtype).itemsize > 4
+    if wide and implementation == "fused":
+        raise ValueError(
+            f"implementation='fused' cannot keep {jnp.dtype(dtype)} precision (jax.nn.dot_product_attention runs its "
+            "softmax in float32): use implementation='dense' or 'blockwise' (or 'auto'), which compute in float64."
+        )
     if implementation != "auto":
         return implementation
     if need_weights:
@@ -105,14 +127,14 @@ def select_implementation(
     per_example = num_heads * tgt_len * src_len
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
     if batch * per_example >= LARGE_SCORES:
-        if backend in ("gpu", "cuda", "rocm") and low_precision and dropout_p == 0.0:
+        if _is_gpu(backend) and low_precision and dropout_p == 0.0:
             return "fused"
         return "blockwise"
     if dropout_p > 0.0:
         return "dense"
     if backend == "cpu":
         return "blockwise" if per_example >= CPU_BLOCKWISE_MIN_SCORES else "dense"
-    return "fused"
+    return "dense" if wide else "fused"
 
 
 def _linear(x, weight, bias):
@@ -224,8 +246,8 @@ def multi_head_attention(
             ``"blockwise"``; see [`select_implementation`][noxton.functional.select_implementation] for the rule. All
             give the same results to float32 rounding, except that dropout draws
             a different (equally distributed) pattern on the blockwise path.
-            ``"fused"``/``"blockwise"`` with ``need_weights=True``, and
-            ``"fused"`` with dropout, raise ``ValueError``.
+            ``"fused"``/``"blockwise"`` with ``need_weights=True``, ``"fused"``
+            with dropout, and ``"fused"`` with float64 inputs raise ``ValueError``.
 
     Returns:
         ``(out [*B, L, E], weights)``, weights ``None`` unless ``need_weights``,
@@ -308,11 +330,15 @@ def multi_head_attention(
     def heads(x):
         return x.reshape(*x.shape[:-1], num_heads, head_dim)
 
+    batch = math.prod(batch_shape)
+    if implementation == "auto" and not need_weights:
+        # Examples mapped by jax.vmap count too: the Equinox layer sees one at a time.
+        batch *= vmapped_size(q, k, v, masks.key_padding, masks.attn, dropout_key if dropout_p > 0.0 else None)
     path = select_implementation(
         implementation,
         need_weights=need_weights,
         dropout_p=dropout_p,
-        batch=math.prod(batch_shape),
+        batch=batch,
         num_heads=num_heads,
         tgt_len=tgt_len,
         src_len=src_len + extra,

@@ -14,7 +14,16 @@ contract differs from torch's in two places, both handled here:
 - fully masked rows: the kernel gives them uniform weights; they are replaced
   by zeros (with zero, hence finite, gradients), as on the dense path.
 
-No dropout: ``jax.nn.dot_product_attention`` has none.
+No dropout: ``jax.nn.dot_product_attention`` has none; no float64 either (its
+softmax runs in float32), which ``select_implementation`` refuses.
+
+Its XLA composition computes float16/bfloat16 scores with an explicit dot
+algorithm (``F16_F16_F32``/``BF16_BF16_F32``) and falls back to the default only
+on errors raised while tracing; XLA's CPU and TPU backends reject
+``F16_F16_F32`` when they compile, after that fallback, so a jitted float16 call
+crashed there. Off the GPU, float16 inputs are therefore passed as float32
+(exactly, every float16 is a float32): the same float32 scores and softmax, and
+the result is cast back.
 """
 
 from __future__ import annotations
@@ -33,7 +42,12 @@ def _to4(x):
     return lift(x, 4) if x.ndim < 4 else x.reshape(-1, *x.shape[-3:])
 
 
-def fused_attention(q, k, v, masks: Masks):
+def _runs_natively(dtype, backend: str) -> bool:
+    """Whether ``jax.nn.dot_product_attention`` compiles for ``dtype`` inputs on ``backend``."""
+    return jnp.dtype(dtype) != jnp.dtype(jnp.float16) or backend in ("gpu", "cuda", "rocm")
+
+
+def fused_attention(q, k, v, masks: Masks, *, backend: str | None = None):
     """Same contract as ``dense_attention`` with ``need_weights=False`` and no dropout.
 
     Args:
@@ -41,10 +55,20 @@ def fused_attention(q, k, v, masks: Masks):
         k: ``[*B, S', H, D]``.
         v: ``[*B, S', H, D]``.
         masks: canonical masks for ``S'`` keys.
+        backend: the backend it compiles for (``jax.default_backend()`` unless given).
 
     Returns:
         ``[*B, L, H, D]`` in the input dtype.
     """
+    if jnp.dtype(q.dtype).itemsize > 4:
+        raise ValueError(
+            f"fused_attention cannot keep {q.dtype} precision (jax.nn.dot_product_attention runs its softmax in "
+            "float32): use dense_attention or blockwise_attention."
+        )
+    in_dtype = q.dtype
+    backend = jax.default_backend() if backend is None else backend
+    if not _runs_natively(in_dtype, backend):
+        q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
     batch_shape = q.shape[:-3]
     tgt_len, heads, head_dim = q.shape[-3:]
     total_len = k.shape[-3]
@@ -76,4 +100,4 @@ def fused_attention(q, k, v, masks: Masks):
         row_ok = jnp.transpose(jnp.any(allowed, axis=-1), (0, 2, 1))[..., None]  # [N|1, L, H|1, 1]
         row_ok = jnp.broadcast_to(row_ok, (n, tgt_len, heads, 1))
         out = jnp.where(row_ok, out, jnp.zeros((), out.dtype))
-    return out.reshape(*batch_shape, tgt_len, heads, v.shape[-1])
+    return out.astype(in_dtype).reshape(*batch_shape, tgt_len, heads, v.shape[-1])
