@@ -177,20 +177,24 @@ def masked_softmax(scores, axis: int = -1):
     return e / jnp.where(d == 0, 1.0, d).astype(e.dtype)
 
 
-def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, need_weights: bool):
+def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, need_weights: bool, scale: float = 1.0):
     """Scaled dot-product attention over heads, materialising ``[*B, H, L, S']`` scores.
 
     Args:
-        q: ``[*B, L, H, D]`` already scaled by ``1/sqrt(D)``.
+        q: ``[*B, L, H, D]``.
         k: ``[*B, S', H, D]``.
         v: ``[*B, S', H, D]``.
         masks: canonical masks for ``S'`` keys.
+        scale: multiplies ``q @ k^T`` in the scores' dtype, before the masks are added
+            (``1/sqrt(D)`` for scaled dot-product attention).
 
     Returns:
         ``([*B, L, H, D] in the scores' dtype, [*B, H, L, S'] weights or None)``.
     """
     sdtype = softmax_dtype(q.dtype)
     scores = jnp.einsum("...lhd,...shd->...hls", q, k, preferred_element_type=sdtype)
+    if scale != 1.0:
+        scores = scores * jnp.asarray(scale, sdtype)
     mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
     if mask is not None:
         scores = scores + lift(mask, scores.ndim)
@@ -344,15 +348,28 @@ def multi_head_attention(
         src_len=src_len + extra,
         dtype=dtype,
     )
-    q = heads(q) * jnp.asarray(math.sqrt(1.0 / head_dim), dtype)
+    # The 1/sqrt(D) scale multiplies the float32 (float64) scores, as torch's SDPA kernels
+    # do: scaling q in float16/bfloat16 would round it once more (1/sqrt(D) is not a
+    # power of two for D = 2, 8, 32, 128, ...).
+    scale = math.sqrt(1.0 / head_dim)
+    q = heads(q)
     weights = None
     if path == "blockwise":
-        attn = blockwise_attention(q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key)
+        attn = blockwise_attention(
+            q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, scale=scale
+        )
     elif path == "fused":
-        attn = fused_attention(q, heads(k), heads(v), masks)
+        attn = fused_attention(q, heads(k), heads(v), masks, scale=scale)
     else:
         attn, weights = dense_attention(
-            q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, need_weights=need_weights
+            q,
+            heads(k),
+            heads(v),
+            masks,
+            dropout_p=dropout_p,
+            dropout_key=dropout_key,
+            need_weights=need_weights,
+            scale=scale,
         )
     attn = attn.astype(dtype).reshape(*batch_shape, tgt_len, embed_dim)
     out = _linear(attn, out_w, params.get("out_proj.bias"))

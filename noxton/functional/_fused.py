@@ -47,14 +47,15 @@ def _runs_natively(dtype, backend: str) -> bool:
     return jnp.dtype(dtype) != jnp.dtype(jnp.float16) or backend in ("gpu", "cuda", "rocm")
 
 
-def fused_attention(q, k, v, masks: Masks, *, backend: str | None = None):
+def fused_attention(q, k, v, masks: Masks, *, scale: float = 1.0, backend: str | None = None):
     """Same contract as ``dense_attention`` with ``need_weights=False`` and no dropout.
 
     Args:
-        q: ``[*B, L, H, D]`` already scaled by ``1/sqrt(D)``.
+        q: ``[*B, L, H, D]``.
         k: ``[*B, S', H, D]``.
         v: ``[*B, S', H, D]``.
         masks: canonical masks for ``S'`` keys.
+        scale: multiplies ``q @ k^T`` in float32, before the masks are added.
         backend: the backend it compiles for (``jax.default_backend()`` unless given).
 
     Returns:
@@ -94,7 +95,10 @@ def fused_attention(q, k, v, masks: Masks, *, backend: str | None = None):
             visible = allowed
     if bias is not None and q.dtype != sdtype:
         bias = bias.astype(q.dtype)
-    out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias, mask=visible, scale=1.0, is_causal=use_is_causal)
+    # jax's own code promotes bfloat16/float16 with float32 implicitly: give it the standard
+    # promotion rules even when the caller runs with jax_numpy_dtype_promotion="strict".
+    with jax.numpy_dtype_promotion("standard"):
+        out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias, mask=visible, scale=scale, is_causal=use_is_causal)
     if allowed is not None:
         # The kernel spreads a fully masked row uniformly; torch's semantics here are zeros.
         row_ok = jnp.transpose(jnp.any(allowed, axis=-1), (0, 2, 1))[..., None]  # [N|1, L, H|1, 1]
