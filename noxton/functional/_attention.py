@@ -94,8 +94,8 @@ def select_implementation(
 
     1. ``need_weights=True``: dense.
     2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, except on a GPU with
-       float16/bfloat16 inputs and no dropout, where fused (cuDNN's kernel does
-       not materialise the scores either).
+       float16/bfloat16 inputs and no dropout, where fused (meant for cuDNN's
+       kernel, which holds no scores; see ``fused_attention`` for what JAX runs).
     3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
     4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.

@@ -1,9 +1,10 @@
 """The fused path: ``jax.nn.dot_product_attention`` with torch's masks.
 
-``jax.nn.dot_product_attention`` (``implementation=None``) runs cuDNN's fused
-kernel on a GPU where its constraints hold (float16/bfloat16, supported head
-sizes and masks) and XLA's composition of einsums and softmax elsewhere. Its
-contract differs from torch's in two places, both handled here:
+``jax.nn.dot_product_attention`` is called with ``implementation=None``: JAX
+chooses. Up to at least JAX 0.10 that is XLA's composition of einsums and
+softmax on every backend (which holds the scores); cuDNN's fused kernel runs only
+when named (``implementation="cudnn"``). Its contract differs from torch's in two
+places, both handled here:
 
 - masks: noxton's additive masks are split into a bool ``mask`` (a key is
   visible where the additive mask is not ``-inf``) and a finite ``bias`` (the
