@@ -25,7 +25,7 @@ C, Q = 16, 4
 def test_squeeze_excitation_no_less_exact_than_torch(dtype):
     td = getattr(torch, dtype)
     se = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype))
-    run = jax.jit(lambda layer, x: layer(x))
+    run = jax.jit(jax.vmap(lambda layer, x: layer(x), in_axes=(None, 0)))
     worse = 0
     for seed in range(10):
         torch.manual_seed(seed)
