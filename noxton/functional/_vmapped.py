@@ -12,8 +12,16 @@ records that ``vmap``'s axis size and re-binds the probe for the next one out.
 The probe computes nothing and its output is discarded (dead code under ``jit``);
 its inputs go through ``lax.stop_gradient``, so no derivative ever reaches it
 (``custom_vmap`` has no transpose rule) and gradients are those of the path run.
-A ``jax.vmap`` applied to an already traced program (``jax.vmap(jax.jit(f))``)
-batches that program after the path was chosen: such axes are not counted.
+Limitation: a ``jax.vmap`` that batches an already traced program batches it
+after the path was chosen, so its axis is not counted. That is the case for
+``jax.vmap(jax.jit(f))``, and for a call inside the body of ``lax.scan``,
+``lax.cond``, ``lax.while_loop`` or ``jax.checkpoint`` under an enclosing
+``jax.vmap`` (those bodies are traced per example first). The usual forms,
+``jax.jit(jax.vmap(f))``, ``jax.vmap`` inside ``eqx.filter_jit``, and
+``jax.grad`` in either order, are counted. Choosing the path inside a
+``custom_vmap`` rule instead would see those axes too, but ``custom_vmap`` has
+no transpose rule: gradients would need a ``custom_vjp`` around it whose
+backward recomputes the forward pass.
 """
 
 from __future__ import annotations
