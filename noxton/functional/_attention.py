@@ -33,6 +33,7 @@ from noxton.functional._checks import (
 )
 from noxton.functional._fused import fused_attention
 from noxton.functional._masks import Masks, canonical_masks
+from noxton.functional._vmapped import vmapped_size
 
 IMPLEMENTATIONS = ("auto", "dense", "fused", "blockwise")
 
@@ -56,6 +57,10 @@ def check_implementation(implementation) -> str:
     return implementation
 
 
+def _is_gpu(backend: str) -> bool:
+    return backend in ("gpu", "cuda", "rocm")
+
+
 def select_implementation(
     implementation: str,
     *,
@@ -70,23 +75,34 @@ def select_implementation(
 ) -> str:
     """The attention path ``multi_head_attention`` runs: ``"dense"``, ``"fused"`` or ``"blockwise"``.
 
-    A forced path is returned as given, after checking that it can honour the
-    call: only ``"dense"`` materialises the weights that ``need_weights=True``
-    returns, and ``"fused"`` has no dropout. Either mismatch raises a
-    ``ValueError`` (as torch's ``sdpa_kernel`` raises when the forced kernel
-    cannot run) rather than silently running another path.
+    A pure function of static facts: the call's options, its shapes, the input
+    dtype and the backend (``jax.default_backend()`` unless given). The one place
+    that states the ``"auto"`` rule.
 
-    ``"auto"`` chooses, from static shapes only (``batch`` is the product of the
-    leading batch dimensions seen at trace time, so 1 under ``jax.vmap``):
+    Every path keeps the precision contract: scores and softmax in float32, or in
+    float64 for float64 inputs. A forced path is returned as given, after checking
+    that it can honour the call: only ``"dense"`` materialises the weights that
+    ``need_weights=True`` returns, ``"fused"`` has no dropout, and ``"fused"``
+    cannot take float64 inputs (``jax.nn.dot_product_attention`` runs its softmax
+    in float32). Each mismatch raises a ``ValueError`` that names the path to use
+    (as torch's ``sdpa_kernel`` raises when the forced kernel cannot run) rather
+    than silently running another path or a lower precision.
+
+    ``"auto"`` chooses, from static facts only; ``batch`` is the number of
+    examples the call runs: the product of its leading batch dimensions times the
+    sizes of the ``jax.vmap`` axes that map it (``multi_head_attention`` counts
+    both), so the batched Haiku call and the vmapped Equinox call of the same
+    shapes take the same path:
 
     1. ``need_weights=True``: dense.
     2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, except on a GPU with
-       float16/bfloat16 inputs and no dropout, where fused (cuDNN's kernel does
-       not materialise the scores either).
+       float16/bfloat16 inputs and no dropout, where fused (meant for cuDNN's
+       kernel, which holds no scores; see ``fused_attention`` for what JAX runs).
     3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
-    4. GPU/TPU, no dropout: fused.
-    5. Otherwise dense.
+    4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
+    5. Otherwise (dropout, or float64 inputs off the CPU) dense: ``"auto"`` never
+       trades precision for speed.
     """
     implementation = check_implementation(implementation)
     if need_weights and implementation in ("fused", "blockwise"):
@@ -99,6 +115,12 @@ def select_implementation(
             f"implementation='fused' has no dropout (jax.nn.dot_product_attention has none), got dropout={dropout_p}: "
             "use implementation='blockwise' or 'dense', or inference mode."
         )
+    wide = jnp.dtype(dtype).itemsize > 4
+    if wide and implementation == "fused":
+        raise ValueError(
+            f"implementation='fused' cannot keep {jnp.dtype(dtype)} precision (jax.nn.dot_product_attention runs its "
+            "softmax in float32): use implementation='dense' or 'blockwise' (or 'auto'), which compute in float64."
+        )
     if implementation != "auto":
         return implementation
     if need_weights:
@@ -107,22 +129,26 @@ def select_implementation(
     per_example = num_heads * tgt_len * src_len
     low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
     if batch * per_example >= LARGE_SCORES:
-        if backend in ("gpu", "cuda", "rocm") and low_precision and dropout_p == 0.0:
+        if _is_gpu(backend) and low_precision and dropout_p == 0.0:
             return "fused"
         return "blockwise"
     if dropout_p > 0.0:
         return "dense"
     if backend == "cpu":
         return "blockwise" if per_example >= CPU_BLOCKWISE_MIN_SCORES else "dense"
-    return "fused"
+    return "dense" if wide else "fused"
 
 
 def _linear(x, weight, bias):
-    # torch's F.linear: x @ W.T + b, weights in (out, in) layout.
-    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype))
+    # torch's F.linear (addmm): x @ W.T + b in the (out, in) layout, accumulated and
+    # biased in float32 (float64 for float64), then rounded once to x's dtype. Two
+    # roundings (the product, then the sum) are measurably less exact than torch in
+    # float16/bfloat16.
+    acc = softmax_dtype(x.dtype)
+    y = jnp.einsum("...i,oi->...o", x, weight.astype(x.dtype), preferred_element_type=acc)
     if bias is not None:
-        y = y + lift(bias.astype(x.dtype), y.ndim)
-    return y
+        y = y + lift(bias.astype(x.dtype).astype(acc), y.ndim)
+    return y.astype(x.dtype)
 
 
 def _in_projection(query, key, value, params):
@@ -153,20 +179,24 @@ def masked_softmax(scores, axis: int = -1):
     return e / jnp.where(d == 0, 1.0, d).astype(e.dtype)
 
 
-def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, need_weights: bool):
+def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, need_weights: bool, scale: float = 1.0):
     """Scaled dot-product attention over heads, materialising ``[*B, H, L, S']`` scores.
 
     Args:
-        q: ``[*B, L, H, D]`` already scaled by ``1/sqrt(D)``.
+        q: ``[*B, L, H, D]``.
         k: ``[*B, S', H, D]``.
         v: ``[*B, S', H, D]``.
         masks: canonical masks for ``S'`` keys.
+        scale: multiplies ``q @ k^T`` in the scores' dtype, before the masks are added
+            (``1/sqrt(D)`` for scaled dot-product attention).
 
     Returns:
         ``([*B, L, H, D] in the scores' dtype, [*B, H, L, S'] weights or None)``.
     """
     sdtype = softmax_dtype(q.dtype)
     scores = jnp.einsum("...lhd,...shd->...hls", q, k, preferred_element_type=sdtype)
+    if scale != 1.0:
+        scores = scores * jnp.asarray(scale, sdtype)
     mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
     if mask is not None:
         scores = scores + lift(mask, scores.ndim)
@@ -222,8 +252,8 @@ def multi_head_attention(
             ``"blockwise"``; see [`select_implementation`][noxton.functional.select_implementation] for the rule. All
             give the same results to float32 rounding, except that dropout draws
             a different (equally distributed) pattern on the blockwise path.
-            ``"fused"``/``"blockwise"`` with ``need_weights=True``, and
-            ``"fused"`` with dropout, raise ``ValueError``.
+            ``"fused"``/``"blockwise"`` with ``need_weights=True``, ``"fused"``
+            with dropout, and ``"fused"`` with float64 inputs raise ``ValueError``.
 
     Returns:
         ``(out [*B, L, E], weights)``, weights ``None`` unless ``need_weights``,
@@ -301,25 +331,42 @@ def multi_head_attention(
     def heads(x):
         return x.reshape(*x.shape[:-1], num_heads, head_dim)
 
+    batch = math.prod(batch_shape)
+    if implementation == "auto" and not need_weights:
+        # Examples mapped by jax.vmap count too: the Equinox layer sees one at a time.
+        batch *= vmapped_size(q, k, v, masks.key_padding, masks.attn, dropout_key if dropout_p > 0.0 else None)
     path = select_implementation(
         implementation,
         need_weights=need_weights,
         dropout_p=dropout_p,
-        batch=math.prod(batch_shape),
+        batch=batch,
         num_heads=num_heads,
         tgt_len=tgt_len,
         src_len=src_len + extra,
         dtype=dtype,
     )
-    q = heads(q) * jnp.asarray(math.sqrt(1.0 / head_dim), dtype)
+    # The 1/sqrt(D) scale multiplies the float32 (float64) scores, as torch's SDPA kernels
+    # do: scaling q in float16/bfloat16 would round it once more (1/sqrt(D) is not a
+    # power of two for D = 2, 8, 32, 128, ...).
+    scale = math.sqrt(1.0 / head_dim)
+    q = heads(q)
     weights = None
     if path == "blockwise":
-        attn = blockwise_attention(q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key)
+        attn = blockwise_attention(
+            q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, scale=scale
+        )
     elif path == "fused":
-        attn = fused_attention(q, heads(k), heads(v), masks)
+        attn = fused_attention(q, heads(k), heads(v), masks, scale=scale)
     else:
         attn, weights = dense_attention(
-            q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, need_weights=need_weights
+            q,
+            heads(k),
+            heads(v),
+            masks,
+            dropout_p=dropout_p,
+            dropout_key=dropout_key,
+            need_weights=need_weights,
+            scale=scale,
         )
     attn = attn.astype(dtype).reshape(*batch_shape, tgt_len, embed_dim)
     out = _linear(attn, out_w, params.get("out_proj.bias"))

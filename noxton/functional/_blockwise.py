@@ -62,6 +62,7 @@ class _Config(NamedTuple):
     causal: bool
     src_len: int  # keys before any were appended (the causal mask covers only these)
     total_len: int  # keys after appending, before padding to whole blocks
+    scale: float = 1.0  # multiplies q @ k^T in the softmax dtype
 
     @property
     def padded(self) -> bool:
@@ -152,6 +153,8 @@ def _when_visible(cfg: _Config, i, j, compute, skip, *operands):
 def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
     """The block's masked scores ``einsum(spec, a, b)`` (``[..., bq, bk]``, or ``[..., bk, bq]`` with ``keys_first``)."""
     s = jnp.einsum(spec, a, b, preferred_element_type=sdtype)
+    if cfg.scale != 1.0:
+        s = s * jnp.asarray(cfg.scale, sdtype)
     bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
     if bias is not None:
         s = s + bias
@@ -260,9 +263,10 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
             else:
                 pt_used = pt
             dv = dv + jnp.einsum("nhkq,nhqd->nhkd", pt_used, do_blk, preferred_element_type=sdtype)
-            dst = pt * (dpt - dl_blk[..., None, :])
-            dk = dk + jnp.einsum("nhkq,nhqd->nhkd", dst, q_blk.astype(sdtype), preferred_element_type=sdtype)
-            dq_blk = jnp.einsum("nhkq,nhkd->nhqd", dst, k_blk.astype(sdtype), preferred_element_type=sdtype)
+            dst = pt * (dpt - dl_blk[..., None, :])  # d(scores): the masks' gradients
+            dst_qk = dst if cfg.scale == 1.0 else dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
+            dk = dk + jnp.einsum("nhkq,nhqd->nhkd", dst_qk, q_blk.astype(sdtype), preferred_element_type=sdtype)
+            dq_blk = jnp.einsum("nhkq,nhkd->nhqd", dst_qk, k_blk.astype(sdtype), preferred_element_type=sdtype)
             dkp_blk = jnp.sum(dst, axis=(1, 3)) if need_dkp else None
             dam_blk = None
             if need_dam:
@@ -309,6 +313,7 @@ class _Static(NamedTuple):
     src_len: int
     block_q: int | None
     block_k: int | None
+    scale: float = 1.0
 
 
 def _plan(static: _Static, q, k) -> _Config:
@@ -316,7 +321,7 @@ def _plan(static: _Static, q, k) -> _Config:
     n, h, tgt_len, _ = q.shape
     total_len = k.shape[2]
     bq, bk = block_sizes(n * h, tgt_len, total_len, static.block_q, static.block_k)
-    return _Config(bq, bk, static.causal, static.src_len, total_len)
+    return _Config(bq, bk, static.causal, static.src_len, total_len, static.scale)
 
 
 def _whole_blocks(cfg: _Config, q, k, v, kp, am):
@@ -446,11 +451,12 @@ def blockwise_attention(
     dropout_key=None,
     block_q: int | None = None,
     block_k: int | None = None,
+    scale: float = 1.0,
 ):
     """Attention without an ``L x S`` score matrix, same contract as ``dense_attention``.
 
     Args:
-        q: ``[*B, L, H, D]`` already scaled by ``1/sqrt(D)``.
+        q: ``[*B, L, H, D]``.
         k: ``[*B, S', H, D]``.
         v: ``[*B, S', H, D]``.
         masks: canonical masks for ``S'`` keys (see [`Masks`][noxton.functional.Masks]).
@@ -460,6 +466,7 @@ def blockwise_attention(
             (about ``BLOCK_SCORES`` scores per block, over every batch row and head,
             those of a ``jax.vmap`` included).
         block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``.
+        scale: multiplies ``q @ k^T`` in the softmax dtype, before the masks are added.
 
     Returns:
         ``[*B, L, H, D]`` in the softmax dtype (float32, or float64 for float64 inputs).
@@ -485,7 +492,7 @@ def blockwise_attention(
             am = a.reshape(1, heads, tgt_len, total_len)
         else:
             am = a.reshape(n, heads, tgt_len, total_len)
-    static = _Static(bool(masks.causal), int(masks.src_len), block_q, block_k)
+    static = _Static(bool(masks.causal), int(masks.src_len), block_q, block_k, float(scale))
     dropout = (float(dropout_p), None) if dropout_p > 0.0 else None
     key = dropout_key if dropout is not None else None
     out = _attention_core(static, dropout, to_nhld(q), to_nhld(k), to_nhld(v), kp, am, key)
