@@ -82,6 +82,7 @@ def test_the_decision_is_a_pure_function_of_static_facts():
     for backend in ("gpu", "tpu"):
         assert select_implementation("auto", batch=1, backend=backend, **{**kw, "dtype": jnp.float64}) == "dense"
     assert select_implementation("auto", batch=1, backend="gpu", **{**kw, "dtype": jnp.bfloat16}) == "fused"
+    assert select_implementation("auto", batch=64, backend="gpu", **{**kw, "dtype": jnp.bfloat16}) == "blockwise"
 
 
 def test_vmapped_size_counts_every_mapping_axis():

@@ -43,7 +43,7 @@ LARGE_SCORES = 2**26
 
 #: On CPU, ``auto`` also goes blockwise (need_weights=False, no dropout) from this many
 #: scores per batch element ``H * L * S'``: measured faster than both the dense path and
-#: ``jax.nn.dot_product_attention`` from there (README, "Performance"); below it a
+#: ``jax.nn.dot_product_attention`` from there (docs/performance.md); below it a
 #: single dense block is cheaper than the kernel's bookkeeping.
 CPU_BLOCKWISE_MIN_SCORES = 2**15
 
@@ -55,10 +55,6 @@ def check_implementation(implementation) -> str:
             f"`implementation` must be one of {', '.join(repr(i) for i in IMPLEMENTATIONS)}, got {implementation!r}."
         )
     return implementation
-
-
-def _is_gpu(backend: str) -> bool:
-    return backend in ("gpu", "cuda", "rocm")
 
 
 def select_implementation(
@@ -95,9 +91,10 @@ def select_implementation(
     shapes take the same path:
 
     1. ``need_weights=True``: dense.
-    2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, except on a GPU with
-       float16/bfloat16 inputs and no dropout, where fused (meant for cuDNN's
-       kernel, which holds no scores; see ``fused_attention`` for what JAX runs).
+    2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, on every backend and in
+       every dtype. ``jax.nn.dot_product_attention`` (the fused path) runs XLA's
+       composition, which holds the scores too, unless cuDNN is named (see
+       ``fused_attention``); no GPU has measured a cuDNN choice yet.
     3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
     4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
@@ -127,10 +124,7 @@ def select_implementation(
         return "dense"
     backend = jax.default_backend() if backend is None else backend
     per_example = num_heads * tgt_len * src_len
-    low_precision = jnp.dtype(dtype) in (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
     if batch * per_example >= LARGE_SCORES:
-        if _is_gpu(backend) and low_precision and dropout_p == 0.0:
-            return "fused"
         return "blockwise"
     if dropout_p > 0.0:
         return "dense"

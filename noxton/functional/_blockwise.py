@@ -42,7 +42,7 @@ from noxton.functional._masks import Masks
 
 #: Target number of scores in one block, batch rows and heads together (32 MiB in
 #: float32), with at most ``MAX_BLOCK_Q`` queries and ``MAX_BLOCK_K`` keys. Measured on
-#: a 2-core x86 CPU (README, "Performance"): at B=8, L=512, H=8 this gives 256 x 512
+#: a 2-core x86 CPU (docs/performance.md): at B=8, L=512, H=8 this gives 256 x 512
 #: blocks, 20% faster than 128 x 512; at L=4096-16384, H=8 it gives 512 x 1024, up to
 #: 2x faster than the 128 x 512 blocks used before, while 1024 x 1024 is 10-25% slower.
 BLOCK_SCORES = 2**23

@@ -206,7 +206,8 @@ class MultiheadAttention(HaikuLayer):
                 forward or backward). Only the dense path returns weights, so
                 ``"fused"``/``"blockwise"`` need ``need_weights=False`` (else
                 ``ValueError``); ``"fused"`` has no dropout. Under ``jax.vmap`` the
-                ``"auto"`` rule sees one example's ``(H, L, S)``.
+                ``"auto"`` rule counts the mapped examples too, as the Haiku
+                module counts its leading batch axes.
 
         Returns:
             ``(attn_output (L, E), attn_weights)``: ``None`` when ``need_weights=False``,
