@@ -163,9 +163,8 @@ def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
     return s
 
 
-def _dropout_keep(dropout, key, i, j, shape):
-    p, _ = dropout
-    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, i), j), 1.0 - p, shape)
+def _dropout_keep(dropout: float, key, i, j, shape):
+    return jax.random.bernoulli(jax.random.fold_in(jax.random.fold_in(key, i), j), 1.0 - dropout, shape)
 
 
 def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
@@ -195,7 +194,7 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
             l = alpha * l + jnp.sum(p, axis=-1)
             if dropout is not None:
                 keep = _dropout_keep(dropout, key, i, j, p.shape)
-                p = jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - dropout[0]), sdtype), 0.0).astype(sdtype)
+                p = jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - dropout), sdtype), 0.0).astype(sdtype)
             pv = jnp.einsum(
                 "nhqk,nhkd->nhqd",
                 p.astype(v.dtype),
@@ -257,7 +256,7 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
             dpt = jnp.einsum("nhkd,nhqd->nhkq", v_blk.astype(sdtype), do_blk, preferred_element_type=sdtype)
             if dropout is not None:
                 keep = jnp.swapaxes(_dropout_keep(dropout, key, i, j, (n, h, bq, bk)), 2, 3)
-                scale = jnp.asarray(1.0 / (1.0 - dropout[0]), sdtype)
+                scale = jnp.asarray(1.0 / (1.0 - dropout), sdtype)
                 pt_used = jnp.where(keep, pt * scale, 0.0).astype(sdtype)
                 dpt = jnp.where(keep, dpt * scale, 0.0).astype(sdtype)
             else:
@@ -301,8 +300,9 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
     s_len = k.shape[2]
     dk = jnp.moveaxis(dks, 0, 2).reshape(n, h, s_len, d)
     dv = jnp.moveaxis(dvs, 0, 2).reshape(n, h, s_len, v.shape[-1])
-    dkp = jnp.moveaxis(dkps, 0, 1).reshape(n, s_len) if need_dkp else None
-    dam = jnp.moveaxis(dams, 0, 3).reshape(am.shape[0], am.shape[1], lq, s_len) if need_dam else None
+    # None exactly when not needed (a scan carries None leaves as None).
+    dkp = None if dkps is None else jnp.moveaxis(dkps, 0, 1).reshape(n, s_len)
+    dam = None if dams is None else jnp.moveaxis(dams, 0, 3).reshape(am.shape[0], am.shape[1], lq, s_len)
     return dq, dk, dv, dkp, dam
 
 
@@ -427,7 +427,7 @@ def _core_fwd(static, dropout, q, k, v, kp, am, key):
 def _core_bwd(static, dropout, res, dout):
     q, k, v, kp, am, key, out, lse, (need_dkp, need_dam) = res
     if isinstance(dout, SymbolicZero):
-        dout = jnp.zeros(dout.shape, dout.dtype)
+        dout = jnp.zeros(dout.shape, dout.dtype)  # pyright: ignore[reportArgumentType]  (attributes forwarded to its aval)
     dq, dk, dv, dkp, dam = _padded_backward(
         static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout
     )
@@ -493,8 +493,8 @@ def blockwise_attention(
         else:
             am = a.reshape(n, heads, tgt_len, total_len)
     static = _Static(bool(masks.causal), int(masks.src_len), block_q, block_k, float(scale))
-    dropout = (float(dropout_p), None) if dropout_p > 0.0 else None
+    dropout = float(dropout_p) if dropout_p > 0.0 else None  # static: the dropout probability, or None
     key = dropout_key if dropout is not None else None
     out = _attention_core(static, dropout, to_nhld(q), to_nhld(k), to_nhld(v), kp, am, key)
-    out = jnp.transpose(out, (0, 2, 1, 3))
+    out = jnp.transpose(jnp.asarray(out), (0, 2, 1, 3))
     return out.reshape(*batch_shape, tgt_len, heads, v.shape[-1])

@@ -61,15 +61,6 @@ def check_array(name: str, x: Any, *, min_rank: int, max_rank: int | None = None
     return x
 
 
-def check_dim(name: str, shape: tuple[int, ...], axis: int, expected: int, what: str) -> None:
-    if shape[axis] != expected:
-        raise ValueError(
-            f"`{name}` must have {what} {expected} in its last axis, got shape {tuple(shape)}."
-            if axis == -1
-            else f"`{name}` must have {what} {expected} at axis {axis}, got shape {tuple(shape)}."
-        )
-
-
 def lift(x, ndim: int):
     """Prepend unit axes so that ``x`` has rank ``ndim``: explicit, documented broadcasting."""
     return x.reshape((1,) * (ndim - x.ndim) + tuple(x.shape))

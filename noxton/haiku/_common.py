@@ -43,15 +43,16 @@ class TorchModule(hk.Module):
 
     def param(self, name: str, shape: tuple[int, ...], dtype, initializer):
         """``hk.get_parameter`` with ``initializer``, or the value ``initial_state_dict`` holds for ``name``."""
-        if name in self.initial_state_dict:
-            value = self.initial_state_dict[name]
+        if name not in self.initial_state_dict:
+            return hk.get_parameter(name, shape, dtype, init=initializer)
+        value = self.initial_state_dict[name]
 
-            def initializer(shape, dtype):
-                if tuple(value.shape) != tuple(shape):
-                    raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(value.shape)}.")
-                return jnp.asarray(value, dtype)
+        def from_state_dict(shape, dtype):
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(value.shape)}.")
+            return jnp.asarray(value, dtype)
 
-        return hk.get_parameter(name, shape, dtype, init=initializer)
+        return hk.get_parameter(name, shape, dtype, init=from_state_dict)
 
 
 class Affine(TorchModule):
