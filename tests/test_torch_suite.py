@@ -51,6 +51,7 @@ def _errors(dtype, group):
     return table
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize("group", GROUPS, ids=GROUP_IDS)
 @pytest.mark.parametrize("dtype", LOW)
 def test_opinfo_samples_low_precision(dtype, group):
@@ -74,6 +75,7 @@ def test_opinfo_samples_low_precision(dtype, group):
         assert np.median(ratios) <= 1.0, (key, np.median(ratios))
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize("group", GROUPS, ids=GROUP_IDS)
 def test_opinfo_samples_float32(group):
     for key, rows in _errors("float32", group).items():
@@ -85,6 +87,7 @@ def test_opinfo_samples_float32(group):
                 assert ts.within(w, ref_w, 2 * atol, 2 * rtol), (key, sid, "weights")
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize("group", GROUPS, ids=GROUP_IDS)
 def test_opinfo_samples_float64(group, x64):
     for key, rows in _errors("float64", group).items():
