@@ -28,6 +28,8 @@ DOCUMENTED = [
     "noxton.nn._squeeze_excitation",
     "noxton.haiku._attention",
     "noxton.haiku._squeeze_excitation",
+    "noxton.haiku._transformer",
+    "noxton.nn._transformer",
 ]
 
 OPTIONS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE

@@ -12,6 +12,13 @@ from noxton.functional._fused import fused_attention as fused_attention
 from noxton.functional._masks import Masks as Masks
 from noxton.functional._masks import canonical_masks as canonical_masks
 from noxton.functional._squeeze_excitation import squeeze_excitation as squeeze_excitation
+from noxton.functional._transformer import layer_norm as layer_norm
+from noxton.functional._transformer import square_subsequent_mask as square_subsequent_mask
+from noxton.functional._transformer import transformer as transformer
+from noxton.functional._transformer import transformer_decoder as transformer_decoder
+from noxton.functional._transformer import transformer_decoder_layer as transformer_decoder_layer
+from noxton.functional._transformer import transformer_encoder as transformer_encoder
+from noxton.functional._transformer import transformer_encoder_layer as transformer_encoder_layer
 
 __all__ = [
     "Masks",
@@ -22,8 +29,15 @@ __all__ = [
     "gelu",
     "gelu_tanh",
     "identity",
+    "layer_norm",
     "masked_softmax",
     "multi_head_attention",
     "select_implementation",
+    "square_subsequent_mask",
     "squeeze_excitation",
+    "transformer",
+    "transformer_decoder",
+    "transformer_decoder_layer",
+    "transformer_encoder",
+    "transformer_encoder_layer",
 ]

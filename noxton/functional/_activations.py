@@ -85,3 +85,44 @@ def check_activation(name: str, fn: Any) -> Callable:
     if not callable(fn):
         raise TypeError(f"`{name}` must be a callable such as jax.nn.relu, got {fn!r}.")
     return fn
+
+
+#: torch's ``_get_activation_fn``: the strings ``nn.Transformer*`` layers accept.
+_TRANSFORMER_ACTIVATIONS: dict[str, Callable] = {"relu": jax.nn.relu, "gelu": gelu}
+
+#: torch's functional activations, by name, as ``F.relu`` or ``F.gelu`` are passed to ``nn.Transformer*``.
+_TORCH_FUNCTIONS: dict[str, Callable] = {
+    "relu": jax.nn.relu,
+    "gelu": gelu,
+    "silu": jax.nn.silu,
+    "sigmoid": jax.nn.sigmoid,
+    "tanh": jnp.tanh,
+    "relu6": jax.nn.relu6,
+}
+
+
+def transformer_activation(name: str, activation: Any) -> Callable:
+    """``activation`` of a Transformer layer: ``"relu"``, ``"gelu"`` (exact erf, as torch's), or a JAX callable."""
+    if isinstance(activation, str):
+        if activation not in _TRANSFORMER_ACTIVATIONS:
+            raise ValueError(f"`{name}` must be 'relu', 'gelu' or a callable, got {activation!r}.")
+        return _TRANSFORMER_ACTIVATIONS[activation]
+    return check_activation(name, activation)
+
+
+def transformer_activation_from_torch(name: str, activation: Any) -> Callable:
+    """The exact JAX function for a torch Transformer layer's ``activation``: a torch function
+    (``F.relu``, ``F.gelu``, ...) or an activation module (``nn.GELU()``)."""
+    if _torch_module_class(activation) is not None:
+        return activation_from_torch(name, activation)
+    module = getattr(activation, "__module__", None) or ""
+    fn_name = getattr(activation, "__name__", None)
+    if module.startswith("torch") and fn_name in _TORCH_FUNCTIONS:
+        return _TORCH_FUNCTIONS[fn_name]
+    raise ValueError(
+        f"`{name}`: {activation!r} has no exact JAX counterpart known to noxton; supported: the torch functions "
+        + ", ".join(f"F.{n}" for n in _TORCH_FUNCTIONS)
+        + " and the modules "
+        + ", ".join(TORCH_ACTIVATIONS)
+        + ". Build the layer with the JAX function you need and load the weights with load_state_dict."
+    )

@@ -141,3 +141,41 @@ def check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_
         kdim=embed_dim if kdim is None else check_positive_int("kdim", kdim),
         vdim=embed_dim if vdim is None else check_positive_int("vdim", vdim),
     )
+
+
+def check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"`{name}` must be a positive float, got {value!r} of type {type(value).__name__}.")
+    if not value > 0:
+        raise ValueError(f"`{name}` must be a positive float, got {value}.")
+    return float(value)
+
+
+def check_transformer_config(
+    d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
+) -> dict:
+    """Validate a ``TransformerEncoderLayer``/``TransformerDecoderLayer`` configuration (both front ends);
+    return it canonicalised, by name, the activation resolved to a JAX function."""
+    from noxton.functional._activations import transformer_activation
+
+    d_model = check_positive_int("d_model", d_model)
+    nhead = check_positive_int("nhead", nhead)
+    if d_model % nhead:
+        raise ValueError(f"`d_model` must be divisible by `nhead`, got d_model={d_model} and nhead={nhead}.")
+    return dict(
+        d_model=d_model,
+        nhead=nhead,
+        dim_feedforward=check_positive_int("dim_feedforward", dim_feedforward),
+        dropout=check_probability("dropout", dropout),
+        activation=transformer_activation("activation", activation),
+        layer_norm_eps=check_positive_float("layer_norm_eps", layer_norm_eps),
+        norm_first=check_bool("norm_first", norm_first),
+        bias=check_bool("bias", bias),
+    )
+
+
+def check_is_causal(name: str, value: Any) -> bool:
+    """An ``is_causal`` hint: a Python bool, or ``None`` (torch's "detect it": the mask is used as given)."""
+    if value is None:
+        return False
+    return check_bool(name, value)

@@ -1,8 +1,25 @@
 """noxton's layers as Haiku modules, for use inside ``hk.transform``."""
 
 from noxton.haiku._attention import MultiheadAttention as MultiheadAttention
+from noxton.haiku._common import LayerNorm as LayerNorm
 from noxton.haiku._squeeze_excitation import SqueezeExcitation as SqueezeExcitation
+from noxton.haiku._transformer import Transformer as Transformer
+from noxton.haiku._transformer import TransformerDecoder as TransformerDecoder
+from noxton.haiku._transformer import TransformerDecoderLayer as TransformerDecoderLayer
+from noxton.haiku._transformer import TransformerEncoder as TransformerEncoder
+from noxton.haiku._transformer import TransformerEncoderLayer as TransformerEncoderLayer
 from noxton.interop import params_to_state_dict as params_to_state_dict
 from noxton.interop import state_dict_to_params as state_dict_to_params
 
-__all__ = ["MultiheadAttention", "SqueezeExcitation", "params_to_state_dict", "state_dict_to_params"]
+__all__ = [
+    "LayerNorm",
+    "MultiheadAttention",
+    "SqueezeExcitation",
+    "Transformer",
+    "TransformerDecoder",
+    "TransformerDecoderLayer",
+    "TransformerEncoder",
+    "TransformerEncoderLayer",
+    "params_to_state_dict",
+    "state_dict_to_params",
+]

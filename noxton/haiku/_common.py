@@ -32,17 +32,37 @@ class TorchModule(hk.Module):
     def __init__(self, name: str | None = None):
         super().__init__(name=name)
         self.initial_state_dict: Mapping[str, Any] = {}
+        self.matrix_init = None
+
+    def _children(self) -> dict[str, TorchModule]:
+        """Submodules by their torch key prefix (``ModuleList`` items as ``layers.0``)."""
+        out = {}
+        for attr, child in vars(self).items():
+            if isinstance(child, TorchModule):
+                out[attr] = child
+            elif isinstance(child, list):
+                out.update({f"{attr}.{i}": c for i, c in enumerate(child) if isinstance(c, TorchModule)})
+        return out
+
+    def set_matrix_init(self, initializer) -> None:
+        """Initialise every parameter of rank > 1 here and below with ``initializer``
+        (``nn.Transformer._reset_parameters``' Xavier re-initialisation)."""
+        self.matrix_init = initializer
+        for child in self._children().values():
+            child.set_matrix_init(initializer)
 
     def set_initial_state_dict(self, state_dict: Mapping[str, Any]) -> None:
         """Initialise from ``state_dict`` (torch keys relative to this module) instead of at random."""
         self.initial_state_dict = state_dict
-        for attr, child in vars(self).items():
-            if isinstance(child, TorchModule):
-                n = len(attr) + 1
-                child.set_initial_state_dict({k[n:]: v for k, v in state_dict.items() if k.startswith(attr + ".")})
+        for attr, child in self._children().items():
+            n = len(attr) + 1
+            child.set_initial_state_dict({k[n:]: v for k, v in state_dict.items() if k.startswith(attr + ".")})
 
     def param(self, name: str, shape: tuple[int, ...], dtype, initializer):
-        """``hk.get_parameter`` with ``initializer``, or the value ``initial_state_dict`` holds for ``name``."""
+        """``hk.get_parameter`` with ``initializer`` (``matrix_init`` when set and ``shape`` has rank > 1),
+        or the value ``initial_state_dict`` holds for ``name``."""
+        if self.matrix_init is not None and len(shape) > 1:
+            initializer = self.matrix_init
         if name not in self.initial_state_dict:
             return hk.get_parameter(name, shape, dtype, init=initializer)
         value = self.initial_state_dict[name]
@@ -74,3 +94,35 @@ class Affine(TorchModule):
         if self.bias:
             out["bias"] = self.param("bias", self.shape[:1], self.dtype, self.bias_init)
         return out
+
+
+class LayerNorm(TorchModule):
+    """A torch ``nn.LayerNorm(normalized_shape, eps, bias=bias)`` parameter holder over the last axis:
+    ``weight`` ``(E,)``, ones, and when ``bias``, ``bias`` ``(E,)``, zeros."""
+
+    def __init__(self, normalized_shape: int, eps: float = 1e-5, *, bias: bool = True, dtype=None, name=None):
+        from noxton.functional._checks import check_bool, check_positive_float, check_positive_int
+
+        super().__init__(name=name)
+        self.normalized_shape = check_positive_int("normalized_shape", normalized_shape)
+        self.eps = check_positive_float("eps", eps)
+        self.bias = check_bool("bias", bias)
+        self.dtype = resolve_dtype(dtype)
+
+    def params(self) -> dict:
+        shape = (self.normalized_shape,)
+        out = {"weight": self.param("weight", shape, self.dtype, init.ones)}
+        if self.bias:
+            out["bias"] = self.param("bias", shape, self.dtype, init.zeros)
+        return out
+
+    def state_dict_params(self) -> dict:
+        """Get (creating on first use) ``weight`` and ``bias``."""
+        return self.params()
+
+    def __call__(self, x):
+        """torch's ``F.layer_norm`` of ``x`` ``[..., E]`` over its last axis."""
+        from noxton.functional import layer_norm
+
+        p = self.params()
+        return layer_norm(x, p["weight"], p.get("bias"), self.eps)

@@ -54,3 +54,7 @@ def torch_default_bias(fan_in: int):
 
 def zeros(shape, dtype):
     return jnp.zeros(shape, dtype)
+
+
+def ones(shape, dtype):
+    return jnp.ones(shape, dtype)

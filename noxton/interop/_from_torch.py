@@ -11,7 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from noxton.functional._activations import activation_from_torch
+from noxton.functional._activations import activation_from_torch, transformer_activation_from_torch
 from noxton.interop._keys import to_numpy
 
 
@@ -100,3 +100,64 @@ def se_config_from_torch(module: Any) -> dict[str, Any]:
         scale_activation=activation_from_torch("scale_activation", module.scale_activation),
         dtype=torch_dtype(module.fc1.weight),
     )
+
+
+def transformer_layer_config_from_torch(module: Any, decoder: bool = False) -> dict[str, Any]:
+    """Constructor kwargs of ``TransformerEncoderLayer`` (``TransformerDecoderLayer`` when ``decoder``)
+    from the torch layer: sizes, dropout, activation (its exact JAX function), eps, norm_first, bias, dtype."""
+    what = "a torch.nn.TransformerDecoderLayer" if decoder else "a torch.nn.TransformerEncoderLayer"
+    attrs = ("self_attn", "linear1", "linear2", "norm1", "norm2", "dropout", "activation", "norm_first")
+    _require(module, (*attrs, "multihead_attn", "norm3") if decoder else attrs, what)
+    return dict(
+        d_model=module.self_attn.embed_dim,
+        nhead=module.self_attn.num_heads,
+        dim_feedforward=module.linear1.out_features,
+        dropout=float(module.dropout.p),
+        activation=transformer_activation_from_torch("activation", module.activation),
+        layer_norm_eps=float(module.norm1.eps),
+        norm_first=bool(module.norm_first),
+        bias=module.linear1.bias is not None,
+        dtype=torch_dtype(module.linear1.weight),
+    )
+
+
+def _norm_config(norm: Any, what: str) -> dict[str, Any] | None:
+    if norm is None:
+        return None
+    _require(norm, ("normalized_shape", "eps", "weight", "bias"), f"an nn.LayerNorm as {what}")
+    if norm.weight is None or len(norm.normalized_shape) != 1:
+        raise ValueError(
+            f"{what} must be an nn.LayerNorm over the last axis with elementwise_affine=True, got "
+            f"normalized_shape={tuple(norm.normalized_shape)}, weight={'None' if norm.weight is None else 'present'}."
+        )
+    return dict(normalized_shape=norm.normalized_shape[0], eps=float(norm.eps), bias=norm.bias is not None)
+
+
+def transformer_stack_config_from_torch(module: Any, decoder: bool = False) -> dict[str, Any]:
+    """``layer`` (the first layer's kwargs), ``num_layers`` and ``norm`` (LayerNorm kwargs or ``None``)
+    of a torch ``nn.TransformerEncoder`` (``nn.TransformerDecoder`` when ``decoder``)."""
+    what = "a torch.nn.TransformerDecoder" if decoder else "a torch.nn.TransformerEncoder"
+    _require(module, ("layers", "num_layers", "norm"), what)
+    return dict(
+        layer=transformer_layer_config_from_torch(module.layers[0], decoder),
+        num_layers=len(module.layers),
+        norm=_norm_config(module.norm, f"`{'decoder' if decoder else 'encoder'}.norm`"),
+    )
+
+
+def transformer_config_from_torch(module: Any) -> dict[str, Any]:
+    """Constructor kwargs of ``Transformer`` from a torch ``nn.Transformer`` built without custom parts."""
+    _require(module, ("encoder", "decoder"), "a torch.nn.Transformer")
+    enc = transformer_stack_config_from_torch(module.encoder)
+    dec = transformer_stack_config_from_torch(module.decoder, decoder=True)
+    layer = enc["layer"]
+    expected_norm = dict(normalized_shape=layer["d_model"], eps=layer["layer_norm_eps"], bias=layer["bias"])
+    if dec["layer"] != layer or enc["norm"] != expected_norm or dec["norm"] != expected_norm:
+        raise ValueError(
+            "`module` must be an nn.Transformer whose encoder and decoder layers share one configuration and "
+            "whose encoder.norm and decoder.norm are LayerNorm(d_model, layer_norm_eps, bias) (as without "
+            f"custom_encoder/custom_decoder); got encoder layer {layer}, decoder layer {dec['layer']}, "
+            f"encoder.norm {enc['norm']}, decoder.norm {dec['norm']}. Build the parts with "
+            "TransformerEncoder.from_torch and TransformerDecoder.from_torch instead."
+        )
+    return dict(layer, num_encoder_layers=enc["num_layers"], num_decoder_layers=dec["num_layers"])

@@ -14,13 +14,31 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
+import re
+
 import jax.numpy as jnp
 import numpy as np
 
 
+#: Joins a ``ModuleList`` attribute and an index into one Haiku module name: ``layers.0`` <-> ``layers__0``.
+INDEX_SEPARATOR = "__"
+_INDEXED = re.compile(r"(.+)__(\d+)")
+
+
+def haiku_module_name(attr: str, index: int) -> str:
+    """The Haiku name of item ``index`` of the torch ``ModuleList`` ``attr`` (``layers``, 0 -> ``layers__0``)."""
+    return f"{attr}{INDEX_SEPARATOR}{index}"
+
+
 def haiku_location(root: str, key: str) -> tuple[str, str]:
     """``(module path, parameter name)`` of torch key ``key`` under Haiku module ``root``."""
-    *modules, name = key.split(".")
+    *parts, name = key.split(".")
+    modules: list[str] = []
+    for part in parts:
+        if part.isdigit() and modules:
+            modules[-1] = haiku_module_name(modules[-1], int(part))
+        else:
+            modules.append(part)
     return "/~/".join([root, *modules]), name
 
 
@@ -32,6 +50,7 @@ def torch_key(root: str, module_path: str, name: str) -> str | None:
     if not module_path.startswith(root + "/"):
         return None
     parts = [p for p in module_path[len(root) + 1 :].split("/") if p and p != "~"]
+    parts = [(lambda m: f"{m[1]}.{m[2]}" if m else p)(_INDEXED.fullmatch(p)) for p in parts]
     return ".".join([*parts, name])
 
 

@@ -14,6 +14,7 @@ function and hence one compiled program under ``eqx.filter_jit``.
 
 
 import abc
+import dataclasses
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -39,7 +40,8 @@ def transformed(haiku_cls: type[hk.Module], name: str, config: tuple[tuple[str, 
     kwargs = dict(config)
 
     def forward(*args, **kw):
-        module = haiku_cls(**kwargs, name=name)
+        # Composites whose Haiku constructor takes template modules build from hashable configs instead.
+        module = getattr(haiku_cls, "_from_config", haiku_cls)(**kwargs, name=name)
         return module(*args, **kw) if args else module.state_dict_params()
 
     return hk.transform(forward)
@@ -59,6 +61,18 @@ class HaikuLayer(eqx.Module):
     @abc.abstractmethod
     def _config(self) -> tuple[tuple[str, Any], ...]:
         """The Haiku module's constructor kwargs, as a hashable tuple of pairs."""
+
+    @classmethod
+    def _from_fields(cls, **fields):
+        """An instance holding ``fields`` as they are, without ``__init__``'s random initialisation:
+        how a composite builds its children from its own initial ``state_dict``."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(fields) != names:
+            raise TypeError(f"{cls.__name__}._from_fields needs exactly the fields {sorted(names)}, got {sorted(fields)}.")
+        obj = object.__new__(cls)
+        for name, value in fields.items():
+            object.__setattr__(obj, name, value)
+        return obj
 
     def _initial_state_dict(self, key) -> dict[str, Any]:
         """Freshly initialised parameters, keyed by torch's names (run once, in ``__init__``)."""
