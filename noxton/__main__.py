@@ -66,8 +66,18 @@ def main() -> int:
         ("mha(q, q, q, is_causal=True, need_weights=False)", eqx_causal, (ref_causal, None)),
     ):
         (out, w), first, med = _timed(fn, mha, q)
-        rows.append(("MultiheadAttention", "Equinox", label, _shape(out), _shape(w),
-                     max(_diff(out, ref[0]), _diff(w, ref[1])), first, med))
+        rows.append(
+            (
+                "MultiheadAttention",
+                "Equinox",
+                label,
+                _shape(out),
+                _shape(w),
+                max(_diff(out, ref[0]), _diff(w, ref[1])),
+                first,
+                med,
+            )
+        )
 
     def haiku_mha(q, causal):
         return nxhk.MultiheadAttention(64, 4)(q, q, q, is_causal=causal, need_weights=not causal)
@@ -78,8 +88,18 @@ def main() -> int:
         apply = jax.jit(lambda p, q, c=causal: f.apply(p, None, q, c))
         (out, w), first, med = _timed(apply, params, q)
         label = "hk.transform: mha(q, q, q" + (", is_causal=True, need_weights=False)" if causal else ")")
-        rows.append(("MultiheadAttention", "Haiku", label, _shape(out), _shape(w),
-                     max(_diff(out, ref[0]), _diff(w, ref[1])), first, med))
+        rows.append(
+            (
+                "MultiheadAttention",
+                "Haiku",
+                label,
+                _shape(out),
+                _shape(w),
+                max(_diff(out, ref[0]), _diff(w, ref[1])),
+                first,
+                med,
+            )
+        )
 
     # SqueezeExcitation, API.md's example: 64 channels squeezed to 16, x (64, 28, 28).
     se = SqueezeExcitation(input_channels=64, squeeze_channels=16, key=key)
@@ -94,11 +114,21 @@ def main() -> int:
     out, first, med = _timed(apply, params, x)
     rows.append(("SqueezeExcitation", "Haiku", "hk.transform: se(x)", _shape(out), "-", _diff(out, ref_se), first, med))
 
-    print(f"noxton {noxton.__version__}: jax {jax.__version__}, dm-haiku {hk.__version__}, "
-          f"equinox {eqx.__version__}, backend {jax.default_backend()}")
+    print(
+        f"noxton {noxton.__version__}: jax {jax.__version__}, dm-haiku {hk.__version__}, "
+        f"equinox {eqx.__version__}, backend {jax.default_backend()}"
+    )
     print("Both front ends run one implementation; references are plain NumPy in float64.\n")
-    header = ("layer", "front end", "call", "output", "weights", "max |diff| vs NumPy",
-              "first call (ms)", "jitted median (ms)")
+    header = (
+        "layer",
+        "front end",
+        "call",
+        "output",
+        "weights",
+        "max |diff| vs NumPy",
+        "first call (ms)",
+        "jitted median (ms)",
+    )
     print("| " + " | ".join(header) + " |")
     print("|" + "|".join("---" for _ in header) + "|")
     ok = True

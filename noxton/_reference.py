@@ -8,8 +8,9 @@ from __future__ import annotations
 import numpy as np
 
 
-def mha_reference(q, k, v, sd, num_heads, *, key_padding_mask=None, attn_mask=None, is_causal=False,
-                  add_zero_attn=False, average=True):
+def mha_reference(
+    q, k, v, sd, num_heads, *, key_padding_mask=None, attn_mask=None, is_causal=False, add_zero_attn=False, average=True
+):
     """torch MHA for unbatched ``(L, E)`` inputs and a torch ``state_dict`` of NumPy arrays."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
     sd = {n: np.asarray(a, np.float64) for n, a in sd.items()}

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
 from conftest import requires_torch, torch
-from noxton.nn import SqueezeExcitation
 from torch_reference import TorchSqueezeExcitation
+
+from noxton.nn import SqueezeExcitation
 
 pytestmark = requires_torch
 

@@ -20,10 +20,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-import noxton.haiku as nxhk
 import torch_suite as ts
 from conftest import assert_close, requires_torch, torch
+
+import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention
 
 pytestmark = requires_torch
@@ -149,8 +149,15 @@ def _torch_call(module, q, k, v, kpm=None, mask=None, need_weights=True, average
         return None if x is None else torch.as_tensor(x)
 
     with torch.no_grad():
-        out, w = module(t(q), t(k), t(v), key_padding_mask=t(kpm), attn_mask=t(mask), need_weights=need_weights,
-                        average_attn_weights=average)
+        out, w = module(
+            t(q),
+            t(k),
+            t(v),
+            key_padding_mask=t(kpm),
+            attn_mask=t(mask),
+            need_weights=need_weights,
+            average_attn_weights=average,
+        )
     return out.double().numpy(), None if w is None else w.double().numpy()
 
 
@@ -163,7 +170,7 @@ def _numpy_mha(module, q, k, v, kpm, mask):
     else:
         ws = [sd[f"{n}_proj_weight"] for n in "qkv"]
     bs = np.split(sd.get("in_proj_bias", np.zeros(3 * E)), 3)
-    Q, K, V = (x @ wi.T + bi for x, wi, bi in zip((q, k, v), ws, bs))
+    Q, K, V = (x @ wi.T + bi for x, wi, bi in zip((q, k, v), ws, bs, strict=False))
     B, L, S, D = q.shape[0], q.shape[1], k.shape[1], E // H
     Q, K, V = (x.reshape(B, -1, H, D) for x in (Q, K, V))
     scores = np.einsum("blhd,bshd->bhls", Q, K) / np.sqrt(D)
@@ -254,13 +261,25 @@ def test_multihead_attn_no_bias_and_separate_weights(dtype, x64):
     layer = MultiheadAttention(8, 4, bias=False, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype))
     assert set(layer.state_dict()) == {"in_proj_weight", "out_proj.weight"}
     x = rng.random((2, 2, 8)).astype(dtype)
-    _compare(_run_all(module, dtype, x, x, x, paths=ts.paths_for(dtype), self_attn=True, options=(("bias", False),)), module, x, x, x,
-             atol=1e-12 if dtype == "float64" else 1e-5)
+    _compare(
+        _run_all(module, dtype, x, x, x, paths=ts.paths_for(dtype), self_attn=True, options=(("bias", False),)),
+        module,
+        x,
+        x,
+        x,
+        atol=1e-12 if dtype == "float64" else 1e-5,
+    )
     options = (("kdim", 2), ("vdim", 2))
     module = _torch_module(4, 4, dtype=dtype, **dict(options))
     q, kv = rng.random((4, 4, 4)).astype(dtype), rng.random((4, 4, 2)).astype(dtype)
-    _compare(_run_all(module, dtype, q, kv, kv, paths=ts.paths_for(dtype), options=options), module, q, kv, kv,
-             atol=1e-12 if dtype == "float64" else 1e-5)
+    _compare(
+        _run_all(module, dtype, q, kv, kv, paths=ts.paths_for(dtype), options=options),
+        module,
+        q,
+        kv,
+        kv,
+        atol=1e-12 if dtype == "float64" else 1e-5,
+    )
 
 
 def test_multihead_attn_invalid_shape():
@@ -370,8 +389,10 @@ def test_multiheadattention_fastpath_attn_mask(attn_mask_dim, key_padding_mask_d
     rng = np.random.default_rng(attn_mask_dim or 0)
 
     def make(shape):
-        return rng.integers(0, 2, shape).astype(bool) if mask_dtype == "bool" else rng.uniform(-9, 9, shape).astype(
-            np.float32
+        return (
+            rng.integers(0, 2, shape).astype(bool)
+            if mask_dtype == "bool"
+            else rng.uniform(-9, 9, shape).astype(np.float32)
         )
 
     mask = None if attn_mask_dim is None else make((L, L) if attn_mask_dim == 2 else (B * H, L, L))
@@ -397,12 +418,16 @@ def test_random_draws_with_biases_no_less_exact_than_torch(dtype):
     for seed in range(20):
         module = torch_mha(cfg, ts.torch_dtype(dtype), seed=seed)
         rng = np.random.default_rng(seed)
-        q, kv = (torch.tensor(rng.normal(size=s)).to(ts.torch_dtype(dtype)).double().numpy() for s in ((2, 5, 16), (2, 7, 16)))
+        q, kv = (
+            torch.tensor(rng.normal(size=s)).to(ts.torch_dtype(dtype)).double().numpy()
+            for s in ((2, 5, 16), (2, 7, 16))
+        )
         ref_module = torch_mha(cfg, torch.float64, seed=seed)
         ref_module.load_state_dict({n: t.double() for n, t in module.state_dict().items()})
         ref, _ = _torch_call(ref_module, q, kv, kv, need_weights=False)
-        low, _ = _torch_call(module, *(torch.tensor(a, dtype=ts.torch_dtype(dtype)) for a in (q, kv, kv)),
-                             need_weights=False)
+        low, _ = _torch_call(
+            module, *(torch.tensor(a, dtype=ts.torch_dtype(dtype)) for a in (q, kv, kv)), need_weights=False
+        )
         for key, (out, _) in _run_all(module, dtype, q, kv, kv).items():
             ratios.setdefault(key, []).append(np.abs(out - ref).mean() / np.abs(low - ref).mean())
     for key, r in ratios.items():

@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import assert_close, requires_torch, torch
+from torch_reference import grid
 
 import noxton.functional as nxF
 import noxton.haiku as nxhk
 import noxton.nn as nx
-from conftest import assert_close, requires_torch, torch
 from noxton.interop import torch_state_dict
-from torch_reference import grid
 
 pytestmark = requires_torch
 
@@ -67,8 +67,15 @@ def torch_module(kind, norm_first=False, activation="relu", bias=True, dtype=Non
     """A torch module of ``kind`` with every parameter randomised (norm weights around 1)."""
     dtype = dtype or torch.float32
     torch.manual_seed(seed)
-    kw = dict(dim_feedforward=FF, dropout=0.0, activation=_torch_activation(activation), norm_first=norm_first,
-              bias=bias, batch_first=True, dtype=dtype)
+    kw = dict(
+        dim_feedforward=FF,
+        dropout=0.0,
+        activation=_torch_activation(activation),
+        norm_first=norm_first,
+        bias=bias,
+        batch_first=True,
+        dtype=dtype,
+    )
     nn = torch.nn
     with warnings.catch_warnings():  # torch's notes on why its nested-tensor fast path is off
         warnings.simplefilter("ignore", UserWarning)
@@ -87,11 +94,13 @@ def _build(nn, kind, kw, bias, dtype, layers):
     elif kind == "decoder_layer":
         m = nn.TransformerDecoderLayer(E, H, **kw)
     elif kind == "encoder":
-        m = nn.TransformerEncoder(nn.TransformerEncoderLayer(E, H, **kw), layers,
-                                  norm=nn.LayerNorm(E, bias=bias, dtype=dtype))
+        m = nn.TransformerEncoder(
+            nn.TransformerEncoderLayer(E, H, **kw), layers, norm=nn.LayerNorm(E, bias=bias, dtype=dtype)
+        )
     elif kind == "decoder":
-        m = nn.TransformerDecoder(nn.TransformerDecoderLayer(E, H, **kw), layers,
-                                  norm=nn.LayerNorm(E, bias=bias, dtype=dtype))
+        m = nn.TransformerDecoder(
+            nn.TransformerDecoderLayer(E, H, **kw), layers, norm=nn.LayerNorm(E, bias=bias, dtype=dtype)
+        )
     else:
         m = nn.Transformer(E, H, layers, layers, **kw)
     return m
@@ -125,7 +134,7 @@ def inputs(kind, case, dtype=np.float32, seed=0):
     out_pad = None
     if c.get("pad"):
         src_pad = np.zeros((N, S), bool)
-        src_pad[1, S - 2:] = True
+        src_pad[1, S - 2 :] = True
         if c.get("full"):
             src_pad[1] = True
         if enc:
@@ -133,7 +142,7 @@ def inputs(kind, case, dtype=np.float32, seed=0):
             out_pad = src_pad
         else:
             tgt_pad = np.zeros((N, L), bool)
-            tgt_pad[0, L - 1:] = True
+            tgt_pad[0, L - 1 :] = True
             arrays["tgt_key_padding_mask"] = tgt_pad
             arrays["memory_key_padding_mask"] = src_pad
             if kind == "transformer":
@@ -148,7 +157,9 @@ def inputs(kind, case, dtype=np.float32, seed=0):
 
 def run_torch(tm, arrays, shared, extra, ct, grad):
     tm.train(grad)
-    args = {k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in {**arrays, **shared, **extra}.items()}
+    args = {
+        k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v for k, v in {**arrays, **shared, **extra}.items()
+    }
     if not grad:
         with torch.no_grad():
             return tm(**args).numpy(), None
@@ -160,7 +171,7 @@ def run_torch(tm, arrays, shared, extra, ct, grad):
 
 def _eqx_loss(model, arrays, shared, flags, ct):
     names = list(arrays)
-    out = jax.vmap(lambda *xs: model(**dict(zip(names, xs)), **shared, **flags))(*arrays.values())
+    out = jax.vmap(lambda *xs: model(**dict(zip(names, xs, strict=False)), **shared, **flags))(*arrays.values())
     return jnp.sum(out * ct), out
 
 
@@ -179,7 +190,7 @@ def run_equinox(kind, model, arrays, shared, flags, ct):
     return out, torch_state_dict(grads)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _haiku_grad(kind, config, flags):
     """The Haiku module's loss gradient for one configuration, built as a user would from it."""
     cfg = dict(config)
@@ -187,8 +198,13 @@ def _haiku_grad(kind, config, flags):
     def forward(kw):
         layer_cfg = {k: v for k, v in cfg.items() if k not in ("layers",)}
         if kind == "transformer":
-            module = nxhk.Transformer(E, H, cfg["layers"], cfg["layers"], **{k: v for k, v in layer_cfg.items()
-                                                                             if k not in ("d_model", "nhead")})
+            module = nxhk.Transformer(
+                E,
+                H,
+                cfg["layers"],
+                cfg["layers"],
+                **{k: v for k, v in layer_cfg.items() if k not in ("d_model", "nhead")},
+            )
         else:
             layer_cls = nxhk.TransformerEncoderLayer if kind.startswith("encoder") else nxhk.TransformerDecoderLayer
             module = layer_cls(**layer_cfg)
@@ -214,8 +230,17 @@ def run_haiku(kind, tm, arrays, shared, flags, ct, norm_first, activation, bias)
     """Parameters from ``from_torch`` (its init, without running the model), then the loss gradient
     of the module built from the same configuration (one compiled program per configuration)."""
     init = hk.transform(lambda: NX[kind][1].from_torch(tm).state_dict_params()).init(None)
-    cfg = dict(d_model=E, nhead=H, dim_feedforward=FF, dropout=0.0, activation=JAX_ACTIVATIONS[activation],
-               norm_first=norm_first, bias=bias, dtype=jnp.dtype(ct.dtype), layers=2)
+    cfg = dict(
+        d_model=E,
+        nhead=H,
+        dim_feedforward=FF,
+        dropout=0.0,
+        activation=JAX_ACTIVATIONS[activation],
+        norm_first=norm_first,
+        bias=bias,
+        dtype=jnp.dtype(ct.dtype),
+        layers=2,
+    )
     (_, out), grads = _haiku_grad(kind, tuple(cfg.items()), tuple(flags.items()))(init, {**arrays, **shared}, ct)
     return out, nxhk.params_to_state_dict(grads, HAIKU_NAMES[kind])
 
@@ -252,8 +277,12 @@ def _id(o):
 
 
 # The layers: every option against padding with a causal mask, and every mask case per norm_first.
-OPTIONS_GRID = grid(kind=["encoder_layer", "decoder_layer"], norm_first=[False, True],
-                    activation=["relu", "gelu", "silu"], bias=[True, False])
+OPTIONS_GRID = grid(
+    kind=["encoder_layer", "decoder_layer"],
+    norm_first=[False, True],
+    activation=["relu", "gelu", "silu"],
+    bias=[True, False],
+)
 LAYER_MASK_GRID = grid(kind=["encoder_layer", "decoder_layer"], norm_first=[False, True], mask=list(MASKS))
 
 
@@ -311,12 +340,13 @@ def test_inference_is_training_without_dropout():
     names = list(arrays)
 
     def run(m):
-        return jax.vmap(lambda *xs: m(**dict(zip(names, xs)), **shared, **flags))(*arrays.values())
+        return jax.vmap(lambda *xs: m(**dict(zip(names, xs, strict=False)), **shared, **flags))(*arrays.values())
 
     assert jnp.array_equal(run(plain), run(drop))
     kw = {**arrays, **shared}
-    f = hk.transform(lambda inference: nxhk.TransformerDecoderLayer.from_torch(tm_drop)(**kw, **flags,
-                                                                                        inference=inference))
+    f = hk.transform(
+        lambda inference: nxhk.TransformerDecoderLayer.from_torch(tm_drop)(**kw, **flags, inference=inference)
+    )
     params = f.init(None, True)
     assert jnp.array_equal(f.apply(params, None, True), run(plain))
     # inference_mode reaches the stacks and every layer in them
@@ -330,8 +360,9 @@ def test_inference_is_training_without_dropout():
 def test_state_dict_names_shapes_and_round_trip_into_torch():
     model = nx.Transformer(E, H, 2, 3, FF, key=jax.random.PRNGKey(0))
     tm = torch_module("transformer", layers=2)
-    tm.decoder = torch.nn.TransformerDecoder(torch.nn.TransformerDecoderLayer(E, H, FF, batch_first=True), 3,
-                                             norm=torch.nn.LayerNorm(E))
+    tm.decoder = torch.nn.TransformerDecoder(
+        torch.nn.TransformerDecoderLayer(E, H, FF, batch_first=True), 3, norm=torch.nn.LayerNorm(E)
+    )
     sd = model.state_dict()
     assert {k: v.shape for k, v in sd.items()} == {k: tuple(v.shape) for k, v in tm.state_dict().items()}
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items()}, strict=True)
@@ -374,12 +405,14 @@ def test_encoder_layers_start_as_copies_of_the_layer(front):
         sd = nx.TransformerDecoder(layer, 3).state_dict()
         one = layer.state_dict()
     else:
+
         def f(t, m):
             return nxhk.TransformerDecoder(nxhk.TransformerDecoderLayer(E, H, FF), 3)(t, m, inference=True)
 
         sd = nxhk.params_to_state_dict(
-            hk.transform(f).init(jax.random.PRNGKey(0), jnp.ones((L, E)), jnp.ones((S, E))), "transformer_decoder")
-        one = {k[len("layers.0."):]: v for k, v in sd.items() if k.startswith("layers.0.")}
+            hk.transform(f).init(jax.random.PRNGKey(0), jnp.ones((L, E)), jnp.ones((S, E))), "transformer_decoder"
+        )
+        one = {k[len("layers.0.") :]: v for k, v in sd.items() if k.startswith("layers.0.")}
     assert len(sd) == 3 * len(one) == 3 * 18
     for i in range(3):
         for k, v in one.items():
@@ -392,8 +425,9 @@ def test_encoder_layers_start_as_copies_of_the_layer(front):
 
 def test_generate_square_subsequent_mask_is_torchs():
     for cls in (nx.Transformer, nxhk.Transformer):
-        np.testing.assert_array_equal(cls.generate_square_subsequent_mask(5),
-                                      torch.nn.Transformer.generate_square_subsequent_mask(5).numpy())
+        np.testing.assert_array_equal(
+            cls.generate_square_subsequent_mask(5), torch.nn.Transformer.generate_square_subsequent_mask(5).numpy()
+        )
     assert nx.Transformer.generate_square_subsequent_mask(3, jnp.bfloat16).dtype == jnp.bfloat16
 
 
@@ -403,9 +437,11 @@ def test_generate_square_subsequent_mask_is_torchs():
 @pytest.mark.parametrize("activation", ["relu", "gelu", "gelu_tanh_module", "silu"])
 def test_from_torch_takes_the_configuration(activation, x64):
     act = {"gelu_tanh_module": torch.nn.GELU(approximate="tanh"), "silu": torch.nn.functional.silu}.get(
-        activation, activation)
-    tl = torch.nn.TransformerEncoderLayer(E, H, FF, dropout=0.25, activation=act, layer_norm_eps=1e-6,
-                                          norm_first=True, bias=False)
+        activation, activation
+    )
+    tl = torch.nn.TransformerEncoderLayer(
+        E, H, FF, dropout=0.25, activation=act, layer_norm_eps=1e-6, norm_first=True, bias=False
+    )
     layer = nx.TransformerEncoderLayer.from_torch(tl.eval())
     want = {"relu": jax.nn.relu, "gelu": nxF.gelu, "gelu_tanh_module": nxF.gelu_tanh, "silu": jax.nn.silu}[activation]
     assert layer.activation is want
@@ -432,8 +468,16 @@ def test_from_torch_refuses_what_it_cannot_port():
     tl = torch.nn.TransformerEncoderLayer(E, H, FF, activation=lambda x: x * 2)
     with pytest.raises(ValueError, match=r"`activation`: .* has no exact JAX counterpart.*F\.relu"):
         nx.TransformerEncoderLayer.from_torch(tl)
-    custom = torch.nn.Transformer(E, H, 1, 1, FF, custom_encoder=torch.nn.TransformerEncoder(
-        torch.nn.TransformerEncoderLayer(E, H, FF), 1, enable_nested_tensor=False))
+    custom = torch.nn.Transformer(
+        E,
+        H,
+        1,
+        1,
+        FF,
+        custom_encoder=torch.nn.TransformerEncoder(
+            torch.nn.TransformerEncoderLayer(E, H, FF), 1, enable_nested_tensor=False
+        ),
+    )
     with pytest.raises(ValueError, match=r"encoder.norm None.*TransformerEncoder.from_torch"):
         nxhk.Transformer.from_torch(custom)
 
@@ -463,8 +507,12 @@ def test_dropout_matches_torchs_in_expectation(kind):
     rep = {k: np.repeat(v, draws, axis=0) for k, v in one.items()}
     tm.train()
     with torch.no_grad():
-        t_out = tm(**{k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
-                      for k, v in {**rep, **shared, **extra}.items()}).numpy()
+        t_out = tm(
+            **{
+                k: torch.from_numpy(v) if isinstance(v, np.ndarray) else v
+                for k, v in {**rep, **shared, **extra}.items()
+            }
+        ).numpy()
     model = NX[kind][0].from_torch(tm)
     assert model.dropout == p
     x = {k: v[0] for k, v in one.items()}
@@ -547,32 +595,72 @@ def _haiku(**kw):
 
 
 ERRORS = {
-    "nhead_divides": (_layer(nhead=3), ValueError, r"`d_model` must be divisible by `nhead`, got d_model=8 and nhead=3"),
+    "nhead_divides": (
+        _layer(nhead=3),
+        ValueError,
+        r"`d_model` must be divisible by `nhead`, got d_model=8 and nhead=3",
+    ),
     "nhead_zero": (_layer(nhead=0), ValueError, r"`nhead` must be a positive int, got 0"),
     "dim_feedforward": (_layer(dim_feedforward=2.5), TypeError, r"`dim_feedforward` must be a positive int, got 2.5"),
     "dropout": (_layer(dropout=1.0), ValueError, r"`dropout` must be in \[0, 1\), got 1.0"),
-    "activation_name": (_layer(activation="tanh"), ValueError, r"`activation` must be 'relu', 'gelu' or a callable, got 'tanh'"),
-    "activation_torch": (_layer(activation=torch.nn.GELU() if torch else None), TypeError,
-                         r"`activation` must be a JAX function, got the torch module GELU: pass noxton.functional.gelu"),
+    "activation_name": (
+        _layer(activation="tanh"),
+        ValueError,
+        r"`activation` must be 'relu', 'gelu' or a callable, got 'tanh'",
+    ),
+    "activation_torch": (
+        _layer(activation=torch.nn.GELU() if torch else None),
+        TypeError,
+        r"`activation` must be a JAX function, got the torch module GELU: pass noxton.functional.gelu",
+    ),
     "layer_norm_eps": (_layer(layer_norm_eps=0.0), ValueError, r"`layer_norm_eps` must be a positive float, got 0.0"),
     "norm_first": (_layer(norm_first="yes"), TypeError, r"`norm_first` must be a bool, got 'yes'"),
-    "num_layers": (lambda: nx.TransformerEncoder(_layer()(), 0), ValueError, r"`num_layers` must be a positive int, got 0"),
-    "encoder_layer_type": (lambda: nx.TransformerEncoder(nx.TransformerDecoderLayer(E, H, FF, key=K0), 2), TypeError,
-                           r"`encoder_layer` must be a noxton.nn.TransformerEncoderLayer, got TransformerDecoderLayer"),
-    "norm_type": (lambda: nx.TransformerEncoder(_layer()(), 2, norm=eqx.nn.LayerNorm(E)), TypeError,
-                  r"`norm` must be a noxton.nn.LayerNorm or None, got LayerNorm"),
-    "src_batched": (_call(src=jnp.ones((N, S, E))), ValueError, r"`src` must have shape \(S, E\), got shape \(2, 6, 8\) \(rank 3\)\. Batch it with `jax.vmap`"),
-    "src_width": (_call(src=jnp.ones((S, E + 1))), ValueError, r"`src` must have d_model=8 features in its last axis, got shape \(6, 9\)"),
+    "num_layers": (
+        lambda: nx.TransformerEncoder(_layer()(), 0),
+        ValueError,
+        r"`num_layers` must be a positive int, got 0",
+    ),
+    "encoder_layer_type": (
+        lambda: nx.TransformerEncoder(nx.TransformerDecoderLayer(E, H, FF, key=K0), 2),
+        TypeError,
+        r"`encoder_layer` must be a noxton.nn.TransformerEncoderLayer, got TransformerDecoderLayer",
+    ),
+    "norm_type": (
+        lambda: nx.TransformerEncoder(_layer()(), 2, norm=eqx.nn.LayerNorm(E)),
+        TypeError,
+        r"`norm` must be a noxton.nn.LayerNorm or None, got LayerNorm",
+    ),
+    "src_batched": (
+        _call(src=jnp.ones((N, S, E))),
+        ValueError,
+        r"`src` must have shape \(S, E\), got shape \(2, 6, 8\) \(rank 3\)\. Batch it with `jax.vmap`",
+    ),
+    "src_width": (
+        _call(src=jnp.ones((S, E + 1))),
+        ValueError,
+        r"`src` must have d_model=8 features in its last axis, got shape \(6, 9\)",
+    ),
     "src_int": (_call(src=jnp.ones((S, E), jnp.int32)), TypeError, r"`src` must have a floating dtype, got int32"),
     "is_causal": (_call(is_causal="yes"), TypeError, r"`is_causal` must be a bool, got 'yes'"),
     "padding_shape": (_call(src_key_padding_mask=jnp.zeros((S + 1,), bool)), ValueError, r"key_padding_mask"),
-    "dropout_key": (lambda: _layer()()(jnp.ones((S, E))), ValueError,
-                    r"dropout=0.1 is active but no dropout key was given: pass `dropout_key=`"),
+    "dropout_key": (
+        lambda: _layer()()(jnp.ones((S, E))),
+        ValueError,
+        r"dropout=0.1 is active but no dropout key was given: pass `dropout_key=`",
+    ),
     "haiku_dropout_rng": (_haiku(), ValueError, r"no dropout key was given: pass a key as `rng` to `apply`"),
-    "haiku_template": (lambda: hk.transform(lambda: nxhk.TransformerEncoder(nxhk.LayerNorm(E), 2)).init(K0), TypeError,
-                       r"`encoder_layer` must be a noxton.haiku.TransformerEncoderLayer .* got LayerNorm"),
-    "haiku_src_width": (lambda: hk.transform(lambda x: nxhk.TransformerEncoderLayer(E, H, FF)(x, inference=True)).init(
-        K0, jnp.ones((S, E + 1))), ValueError, r"`src` must have d_model=8 features"),
+    "haiku_template": (
+        lambda: hk.transform(lambda: nxhk.TransformerEncoder(nxhk.LayerNorm(E), 2)).init(K0),
+        TypeError,
+        r"`encoder_layer` must be a noxton.haiku.TransformerEncoderLayer .* got LayerNorm",
+    ),
+    "haiku_src_width": (
+        lambda: hk.transform(lambda x: nxhk.TransformerEncoderLayer(E, H, FF)(x, inference=True)).init(
+            K0, jnp.ones((S, E + 1))
+        ),
+        ValueError,
+        r"`src` must have d_model=8 features",
+    ),
 }
 
 

@@ -24,9 +24,9 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
+from conftest import torch
 
 import noxton.haiku as nxhk
-from conftest import torch
 from noxton.haiku import state_dict_to_params
 from noxton.nn import MultiheadAttention
 
@@ -73,7 +73,11 @@ def opinfo_samples(seed: int = 0, group=None):
         # torch's layout is (L, N, E); noxton's is (N, L, E): the same numbers, transposed.
         q, k, v = make(*lead, src_len, emb), make(*lead, tgt_len, emb), make(*lead, tgt_len, emb)
         if separate:
-            in_proj = {"q_proj_weight": make(emb, emb), "k_proj_weight": make(emb, emb), "v_proj_weight": make(emb, emb)}
+            in_proj = {
+                "q_proj_weight": make(emb, emb),
+                "k_proj_weight": make(emb, emb),
+                "v_proj_weight": make(emb, emb),
+            }
         else:
             in_proj = {"in_proj_weight": make(3 * emb, emb)}
         params = dict(
@@ -85,7 +89,8 @@ def opinfo_samples(seed: int = 0, group=None):
             out_proj_bias=make(emb),
         )
         yield dict(
-            id=f"{'b' if batched else 'u'}-{'sep' if separate else 'packed'}-{mask_type}-E{emb}-L{src_len}-S{tgt_len}-H{heads}",
+            id=f"{'b' if batched else 'u'}-{'sep' if separate else 'packed'}-{mask_type}"
+            f"-E{emb}-L{src_len}-S{tgt_len}-H{heads}",
             batched=batched,
             separate=separate,
             emb=emb,
@@ -179,7 +184,7 @@ def noxton_mask(sample):
     return m.reshape(BSZ, sample["heads"], *m.shape[1:]) if sample["batched"] else m
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def runner(emb: int, heads: int, dtype: str, batched: bool, paths: tuple, options: tuple = (), call: tuple = ()):
     """``(transformed, run)``: ``run(haiku_params, layer, q, k, v, kpm, mask)`` gives
     ``{(front end, path, need_weights): (out, weights)}``.
@@ -226,7 +231,7 @@ def _spec(x):
     return None if x is None else (tuple(x.shape), str(x.dtype))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _templates(f, emb, heads, dtype, options, q, k, v, kpm, m):
     """A Haiku params template and an Equinox layer for one structure (built once, loaded per sample)."""
 

@@ -4,9 +4,9 @@ from noxton.functional._activations import gelu as gelu
 from noxton.functional._activations import gelu_tanh as gelu_tanh
 from noxton.functional._activations import identity as identity
 from noxton.functional._attention import dense_attention as dense_attention
-from noxton.functional._attention import select_implementation as select_implementation
 from noxton.functional._attention import masked_softmax as masked_softmax
 from noxton.functional._attention import multi_head_attention as multi_head_attention
+from noxton.functional._attention import select_implementation as select_implementation
 from noxton.functional._blockwise import blockwise_attention as blockwise_attention
 from noxton.functional._fused import fused_attention as fused_attention
 from noxton.functional._masks import Masks as Masks

@@ -151,7 +151,7 @@ def _when_visible(cfg: _Config, i, j, compute, skip, *operands):
 
 
 def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
-    """The block's masked scores ``einsum(spec, a, b)`` (``[..., bq, bk]``, or ``[..., bk, bq]`` with ``keys_first``)."""
+    """The block's masked scores ``einsum(spec, a, b)``: ``[..., bq, bk]`` (``[..., bk, bq]`` with ``keys_first``)."""
     s = jnp.einsum(spec, a, b, preferred_element_type=sdtype)
     if cfg.scale != 1.0:
         s = s * jnp.asarray(cfg.scale, sdtype)
@@ -352,13 +352,15 @@ def _fold_vmapped_rows(impl, *, am_index: int, key_index: int, need_dam: bool = 
             am, am_mapped = args[am_index], in_batched[am_index]
             rows = args[0].shape[1] if in_batched[0] else args[0].shape[0]
             foldable = args[key_index] is None and (
-                am is None or (am_mapped and am.shape[1] == rows) or (not am_mapped and am.shape[0] == 1 and not need_dam)
+                am is None
+                or (am_mapped and am.shape[1] == rows)
+                or (not am_mapped and am.shape[0] == 1 and not need_dam)
             )
             if not foldable:
                 outs = jax.vmap(impl, in_axes=tuple(0 if b else None for b in in_batched))(*args)
                 return outs, jax.tree.map(lambda _: True, outs)
             folded = []
-            for i, (x, mapped) in enumerate(zip(args, in_batched)):
+            for i, (x, mapped) in enumerate(zip(args, in_batched, strict=False)):
                 if x is not None and i != key_index and (mapped or i != am_index):
                     if not mapped:
                         x = jnp.broadcast_to(x, (axis_size, *x.shape))
@@ -428,9 +430,7 @@ def _core_bwd(static, dropout, res, dout):
     q, k, v, kp, am, key, out, lse, (need_dkp, need_dam) = res
     if isinstance(dout, SymbolicZero):
         dout = jnp.zeros(dout.shape, dout.dtype)  # pyright: ignore[reportArgumentType]  (attributes forwarded to its aval)
-    dq, dk, dv, dkp, dam = _padded_backward(
-        static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout
-    )
+    dq, dk, dv, dkp, dam = _padded_backward(static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout)
     if kp is not None and dkp is None:
         dkp = jnp.zeros_like(kp)
     if am is not None and dam is None:

@@ -73,7 +73,7 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
 
 
 def dropout(x, p: float, key):
-    """Inverted dropout as torch's ``F.dropout`` in training: zero with probability ``p``, scale the rest by ``1/(1-p)``.
+    """Inverted dropout as torch's ``F.dropout`` in training: zero with probability ``p``, the rest scaled by 1/(1-p).
     ``p == 0`` returns ``x`` (and needs no key)."""
     if p == 0.0:
         return x
@@ -185,7 +185,16 @@ def transformer_encoder_layer(
 
     def sa(x):
         return _attention_block(
-            params, "self_attn.", x, x, src_mask, src_key_padding_mask, is_causal, num_heads, dropout_p, k[:2],
+            params,
+            "self_attn.",
+            x,
+            x,
+            src_mask,
+            src_key_padding_mask,
+            is_causal,
+            num_heads,
+            dropout_p,
+            k[:2],
             implementation,
         )
 
@@ -254,14 +263,32 @@ def transformer_decoder_layer(
 
     def sa(x):
         return _attention_block(
-            params, "self_attn.", x, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal, num_heads, dropout_p, k[:2],
+            params,
+            "self_attn.",
+            x,
+            x,
+            tgt_mask,
+            tgt_key_padding_mask,
+            tgt_is_causal,
+            num_heads,
+            dropout_p,
+            k[:2],
             implementation,
         )
 
     def mha(x):
         return _attention_block(
-            params, "multihead_attn.", x, memory, memory_mask, memory_key_padding_mask, memory_is_causal, num_heads,
-            dropout_p, k[2:4], implementation,
+            params,
+            "multihead_attn.",
+            x,
+            memory,
+            memory_mask,
+            memory_key_padding_mask,
+            memory_is_causal,
+            num_heads,
+            dropout_p,
+            k[2:4],
+            implementation,
         )
 
     def ff(x):
@@ -282,7 +309,9 @@ def stack_layers(params: Mapping[str, jax.Array], num_layers: int) -> dict[str, 
     num_layers = check_positive_int("num_layers", num_layers)
     first = _sub(params, "layers.0.")
     if not first:
-        raise ValueError(f"`params` must hold the keys 'layers.0.*' ... 'layers.{num_layers - 1}.*'; got {sorted(params)}.")
+        raise ValueError(
+            f"`params` must hold the keys 'layers.0.*' ... 'layers.{num_layers - 1}.*'; got {sorted(params)}."
+        )
     names = sorted(first)
     missing = [f"layers.{i}.{n}" for i in range(num_layers) for n in names if f"layers.{i}.{n}" not in params]
     if missing or f"layers.{num_layers}.{names[0]}" in params:
@@ -350,9 +379,18 @@ def transformer_encoder(
 
     def layer(h, p, k):
         return transformer_encoder_layer(
-            h, p, num_heads=num_heads, activation=activation, layer_norm_eps=layer_norm_eps, norm_first=norm_first,
-            src_mask=mask, src_key_padding_mask=src_key_padding_mask, is_causal=is_causal, dropout_p=dropout_p,
-            dropout_key=k, implementation=implementation,
+            h,
+            p,
+            num_heads=num_heads,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            norm_first=norm_first,
+            src_mask=mask,
+            src_key_padding_mask=src_key_padding_mask,
+            is_causal=is_causal,
+            dropout_p=dropout_p,
+            dropout_key=k,
+            implementation=implementation,
         )
 
     x = _run_stack(layer, src, params, num_layers, dropout_p, dropout_key)
@@ -400,10 +438,21 @@ def transformer_decoder(
 
     def layer(h, p, k):
         return transformer_decoder_layer(
-            h, memory, p, num_heads=num_heads, activation=activation, layer_norm_eps=layer_norm_eps,
-            norm_first=norm_first, tgt_mask=tgt_mask, memory_mask=memory_mask,
-            tgt_key_padding_mask=tgt_key_padding_mask, memory_key_padding_mask=memory_key_padding_mask,
-            tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal, dropout_p=dropout_p, dropout_key=k,
+            h,
+            memory,
+            p,
+            num_heads=num_heads,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            norm_first=norm_first,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=tgt_is_causal,
+            memory_is_causal=memory_is_causal,
+            dropout_p=dropout_p,
+            dropout_key=k,
             implementation=implementation,
         )
 
@@ -454,16 +503,34 @@ def transformer(
     dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
     k_enc, k_dec = _keys(dropout_p, dropout_key, 2)
     common = dict(
-        num_heads=num_heads, activation=activation, layer_norm_eps=layer_norm_eps, norm_first=norm_first,
-        dropout_p=dropout_p, implementation=implementation,
+        num_heads=num_heads,
+        activation=activation,
+        layer_norm_eps=layer_norm_eps,
+        norm_first=norm_first,
+        dropout_p=dropout_p,
+        implementation=implementation,
     )
     memory = transformer_encoder(
-        src, _sub(params, "encoder."), num_layers=num_encoder_layers, mask=src_mask,
-        src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal, dropout_key=k_enc, **common,
+        src,
+        _sub(params, "encoder."),
+        num_layers=num_encoder_layers,
+        mask=src_mask,
+        src_key_padding_mask=src_key_padding_mask,
+        is_causal=src_is_causal,
+        dropout_key=k_enc,
+        **common,
     )
     return transformer_decoder(
-        tgt, memory, _sub(params, "decoder."), num_layers=num_decoder_layers, tgt_mask=tgt_mask,
-        memory_mask=memory_mask, tgt_key_padding_mask=tgt_key_padding_mask,
-        memory_key_padding_mask=memory_key_padding_mask, tgt_is_causal=tgt_is_causal,
-        memory_is_causal=memory_is_causal, dropout_key=k_dec, **common,
+        tgt,
+        memory,
+        _sub(params, "decoder."),
+        num_layers=num_decoder_layers,
+        tgt_mask=tgt_mask,
+        memory_mask=memory_mask,
+        tgt_key_padding_mask=tgt_key_padding_mask,
+        memory_key_padding_mask=memory_key_padding_mask,
+        tgt_is_causal=tgt_is_causal,
+        memory_is_causal=memory_is_causal,
+        dropout_key=k_dec,
+        **common,
     )

@@ -86,7 +86,9 @@ class Affine(TorchModule):
         super().__init__(name=name)
         self.shape = (out_features, in_features, *kernel)
         self.bias = bias
-        self.bias_init = bias_init if bias_init is not None else init.torch_default_bias(in_features * math.prod(kernel))
+        self.bias_init = (
+            bias_init if bias_init is not None else init.torch_default_bias(in_features * math.prod(kernel))
+        )
         self.dtype = dtype
 
     def params(self) -> dict:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import haiku as hk
 import jax
 
 from noxton.functional import squeeze_excitation

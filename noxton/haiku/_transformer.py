@@ -11,8 +11,13 @@ import jax
 from jaxtyping import Array, Bool, Float
 
 from noxton.functional import _transformer as F
-from noxton.functional._checks import check_array, check_dropout_key, check_inference, check_positive_int
-from noxton.functional._checks import check_transformer_config
+from noxton.functional._checks import (
+    check_array,
+    check_dropout_key,
+    check_inference,
+    check_positive_int,
+    check_transformer_config,
+)
 from noxton.haiku import _initializers as init
 from noxton.haiku._attention import MultiheadAttention
 from noxton.haiku._common import Affine, LayerNorm, TorchModule, resolve_dtype
@@ -442,7 +447,8 @@ class TransformerDecoder(_Stack):
     Example:
         >>> import haiku as hk, jax
         >>> from noxton.haiku import TransformerDecoder, TransformerDecoderLayer
-        >>> f = hk.transform(lambda t, m: TransformerDecoder(TransformerDecoderLayer(16, 4, 32), 2)(t, m, inference=True))
+        >>> decoder = lambda: TransformerDecoder(TransformerDecoderLayer(16, 4, 32), 2)
+        >>> f = hk.transform(lambda t, m: decoder()(t, m, inference=True))
         >>> t, m = jax.numpy.ones((3, 16)), jax.numpy.ones((5, 16))
         >>> f.apply(f.init(jax.random.PRNGKey(0), t, m), None, t, m).shape
         (3, 16)

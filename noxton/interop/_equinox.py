@@ -58,7 +58,9 @@ def _walk(node: Any, key: str, get: Callable) -> Iterator[_Entry]:
     elif isinstance(node, eqx.nn.Sequential):
         yield from _walk(node.layers, key, _attr(get, "layers"))
     elif isinstance(node, eqx.nn.ConvTranspose):
-        raise ValueError(f"{key or 'the model'}: eqx.nn.ConvTranspose is not supported (its weight layout is not torch's).")
+        raise ValueError(
+            f"{key or 'the model'}: eqx.nn.ConvTranspose is not supported (its weight layout is not torch's)."
+        )
     elif isinstance(node, eqx.Module):
         for field in dataclasses.fields(node):
             if field.metadata.get("static", False):

@@ -11,14 +11,12 @@ and the strict key matching shared by every loader.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
-import re
-
 import jax.numpy as jnp
 import numpy as np
-
 
 #: Joins a ``ModuleList`` attribute and an index into one Haiku module name: ``layers.0`` <-> ``layers__0``.
 INDEX_SEPARATOR = "__"

@@ -12,7 +12,6 @@ from the hyperparameters, so two layers with the same settings share one
 function and hence one compiled program under ``eqx.filter_jit``.
 """
 
-
 import abc
 import dataclasses
 import functools
@@ -30,7 +29,7 @@ from noxton.interop._equinox import haiku_params
 from noxton.interop._state_dict import haiku_state_dict
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def transformed(haiku_cls: type[hk.Module], name: str, config: tuple[tuple[str, Any], ...]) -> hk.Transformed:
     """One ``hk.Transformed`` per Haiku class, module name and config.
 
@@ -68,7 +67,9 @@ class HaikuLayer(eqx.Module):
         how a composite builds its children from its own initial ``state_dict``."""
         names = {f.name for f in dataclasses.fields(cls)}
         if set(fields) != names:
-            raise TypeError(f"{cls.__name__}._from_fields needs exactly the fields {sorted(names)}, got {sorted(fields)}.")
+            raise TypeError(
+                f"{cls.__name__}._from_fields needs exactly the fields {sorted(names)}, got {sorted(fields)}."
+            )
         obj = object.__new__(cls)
         for name, value in fields.items():
             object.__setattr__(obj, name, value)

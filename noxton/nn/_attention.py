@@ -163,12 +163,31 @@ class MultiheadAttention(HaikuLayer):
 
     @classmethod
     def _from_state_dict(
-        cls, sd, *, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False, kdim=None,
-        vdim=None, inference: bool, dtype,
+        cls,
+        sd,
+        *,
+        embed_dim,
+        num_heads,
+        dropout=0.0,
+        bias=True,
+        add_bias_kv=False,
+        add_zero_attn=False,
+        kdim=None,
+        vdim=None,
+        inference: bool,
+        dtype,
     ) -> MultiheadAttention:
         """A layer holding ``sd`` (its torch keys, no random initialisation), configured as ``__init__``."""
         config = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
-        names = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias", "bias_k", "bias_v")
+        names = (
+            "in_proj_weight",
+            "q_proj_weight",
+            "k_proj_weight",
+            "v_proj_weight",
+            "in_proj_bias",
+            "bias_k",
+            "bias_v",
+        )
         return cls._from_fields(
             **config,
             **{n: sd.get(n) for n in names},
@@ -247,5 +266,3 @@ class MultiheadAttention(HaikuLayer):
             inference=inference,
             implementation=implementation,
         )
-
-

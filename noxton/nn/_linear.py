@@ -34,7 +34,9 @@ class Linear(eqx.Module):
 
     def __check_init__(self):
         if getattr(self.weight, "ndim", None) != 2:
-            raise ValueError(f"`weight` must be an array of shape (out, in), got {getattr(self.weight, 'shape', self.weight)}.")
+            raise ValueError(
+                f"`weight` must be an array of shape (out, in), got {getattr(self.weight, 'shape', self.weight)}."
+            )
         _check_bias(self.weight, self.bias)
 
     def __call__(self, x: Float[Array, "*batch in_features"], *, key: jax.Array | None = None) -> Array:

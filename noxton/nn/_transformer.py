@@ -40,7 +40,15 @@ from noxton.nn._linear import LayerNorm, Linear
 Mask = Bool[Array, "..."] | Float[Array, "..."] | None
 
 _LAYER_CONFIG = (
-    "d_model", "nhead", "dim_feedforward", "dropout", "activation", "layer_norm_eps", "norm_first", "bias", "dtype"
+    "d_model",
+    "nhead",
+    "dim_feedforward",
+    "dropout",
+    "activation",
+    "layer_norm_eps",
+    "norm_first",
+    "bias",
+    "dtype",
 )
 
 
@@ -86,10 +94,23 @@ class _Layer(HaikuLayer):
     _attentions = ()
     _norms = ()
 
-    def _init_layer(self, d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias,
-                    inference, key, dtype):
-        c = check_transformer_config(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first,
-                                     bias)
+    def _init_layer(
+        self,
+        d_model,
+        nhead,
+        dim_feedforward,
+        dropout,
+        activation,
+        layer_norm_eps,
+        norm_first,
+        bias,
+        inference,
+        key,
+        dtype,
+    ):
+        c = check_transformer_config(
+            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
+        )
         for name, value in c.items():
             setattr(self, name, value)
         self.dtype = resolve_dtype(dtype)
@@ -103,8 +124,13 @@ class _Layer(HaikuLayer):
         out = {}
         for attn in cls._attentions:
             out[attn] = MultiheadAttention._from_state_dict(
-                _sub(sd, attn + "."), embed_dim=config["d_model"], num_heads=config["nhead"],
-                dropout=config["dropout"], bias=config["bias"], inference=inference, dtype=config["dtype"],
+                _sub(sd, attn + "."),
+                embed_dim=config["d_model"],
+                num_heads=config["nhead"],
+                dropout=config["dropout"],
+                bias=config["bias"],
+                inference=inference,
+                dtype=config["dtype"],
             )
         for lin in ("linear1", "linear2"):
             out[lin] = Linear(sd[f"{lin}.weight"], sd.get(f"{lin}.bias"))
@@ -216,8 +242,19 @@ class TransformerEncoderLayer(_Layer):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        self._init_layer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias,
-                         inference, key, dtype)
+        self._init_layer(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            norm_first,
+            bias,
+            inference,
+            key,
+            dtype,
+        )
 
     @classmethod
     def from_torch(cls, module) -> TransformerEncoderLayer:
@@ -227,7 +264,8 @@ class TransformerEncoderLayer(_Layer):
         Example:
             >>> import torch
             >>> from noxton.nn import TransformerEncoderLayer
-            >>> layer = TransformerEncoderLayer.from_torch(torch.nn.TransformerEncoderLayer(16, 4, 32, activation="gelu"))
+            >>> torch_layer = torch.nn.TransformerEncoderLayer(16, 4, 32, activation="gelu")
+            >>> layer = TransformerEncoderLayer.from_torch(torch_layer)
             >>> layer.activation.__name__, layer.linear1.weight.shape, layer.inference
             ('gelu', (32, 16), False)
         """
@@ -256,8 +294,15 @@ class TransformerEncoderLayer(_Layer):
         """
         inference, dropout_key = _dropout_key(self, dropout_key)
         _check_unbatched("src", src, self.d_model, "(S, E)")
-        return self._apply(dropout_key, src, src_mask, src_key_padding_mask, is_causal, inference=inference,
-                           implementation=implementation)
+        return self._apply(
+            dropout_key,
+            src,
+            src_mask,
+            src_key_padding_mask,
+            is_causal,
+            inference=inference,
+            implementation=implementation,
+        )
 
 
 class TransformerDecoderLayer(_Layer):
@@ -321,8 +366,19 @@ class TransformerDecoderLayer(_Layer):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        self._init_layer(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias,
-                         inference, key, dtype)
+        self._init_layer(
+            d_model,
+            nhead,
+            dim_feedforward,
+            dropout,
+            activation,
+            layer_norm_eps,
+            norm_first,
+            bias,
+            inference,
+            key,
+            dtype,
+        )
 
     @classmethod
     def from_torch(cls, module) -> TransformerDecoderLayer:
@@ -347,9 +403,19 @@ class TransformerDecoderLayer(_Layer):
         inference, dropout_key = _dropout_key(self, dropout_key)
         _check_unbatched("tgt", tgt, self.d_model, "(L, E)")
         _check_unbatched("memory", memory, self.d_model, "(S, E)")
-        return self._apply(dropout_key, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                           memory_key_padding_mask, tgt_is_causal, memory_is_causal, inference=inference,
-                           implementation=implementation)
+        return self._apply(
+            dropout_key,
+            tgt,
+            memory,
+            tgt_mask,
+            memory_mask,
+            tgt_key_padding_mask,
+            memory_key_padding_mask,
+            tgt_is_causal,
+            memory_is_causal,
+            inference=inference,
+            implementation=implementation,
+        )
 
 
 class _Stack(HaikuLayer):
@@ -479,8 +545,9 @@ class TransformerEncoder(_Stack):
         [`TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer]'s (``mask`` is its ``src_mask``)."""
         inference, dropout_key = _dropout_key(self, dropout_key)
         _check_unbatched("src", src, self.d_model, "(S, E)")
-        return self._apply(dropout_key, src, mask, src_key_padding_mask, is_causal, inference=inference,
-                           implementation=implementation)
+        return self._apply(
+            dropout_key, src, mask, src_key_padding_mask, is_causal, inference=inference, implementation=implementation
+        )
 
 
 class TransformerDecoder(_Stack):
@@ -541,9 +608,19 @@ class TransformerDecoder(_Stack):
         inference, dropout_key = _dropout_key(self, dropout_key)
         _check_unbatched("tgt", tgt, self.d_model, "(L, E)")
         _check_unbatched("memory", memory, self.d_model, "(S, E)")
-        return self._apply(dropout_key, tgt, memory, tgt_mask, memory_mask, tgt_key_padding_mask,
-                           memory_key_padding_mask, tgt_is_causal, memory_is_causal, inference=inference,
-                           implementation=implementation)
+        return self._apply(
+            dropout_key,
+            tgt,
+            memory,
+            tgt_mask,
+            memory_mask,
+            tgt_key_padding_mask,
+            memory_key_padding_mask,
+            tgt_is_causal,
+            memory_is_causal,
+            inference=inference,
+            implementation=implementation,
+        )
 
 
 class Transformer(HaikuLayer):
@@ -620,8 +697,9 @@ class Transformer(HaikuLayer):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        c = check_transformer_config(d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first,
-                                     bias)
+        c = check_transformer_config(
+            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
+        )
         n_enc = check_positive_int("num_encoder_layers", num_encoder_layers)
         n_dec = check_positive_int("num_decoder_layers", num_decoder_layers)
         self.d_model, self.nhead = c["d_model"], c["nhead"]
@@ -632,10 +710,12 @@ class Transformer(HaikuLayer):
         init = transformed(self.haiku_cls, self.haiku_name, haiku_config).init
         sd = haiku_state_dict(init(check_prng_key("key", key)), self.haiku_name)
         eps = c["layer_norm_eps"]
-        self.encoder = TransformerEncoder._from_state_dict(_sub(sd, "encoder."), layer_config, n_enc, eps,
-                                                           self.inference)
-        self.decoder = TransformerDecoder._from_state_dict(_sub(sd, "decoder."), layer_config, n_dec, eps,
-                                                           self.inference)
+        self.encoder = TransformerEncoder._from_state_dict(
+            _sub(sd, "encoder."), layer_config, n_enc, eps, self.inference
+        )
+        self.decoder = TransformerDecoder._from_state_dict(
+            _sub(sd, "decoder."), layer_config, n_dec, eps, self.inference
+        )
 
     @staticmethod
     def generate_square_subsequent_mask(sz: int, dtype=None) -> Float[Array, "sz sz"]:
@@ -666,16 +746,20 @@ class Transformer(HaikuLayer):
         enc, dec = self.encoder._config(), self.decoder._config()
         layer = dict(dict(enc)["layer"])
         norm = dict(dict(enc)["norm"] or ())
-        expected_norm = dict(normalized_shape=layer["d_model"], eps=layer["layer_norm_eps"], bias=layer["bias"],
-                             dtype=layer["dtype"])
+        expected_norm = dict(
+            normalized_shape=layer["d_model"], eps=layer["layer_norm_eps"], bias=layer["bias"], dtype=layer["dtype"]
+        )
         if dict(dict(dec)["layer"]) != layer or norm != expected_norm or dict(dict(dec)["norm"] or ()) != norm:
             raise ValueError(
                 "`encoder` and `decoder` must share one layer configuration and each end in a LayerNorm(d_model, "
                 "layer_norm_eps, bias), as built by Transformer(...): compose TransformerEncoder and "
                 "TransformerDecoder yourself for other structures."
             )
-        return (*layer.items(), ("num_encoder_layers", dict(enc)["num_layers"]),
-                ("num_decoder_layers", dict(dec)["num_layers"]))
+        return (
+            *layer.items(),
+            ("num_encoder_layers", dict(enc)["num_layers"]),
+            ("num_decoder_layers", dict(dec)["num_layers"]),
+        )
 
     def __call__(
         self,
@@ -698,6 +782,19 @@ class Transformer(HaikuLayer):
         inference, dropout_key = _dropout_key(self, dropout_key)
         _check_unbatched("src", src, self.d_model, "(S, E)")
         _check_unbatched("tgt", tgt, self.d_model, "(L, E)")
-        return self._apply(dropout_key, src, tgt, src_mask, tgt_mask, memory_mask, src_key_padding_mask,
-                           tgt_key_padding_mask, memory_key_padding_mask, src_is_causal, tgt_is_causal,
-                           memory_is_causal, inference=inference, implementation=implementation)
+        return self._apply(
+            dropout_key,
+            src,
+            tgt,
+            src_mask,
+            tgt_mask,
+            memory_mask,
+            src_key_padding_mask,
+            tgt_key_padding_mask,
+            memory_key_padding_mask,
+            src_is_causal,
+            tgt_is_causal,
+            memory_is_causal,
+            inference=inference,
+            implementation=implementation,
+        )
