@@ -14,6 +14,7 @@ six ways, a stack once per layer, so that every site draws its own pattern.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -502,7 +503,7 @@ def transformer(
     dropout_p = check_probability("dropout", dropout_p)
     dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
     k_enc, k_dec = _keys(dropout_p, dropout_key, 2)
-    common = dict(
+    common: dict[str, Any] = dict(
         num_heads=num_heads,
         activation=activation,
         layer_norm_eps=layer_norm_eps,

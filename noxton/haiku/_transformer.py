@@ -103,7 +103,7 @@ class _Layer(TorchModule):
             p.update({f"{sub}.{k}": v for k, v in getattr(self, sub).params().items()})
         return p
 
-    def _functional_kwargs(self, dropout_p, dropout_key, implementation):
+    def _functional_kwargs(self, dropout_p, dropout_key, implementation) -> dict[str, Any]:
         return dict(
             num_heads=self.nhead,
             activation=self.activation,
@@ -331,7 +331,7 @@ class _Stack(TorchModule):
             p.update({f"norm.{k}": v for k, v in self.norm.params().items()})
         return p
 
-    def _functional_kwargs(self, dropout_p, dropout_key, implementation):
+    def _functional_kwargs(self, dropout_p, dropout_key, implementation) -> dict[str, Any]:
         c = self.layer_config
         return dict(
             num_layers=self.num_layers,

@@ -147,13 +147,14 @@ class _Layer(HaikuLayer):
         """The constructor's configuration (activation as its JAX function) and dtype."""
         return {name: getattr(self, name) for name in _LAYER_CONFIG}
 
-    def _config(self):
+    def _config(self) -> tuple[tuple[str, Any], ...]:
         return tuple(self.layer_config().items())
 
     @classmethod
     def _from_torch(cls, module, decoder):
         config = transformer_layer_config_from_torch(module, decoder)
-        layer = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))
+        # `cls` is a concrete layer class, whose __init__ pyright cannot see from the base.
+        layer = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))  # pyright: ignore[reportCallIssue]
         return layer.load_state_dict(state_dict_from_torch(module))
 
 
@@ -421,7 +422,7 @@ class TransformerDecoderLayer(_Layer):
 class _Stack(HaikuLayer):
     num_layers: int = eqx.field(static=True)
 
-    _layer_cls = None
+    _layer_cls = _Layer  # the layer class: each stack sets its own
 
     def _init_stack(self, layer, num_layers, norm, arg):
         if not isinstance(layer, self._layer_cls):
@@ -442,7 +443,7 @@ class _Stack(HaikuLayer):
     def d_model(self) -> int:
         return self.layers[0].d_model
 
-    def _config(self):
+    def _config(self) -> tuple[tuple[str, Any], ...]:
         config = self.layers[0].layer_config()
         for i, layer in enumerate(self.layers):
             if not isinstance(layer, self._layer_cls) or layer.layer_config() != config:
@@ -471,9 +472,12 @@ class _Stack(HaikuLayer):
     @classmethod
     def _from_torch(cls, module, decoder):
         cfg = transformer_stack_config_from_torch(module, decoder)
-        layer = cls._layer_cls(**cfg["layer"], inference=not module.training, key=jax.random.PRNGKey(0))
+        # `cls` and `cls._layer_cls` are concrete classes, whose __init__ pyright cannot see from the base.
+        layer_cls: Any = cls._layer_cls
+        layer = layer_cls(**cfg["layer"], inference=not module.training, key=jax.random.PRNGKey(0))
         norm = None if cfg["norm"] is None else LayerNorm(**cfg["norm"], dtype=cfg["layer"]["dtype"])
-        return cls(layer, cfg["num_layers"], norm).load_state_dict(state_dict_from_torch(module))
+        stack: Any = cls(layer, cfg["num_layers"], norm)  # pyright: ignore[reportCallIssue, reportArgumentType]
+        return stack.load_state_dict(state_dict_from_torch(module))
 
 
 class TransformerEncoder(_Stack):
@@ -742,7 +746,7 @@ class Transformer(HaikuLayer):
         model = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))
         return model.load_state_dict(state_dict_from_torch(module))
 
-    def _config(self):
+    def _config(self) -> tuple[tuple[str, Any], ...]:
         enc, dec = self.encoder._config(), self.decoder._config()
         layer = dict(dict(enc)["layer"])
         norm = dict(dict(enc)["norm"] or ())
