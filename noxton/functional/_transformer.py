@@ -235,6 +235,10 @@ def transformer_decoder_layer(
     ``memory`` (``multihead_attn``, ``dropout2``, ``norm2``) and the feed-forward
     (``dropout3``, ``norm3``), post-norm or, with ``norm_first``, pre-norm.
 
+    ``num_heads``, ``activation``, ``layer_norm_eps``, ``norm_first``, ``dropout_p``,
+    ``dropout_key``, ``implementation``, as for
+    [`transformer_encoder_layer`][noxton.functional.transformer_encoder_layer].
+
     Args:
         tgt: ``[*B, L, E]``.
         memory: ``[*B, S, E]``.
@@ -246,8 +250,6 @@ def transformer_decoder_layer(
         memory_key_padding_mask: ``[*B, S]``.
         tgt_is_causal: without ``tgt_mask``, the causal mask; with one, a hint.
         memory_is_causal: likewise for ``memory_mask``.
-        num_heads, activation, layer_norm_eps, norm_first, dropout_p, dropout_key,
-            implementation: as for [`transformer_encoder_layer`][noxton.functional.transformer_encoder_layer].
 
     Returns:
         ``[*B, L, E]``.
@@ -359,17 +361,19 @@ def transformer_encoder(
     The layers run as one ``lax.scan`` over their parameters stacked at call
     time, so a deep stack compiles (and differentiates) one layer's program.
 
+    ``num_heads``, ``activation``, ``layer_norm_eps``, ``norm_first``, ``dropout_p``,
+    ``dropout_key``, ``implementation``, as for
+    [`transformer_encoder_layer`][noxton.functional.transformer_encoder_layer].
+
     Args:
         src: ``[*B, S, E]``.
         params: ``layers.{i}.*`` (each an encoder layer's keys) and optionally
             ``norm.weight``/``norm.bias``, the final LayerNorm.
         num_layers: the number of layers.
         norm_eps: the final norm's ``eps`` (default ``layer_norm_eps``).
-        mask, src_key_padding_mask, is_causal: as ``src_mask``,
-            ``src_key_padding_mask`` and ``is_causal`` of every layer (``is_causal=None``,
-            torch's default, uses ``mask`` as given).
-        num_heads, activation, layer_norm_eps, norm_first, dropout_p, dropout_key,
-            implementation: as for [`transformer_encoder_layer`][noxton.functional.transformer_encoder_layer].
+        mask: ``src_mask`` of every layer.
+        src_key_padding_mask: of every layer.
+        is_causal: of every layer (``is_causal=None``, torch's default, uses ``mask`` as given).
 
     Returns:
         ``[*B, S, E]``.
@@ -423,12 +427,14 @@ def transformer_decoder(
 ):
     """torch's ``nn.TransformerDecoder.forward``: ``num_layers`` decoder layers (one ``lax.scan``), then ``norm``.
 
+    The other arguments, as for
+    [`transformer_decoder_layer`][noxton.functional.transformer_decoder_layer] and
+    [`transformer_encoder`][noxton.functional.transformer_encoder].
+
     Args:
         tgt: ``[*B, L, E]``.
         memory: ``[*B, S, E]``.
         params: ``layers.{i}.*`` (decoder layers) and optionally ``norm.weight``/``norm.bias``.
-        The other arguments: as for [`transformer_decoder_layer`][noxton.functional.transformer_decoder_layer]
-            and [`transformer_encoder`][noxton.functional.transformer_encoder].
 
     Returns:
         ``[*B, L, E]``.
@@ -489,13 +495,14 @@ def transformer(
 ):
     """torch's ``nn.Transformer.forward``: ``decoder(tgt, encoder(src))``.
 
+    The masks and hints, as torch's, passed to
+    [`transformer_encoder`][noxton.functional.transformer_encoder] (``src_*``) and
+    [`transformer_decoder`][noxton.functional.transformer_decoder] (``tgt_*``, ``memory_*``).
+
     Args:
         src: ``[*B, S, E]``.
         tgt: ``[*B, L, E]``.
         params: ``encoder.*`` and ``decoder.*``, as ``nn.Transformer``'s ``state_dict``.
-        The masks and hints: as torch's, passed to
-            [`transformer_encoder`][noxton.functional.transformer_encoder] (``src_*``) and
-            [`transformer_decoder`][noxton.functional.transformer_decoder] (``tgt_*``, ``memory_*``).
 
     Returns:
         ``[*B, L, E]``.

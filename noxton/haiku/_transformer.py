@@ -386,8 +386,8 @@ class TransformerEncoder(_Stack):
         >>> params = f.init(jax.random.PRNGKey(0), x)
         >>> f.apply(params, None, x).shape
         (2, 5, 16)
-        >>> sorted(params)[:2]
-        ['transformer_encoder/~/layers__0/~/linear1', 'transformer_encoder/~/layers__0/~/linear2']
+        >>> " ".join(sorted(params)[:2])
+        'transformer_encoder/~/layers__0/~/linear1 transformer_encoder/~/layers__0/~/linear2'
     """
 
     _layer_cls = TransformerEncoderLayer

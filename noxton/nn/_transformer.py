@@ -189,8 +189,6 @@ class TransformerEncoderLayer(_Layer):
         norm1: a [`LayerNorm`][noxton.nn.LayerNorm].
         norm2: a [`LayerNorm`][noxton.nn.LayerNorm].
 
-        Named, shaped and initialised as torch's, so ``torch_state_dict`` and
-        ``load_state_dict`` use torch's keys (``self_attn.in_proj_weight``, ``linear1.weight``, ``norm1.bias``).
 
     Shape:
         - src: ``(S, E)``; output: ``(S, E)``.
@@ -212,8 +210,8 @@ class TransformerEncoderLayer(_Layer):
         >>> x = jax.random.normal(key, (10, 16))
         >>> layer(x, is_causal=True, dropout_key=key).shape
         (10, 16)
-        >>> sorted(layer.state_dict())[:3]
-        ['linear1.bias', 'linear1.weight', 'linear2.bias']
+        >>> " ".join(sorted(layer.state_dict())[:3])
+        'linear1.bias linear1.weight linear2.bias'
     """
 
     self_attn: MultiheadAttention
