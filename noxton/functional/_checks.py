@@ -119,11 +119,11 @@ def check_inference(value: Any, frontend: str) -> bool:
     return bool(value)
 
 
-def check_heads(embed_dim: int, num_heads: int) -> None:
+def check_heads(embed_dim: int, num_heads: int, names: tuple[str, str] = ("embed_dim", "num_heads")) -> None:
+    """The width must split evenly over the heads (``names``: how the caller's API calls the two)."""
     if embed_dim % num_heads:
-        raise ValueError(
-            f"`embed_dim` must be divisible by `num_heads`, got embed_dim={embed_dim} and num_heads={num_heads}."
-        )
+        e, h = names
+        raise ValueError(f"`{e}` must be divisible by `{h}`, got {e}={embed_dim} and {h}={num_heads}.")
 
 
 def check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim) -> dict:
@@ -160,8 +160,7 @@ def check_transformer_config(
 
     d_model = check_positive_int("d_model", d_model)
     nhead = check_positive_int("nhead", nhead)
-    if d_model % nhead:
-        raise ValueError(f"`d_model` must be divisible by `nhead`, got d_model={d_model} and nhead={nhead}.")
+    check_heads(d_model, nhead, ("d_model", "nhead"))
     return dict(
         d_model=d_model,
         nhead=nhead,
