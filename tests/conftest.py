@@ -2,24 +2,20 @@ import os
 import warnings
 
 import jax
-import numpy as np
 import pytest
+
+# Eight CPU devices for the multi-device tests (tests/test_sharding.py), set before JAX starts its
+# backend: jax_num_cpu_devices where this JAX has it, the XLA flag on the older ones (0.4.38).
+# Everything else runs on the first device, as it would with one.
+try:
+    jax.config.update("jax_num_cpu_devices", 8)
+except AttributeError:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
 
 # Strictness as in Equinox's own test-suite: no implicit dtype promotion, no
 # implicit rank promotion, so that nothing in noxton broadcasts silently.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
-
-try:
-    import torch
-except ImportError:  # the newest JAX runs on Python 3.12+, where no CPU torch wheel is at hand
-    torch = None
-else:
-    torch.set_num_threads(int(os.environ.get("NOXTON_TEST_TORCH_THREADS", "1")))
-
-requires_torch = pytest.mark.skipif(
-    torch is None, reason="torch==2.13.0 is not installed (its CPU wheel exists for Python 3.11 only)"
-)
 
 
 @pytest.fixture
@@ -36,13 +32,6 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", old)
-
-
-def assert_close(actual, expected, atol, name=""):
-    actual = np.asarray(actual, dtype=np.float64)
-    expected = np.asarray(expected, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{name}: shape {actual.shape} != {expected.shape}"
-    np.testing.assert_allclose(actual, expected, rtol=0, atol=atol, err_msg=name)
 
 
 warnings.filterwarnings("ignore", message=".*jax.*deprecated.*", category=DeprecationWarning)

@@ -8,17 +8,18 @@ respect to the inputs and every parameter, by torch name.
 
 from __future__ import annotations
 
-import equinox as eqx
-import haiku as hk
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, requires_torch, torch
-from torch_reference import grid, random_bool_mask, random_float_mask, torch_mha
-
-import noxton.haiku as nxhk
-from noxton.nn import MultiheadAttention
+from helpers import (
+    MHA_RUNNERS,
+    assert_close,
+    grid,
+    random_bool_mask,
+    random_float_mask,
+    requires_torch,
+    torch,
+    torch_mha,
+)
 
 pytestmark = requires_torch
 
@@ -65,7 +66,7 @@ def make_case(struct, mask_case, np_dtype, seed=0):
     )
     q = rng.normal(size=(N, L, E)).astype(np_dtype)
     if struct["dims"] == "self":
-        k = v = q
+        k = v = None  # self-attention: the same array is passed as query, key and value
     else:
         k = rng.normal(size=(N, S, kdim)).astype(np_dtype)
         v = rng.normal(size=(N, S, vdim)).astype(np_dtype)
@@ -91,11 +92,9 @@ def make_case(struct, mask_case, np_dtype, seed=0):
 def torch_run(cfg, case, need_weights, average, tdtype):
     """torch outputs and gradients for loss = <out, R1> + <weights, R2>."""
     tm = torch_mha(cfg, tdtype)
-    for p in tm.parameters():
-        p.grad = None
     t = lambda a: None if a is None else torch.tensor(a)  # noqa: E731
     q = t(case["q"]).requires_grad_()
-    if case["k"] is case["q"]:
+    if case["k"] is None:
         k = v = q
     else:
         k, v = t(case["k"]).requires_grad_(), t(case["v"]).requires_grad_()
@@ -136,97 +135,22 @@ def torch_run(cfg, case, need_weights, average, tdtype):
     )
 
 
-def loss_fn(out, w, r_out, r_w):
-    loss = jnp.sum(out * r_out)
-    if w is not None:
-        loss = loss + jnp.sum(w * r_w)
-    return loss
+WEIGHT_MODES = [(True, True), (True, False), (False, True)]
 
 
-def equinox_run(cfg, case, sd, need_weights, average, r_out, r_w, key, implementation="auto"):
-    mha = MultiheadAttention(**cfg, key=key, dtype=case["q"].dtype).load_state_dict(sd)
-    self_attn = case["k"] is case["q"]
-    kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
-    attn = None if case["attn"] is None else jnp.asarray(case["attn"])
-
-    def forward(m, q, k, v):
-        def one(q, k, v, kpm):
-            if self_attn:
-                k = v = q
-            return m(
-                q,
-                k,
-                v,
-                key_padding_mask=kpm,
-                need_weights=need_weights,
-                attn_mask=attn,
-                average_attn_weights=average,
-                is_causal=case["is_causal"],
-                implementation=implementation,
-            )
-
-        return jax.vmap(one)(q, k, v, kpm)
-
-    q, k, v = (jnp.asarray(case[n]) for n in "qkv")
-
-    def loss(args):
-        out, w = forward(*args)
-        return loss_fn(out, w, r_out, r_w)
-
-    out, w = forward(mha, q, k, v)
-    g_mha, gq, gk, gv = eqx.filter_grad(loss)((mha, q, k, v))
-    grads = {"query": gq} if self_attn else {"query": gq, "key": gk, "value": gv}
-    grads.update({f"param.{n}": a for n, a in g_mha.state_dict().items()})
-    return out, w, grads
-
-
-def haiku_run(cfg, case, sd, need_weights, average, r_out, r_w, key, implementation="auto"):
-    self_attn = case["k"] is case["q"]
-
-    def forward(q, k, v):
-        if self_attn:
-            k = v = q
-        mha = nxhk.MultiheadAttention(**cfg, dtype=case["q"].dtype)
-        return mha(
-            q,
-            k,
-            v,
-            key_padding_mask=kpm,
+def check_case(front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, modes=WEIGHT_MODES, implementation="auto"):
+    cfg, case = make_case(struct, mask_case, np_dtype)
+    for need_weights, average in modes:
+        sd, t_out, t_w, t_grads, r_out, r_w = torch_run(cfg, case, need_weights, average, tdtype)
+        call = dict(
             need_weights=need_weights,
-            attn_mask=attn,
             average_attn_weights=average,
             is_causal=case["is_causal"],
             implementation=implementation,
         )
-
-    kpm = None if case["kpm"] is None else jnp.asarray(case["kpm"])
-    attn = None if case["attn"] is None else jnp.asarray(case["attn"])
-    f = hk.transform(forward)
-    q, k, v = (jnp.asarray(case[n]) for n in "qkv")
-    params = f.init(key, q, k, v)
-    params = nxhk.state_dict_to_params(params, sd, "multihead_attention")
-    out, w = f.apply(params, None, q, k, v)
-
-    def loss(params, q, k, v):
-        return loss_fn(*f.apply(params, None, q, k, v), r_out, r_w)
-
-    gp, gq, gk, gv = jax.grad(loss, argnums=(0, 1, 2, 3))(params, q, k, v)
-    grads = {"query": gq} if self_attn else {"query": gq, "key": gk, "value": gv}
-    grads.update({f"param.{n}": a for n, a in nxhk.params_to_state_dict(gp, "multihead_attention").items()})
-    return out, w, grads
-
-
-RUNNERS = {"equinox": equinox_run, "haiku": haiku_run}
-WEIGHT_MODES = [(True, True), (True, False), (False, True)]
-
-
-def check_case(
-    front, struct, mask_case, np_dtype, tdtype, atol, grad_atol, key, modes=WEIGHT_MODES, implementation="auto"
-):
-    cfg, case = make_case(struct, mask_case, np_dtype)
-    for need_weights, average in modes:
-        sd, t_out, t_w, t_grads, r_out, r_w = torch_run(cfg, case, need_weights, average, tdtype)
-        out, w, grads = RUNNERS[front](cfg, case, sd, need_weights, average, r_out, r_w, key, implementation)
+        out, w, grads = MHA_RUNNERS[front](
+            cfg, sd, np_dtype, *(case[n] for n in ("q", "k", "v", "kpm", "attn")), call, r_out, r_w
+        )
         tag = f"need_weights={need_weights} average={average}"
         assert_close(out, t_out, atol, f"output ({tag})")
         if need_weights:
@@ -242,22 +166,22 @@ def check_case(
 @pytest.mark.parametrize("mask_case", MASKS)
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
 @pytest.mark.parametrize("front", ["equinox", "haiku"])
-def test_parity_float32(front, struct, mask_case, key):
-    check_case(front, struct, mask_case, np.float32, torch.float32, 1e-5, 1e-4, key)
+def test_parity_float32(front, struct, mask_case):
+    check_case(front, struct, mask_case, np.float32, torch.float32, 1e-5, 1e-4)
 
 
 @pytest.mark.cross_product
 @pytest.mark.parametrize("mask_case", ["none", "both_bool", "heads_float", "causal_kpm"])
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
 @pytest.mark.parametrize("front", ["equinox", "haiku"])
-def test_parity_float64(front, struct, mask_case, key, x64):
-    check_case(front, struct, mask_case, np.float64, torch.float64, 1e-10, 1e-10, key)
+def test_parity_float64(front, struct, mask_case, x64):
+    check_case(front, struct, mask_case, np.float64, torch.float64, 1e-10, 1e-10)
 
 
 @pytest.mark.parametrize("implementation", ["blockwise", "fused"])
 @pytest.mark.parametrize("mask_case", ["both_float", "heads_bool", "causal_kpm"])
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)
-def test_parity_forced_paths(struct, mask_case, implementation, key):
+def test_parity_forced_paths(struct, mask_case, implementation):
     """The memory-efficient and fused paths (need_weights=False) against torch too, not only against dense."""
     check_case(
         "equinox",
@@ -267,7 +191,6 @@ def test_parity_forced_paths(struct, mask_case, implementation, key):
         torch.float32,
         1e-5,
         1e-4,
-        key,
         modes=[(False, True)],
         implementation=implementation,
     )

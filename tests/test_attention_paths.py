@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from helpers import assert_close
 from jax.test_util import check_grads
 
 import noxton.functional._blockwise as blockwise_module
@@ -311,6 +311,7 @@ def test_auto_picks_blockwise_for_large_score_matrices():
         assert select(tgt_len=big, src_len=big, backend=backend) == "blockwise"
         # ... training included (blockwise dropout), where dense would hold the scores.
         assert select(tgt_len=big, src_len=big, backend=backend, dropout_p=0.1) == "blockwise"
+    # The example: a GPU in float32 at B=64, L=2048, H=8 (the batch counts, vmap axes included).
     assert select(batch=64, tgt_len=2048, src_len=2048, backend="gpu") == "blockwise"
     # The fused path (XLA's composition unless cuDNN is named) holds the scores: half precision too.
     assert select(tgt_len=big, src_len=big, backend="gpu", dtype=jnp.bfloat16) == "blockwise"
@@ -325,6 +326,10 @@ def test_auto_small_and_medium():
     # GPU/TPU: the fused kernel.
     assert select(backend="gpu") == "fused"
     assert select(backend="tpu") == "fused"
+    assert select(tgt_len=2048, src_len=2048, backend="gpu", dtype=jnp.bfloat16) == "fused"
+    # float64 never goes fused: its softmax would run in float32.
+    for backend in ("gpu", "tpu"):
+        assert select(tgt_len=2048, src_len=2048, backend=backend, dtype=jnp.float64) == "dense"
     assert select(backend="gpu", dropout_p=0.1) == "dense"
     # Weights are only materialised by the dense path.
     for backend in ("cpu", "gpu"):

@@ -18,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close
+from helpers import assert_close
 
 import noxton.functional._attention as attention_module
 import noxton.haiku as nxhk
-from noxton.functional import select_implementation
 from noxton.functional._vmapped import vmapped_size
 from noxton.nn import MultiheadAttention
 
@@ -71,18 +70,6 @@ def test_both_front_ends_take_the_same_path(decisions, shape, path):
     decisions.clear()
     eqx.filter_jit(_equinox)(_layer(), x)
     assert haiku_calls[-1] == decisions[-1] == (int(np.prod(shape)), path)
-
-
-def test_the_decision_is_a_pure_function_of_static_facts():
-    """The issue's example: a GPU in float32 at B=64, L=2048, H=8 is one decision for both front ends."""
-    kw = dict(need_weights=False, dropout_p=0.0, num_heads=8, tgt_len=2048, src_len=2048, dtype=jnp.float32)
-    assert select_implementation("auto", batch=64, backend="gpu", **kw) == "blockwise"
-    assert select_implementation("auto", batch=1, backend="gpu", **kw) == "fused"
-    # float64 never goes fused: its softmax would run in float32.
-    for backend in ("gpu", "tpu"):
-        assert select_implementation("auto", batch=1, backend=backend, **{**kw, "dtype": jnp.float64}) == "dense"
-    assert select_implementation("auto", batch=1, backend="gpu", **{**kw, "dtype": jnp.bfloat16}) == "fused"
-    assert select_implementation("auto", batch=64, backend="gpu", **{**kw, "dtype": jnp.bfloat16}) == "blockwise"
 
 
 def test_vmapped_size_counts_every_mapping_axis():

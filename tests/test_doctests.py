@@ -14,7 +14,7 @@ import pkgutil
 import re
 
 import pytest
-from conftest import torch
+from helpers import torch
 
 import noxton
 

@@ -1,4 +1,5 @@
-"""noxton.nn layers behave as Equinox modules: API.md examples, leaves, static fields, jit, vmap."""
+"""noxton.nn layers behave as Equinox modules: API.md examples, leaves, static fields, jit, inference mode
+(vmap: test_transforms.py)."""
 
 from __future__ import annotations
 
@@ -71,23 +72,6 @@ def test_attributes_drive_the_computation(key):
     np.testing.assert_array_equal(out, jnp.broadcast_to(mha.out_proj.bias, (3, 8)))
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
-def test_param_dtype(key, dtype):
-    for layer in (MultiheadAttention(8, 2, key=key, dtype=dtype), SqueezeExcitation(8, 2, key=key, dtype=dtype)):
-        assert {a.dtype for a in jax.tree_util.tree_leaves(eqx.filter(layer, eqx.is_array))} == {jnp.dtype(dtype)}
-
-
-def test_vmap_matches_loop(key):
-    mha = MultiheadAttention(8, 2, key=key)
-    q = jax.random.normal(key, (3, 5, 8))
-    kpm = jnp.array([[False] * 5, [False, False, True, True, False], [True, False, False, False, False]])
-    out, w = jax.vmap(lambda q, m: mha(q, q, q, key_padding_mask=m))(q, kpm)
-    for i in range(3):
-        o, ww = mha(q[i], q[i], q[i], key_padding_mask=kpm[i])
-        np.testing.assert_allclose(out[i], o, atol=1e-6)
-        np.testing.assert_allclose(w[i], ww, atol=1e-6)
-
-
 def test_same_settings_share_one_compiled_function(key):
     traces = []
 
@@ -120,6 +104,8 @@ def test_inference_mode_switches_dropout_off(key):
     out, w = inf(q, q, q)  # no key needed
     ref_out, ref_w = plain(q, q, q)
     assert jnp.array_equal(out, ref_out) and jnp.array_equal(w, ref_w)
+    out, w = inf(q, q, q, dropout_key=jax.random.PRNGKey(1))  # a key given in inference mode is ignored
+    assert jnp.array_equal(out, ref_out) and jnp.array_equal(w, ref_w)
     back = eqx.nn.inference_mode(inf, value=False)
     with pytest.raises(ValueError, match="dropout=0.5 is active but no"):
         back(q, q, q)
@@ -139,15 +125,6 @@ def test_grad_through_filter_jit(key):
     grads = g(mha)
     assert sorted(grads.state_dict()) == sorted(mha.state_dict())
     assert all(np.isfinite(v).all() and np.abs(v).sum() > 0 for v in grads.state_dict().values())
-
-
-def test_rank_errors_point_to_vmap(key):
-    mha = MultiheadAttention(8, 2, key=key)
-    with pytest.raises(ValueError, match=r"`query` must have shape \(L, E\), got shape \(2, 4, 8\).*jax.vmap"):
-        mha(jnp.ones((2, 4, 8)), jnp.ones((2, 4, 8)), jnp.ones((2, 4, 8)))
-    se = SqueezeExcitation(8, 2, key=key)
-    with pytest.raises(ValueError, match=r"`x` must have shape \(C, H, W\), got shape \(2, 8, 3, 3\).*jax.vmap"):
-        se(jnp.ones((2, 8, 3, 3)))
 
 
 def test_plain_jax_jit_explains_filter_jit(key):

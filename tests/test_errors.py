@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import trees_equal
 
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention, SqueezeExcitation
@@ -76,10 +77,6 @@ def _load(layer_name, edit):
 
 def _drop(key):
     return lambda sd: {k: v for k, v in sd.items() if k != key}
-
-
-def _add(key, value):
-    return lambda sd: {**sd, key: value}
 
 
 def _reshape(key, shape):
@@ -198,7 +195,7 @@ CASES = [
         "query_rank3",
         *_call("mha", query=jnp.ones((2, L, E))),
         ValueError,
-        r"`query` must have shape \(L, E\).*jax\.vmap",
+        r"`query` must have shape \(L, E\), got shape \(2, 3, 8\).*jax\.vmap",
     ),
     ("query_rank1", *_call("mha", query=jnp.ones((E,))), ValueError, r"`query` must have shape \(L, E\)"),
     ("query_int", *_call("mha", query=jnp.ones((L, E), jnp.int32)), TypeError, r"`query` must have a floating dtype"),
@@ -231,7 +228,7 @@ CASES = [
         "dropout_without_key",
         *_call("mha_drop"),
         ValueError,
-        r"dropout=0.5 is active but no dropout key.*`dropout_key=`",
+        r"dropout=0\.5 is active but no dropout key was given: pass `dropout_key=`",
     ),
     ("dropout_key_str", *_call("mha_drop", dropout_key="seed"), TypeError, r"`dropout_key` must be a PRNG key"),
     # --- call: masks -----------------------------------------------------------------------
@@ -282,25 +279,17 @@ CASES = [
     ("haiku_inference_str", *_haiku_apply({}, dict(inference="no")), TypeError, r"`inference` must be a Python bool"),
     # --- call: SqueezeExcitation --------------------------------------------------------
     ("se_x_rank2", *_se_call(jnp.ones((C, 3))), ValueError, r"`x` must have shape \(C, H, W\)"),
-    ("se_x_rank4", *_se_call(jnp.ones((1, C, 3, 3))), ValueError, r"`x` must have shape \(C, H, W\).*jax\.vmap"),
+    (
+        "se_x_rank4",
+        *_se_call(jnp.ones((1, C, 3, 3))),
+        ValueError,
+        r"`x` must have shape \(C, H, W\), got shape \(1, 6, 3, 3\).*jax\.vmap",
+    ),
     ("se_x_channels", *_se_call(jnp.ones((C + 1, 3, 3))), ValueError, r"`x` must have input_channels=6"),
     ("se_x_int", *_se_call(jnp.ones((C, 3, 3), jnp.int32)), TypeError, r"`x` must have a floating dtype"),
     ("se_activation_str", *_se_call(activation="relu"), TypeError, r"`activation` must be a callable"),
     ("se_scale_activation_int", *_se_call(scale_activation=3), TypeError, r"`scale_activation` must be a callable"),
     # --- state_dict loading --------------------------------------------------------------
-    ("sd_missing", *_load("mha", _drop("in_proj_bias")), ValueError, r"missing keys: in_proj_bias"),
-    (
-        "sd_unexpected",
-        *_load("mha", _add("bias_k", np.zeros((1, 1, E), np.float32))),
-        ValueError,
-        r"unexpected keys: bias_k",
-    ),
-    (
-        "sd_misshapen",
-        *_load("mha", _reshape("out_proj.weight", (E, E + 1))),
-        ValueError,
-        r"size mismatch for out_proj\.weight: expected shape \(8, 8\), got \(8, 9\)",
-    ),
     (
         "sd_packed_into_separate",
         *_load(
@@ -340,12 +329,6 @@ def _snapshot(layer):
     return jax.tree_util.tree_map(lambda a: np.array(a, copy=True), eqx.filter(layer, eqx.is_array))
 
 
-def _same(a, b):
-    la, ta = jax.tree_util.tree_flatten(a)
-    lb, tb = jax.tree_util.tree_flatten(b)
-    return ta == tb and all(x.dtype == y.dtype and np.array_equal(x, y) for x, y in zip(la, lb, strict=True))
-
-
 @pytest.fixture(scope="module")
 def layers():
     return _layers()
@@ -370,5 +353,5 @@ def test_bad_input_raises_and_leaves_layer_unchanged(case, layers):
     with pytest.raises(exc, match=pattern):
         run(layers)
     if layer is not None:
-        assert _same(_snapshot(layer), before), "the failed call changed the layer's parameters"
+        assert trees_equal(_snapshot(layer), before), "the failed call changed the layer's parameters"
         np.testing.assert_array_equal(np.asarray(_reference_output(layer_name, layer)), before_out)

@@ -31,19 +31,11 @@ sizes 1 to 3, 1 to 4 heads and any kdim/vdim from 1 to 7.
 
 from __future__ import annotations
 
-import equinox as eqx
-import haiku as hk
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import requires_torch, torch
+from helpers import MHA_RUNNERS, assert_close, requires_torch, torch, torch_mha
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from torch_reference import torch_mha
-
-import noxton.haiku as nxhk
-from noxton.nn import MultiheadAttention
 
 pytestmark = requires_torch
 
@@ -256,83 +248,8 @@ def torch_reference(c, cfg, q, k, v, kpm, attn, r_out, r_w):
     return tm.state_dict(), ref_out, ref_w, grads, nan_rows
 
 
-def _loss(out, w, r_out, r_w):
-    total = jnp.sum(out * r_out)
-    return total + jnp.sum(w * r_w) if w is not None else total
-
-
-def run_equinox(c, cfg, sd, q, k, v, kpm, attn, r_out, r_w):
-    mha = MultiheadAttention(**cfg, key=jax.random.PRNGKey(c["seed"]), dtype=jnp.float64).load_state_dict(sd)
-    kpm = None if kpm is None else jnp.asarray(kpm)
-    attn = None if attn is None else jnp.asarray(attn)
-    attn_axis = 0 if c["attn_shape"] == "NHLS" else None
-
-    def forward(m, q, k, v):
-        def one(q, k, v, kpm, attn):
-            if c["self_attn"]:
-                k = v = q
-            return m(
-                q,
-                k,
-                v,
-                key_padding_mask=kpm,
-                need_weights=c["need_weights"],
-                attn_mask=attn,
-                average_attn_weights=c["average_attn_weights"],
-                is_causal=c["is_causal"],
-            )
-
-        return jax.vmap(one, in_axes=(0, 0, 0, 0, attn_axis))(q, k, v, kpm, attn)
-
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    out, w = forward(mha, q, k, v)
-    g_m, gq, gk, gv = eqx.filter_grad(lambda a: _loss(*forward(*a), r_out, r_w))((mha, q, k, v))
-    grads = {"query": gq} if c["self_attn"] else {"query": gq, "key": gk, "value": gv}
-    grads.update({f"param.{n}": a for n, a in g_m.state_dict().items()})
-    return out, w, grads
-
-
-def run_haiku(c, cfg, sd, q, k, v, kpm, attn, r_out, r_w):
-    kpm = None if kpm is None else jnp.asarray(kpm)
-    attn = None if attn is None else jnp.asarray(attn)
-
-    def forward(q, k, v):
-        if c["self_attn"]:
-            k = v = q
-        return nxhk.MultiheadAttention(**cfg, dtype=jnp.float64)(
-            q,
-            k,
-            v,
-            key_padding_mask=kpm,
-            need_weights=c["need_weights"],
-            attn_mask=attn,
-            average_attn_weights=c["average_attn_weights"],
-            is_causal=c["is_causal"],
-        )
-
-    f = hk.transform(forward)
-    q, k, v = jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)
-    params = nxhk.state_dict_to_params(f.init(jax.random.PRNGKey(0), q, k, v), sd, "multihead_attention")
-    out, w = f.apply(params, None, q, k, v)
-    g_p, gq, gk, gv = jax.grad(lambda p, q, k, v: _loss(*f.apply(p, None, q, k, v), r_out, r_w), argnums=(0, 1, 2, 3))(
-        params, q, k, v
-    )
-    grads = {"query": gq} if c["self_attn"] else {"query": gq, "key": gk, "value": gv}
-    grads.update({f"param.{n}": a for n, a in nxhk.params_to_state_dict(g_p, "multihead_attention").items()})
-    return out, w, grads
-
-
-def _close(actual, expected, what):
-    actual = np.asarray(actual, dtype=np.float64)
-    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    np.testing.assert_allclose(actual, expected, rtol=RTOL, atol=ATOL, err_msg=what)
-
-
-RUNNERS = {"equinox": run_equinox, "haiku": run_haiku}
-
-
 # One test per front end (each runs the whole profile), so that xdist can run them side by side.
-@pytest.mark.parametrize("front", list(RUNNERS))
+@pytest.mark.parametrize("front", list(MHA_RUNNERS))
 @settings(suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(c=cases())
 def test_random_configurations_match_torch(front, c, x64):
@@ -346,10 +263,14 @@ def test_random_configurations_match_torch(front, c, x64):
     r_w = rng.normal(size=w_shape) if c["need_weights"] else None
     sd, t_out, t_w, t_grads, nan_rows = torch_reference(c, cfg, q, k, v, kpm, attn, r_out, r_w)
 
-    out, w, grads = RUNNERS[front](c, cfg, sd, q, k, v, kpm, attn, r_out, r_w)
-    _close(out, t_out, f"{front} output")
+    call = dict(
+        need_weights=c["need_weights"], average_attn_weights=c["average_attn_weights"], is_causal=c["is_causal"]
+    )
+    kv = (None, None) if c["self_attn"] else (k, v)
+    out, w, grads = MHA_RUNNERS[front](cfg, sd, np.float64, q, *kv, kpm, attn, call, r_out, r_w)
+    assert_close(out, t_out, ATOL, f"{front} output", rtol=RTOL)
     if c["need_weights"]:
-        _close(w, t_w, f"{front} weights")
+        assert_close(w, t_w, ATOL, f"{front} weights", rtol=RTOL)
         if nan_rows is not None and not c["average_attn_weights"]:
             assert (np.asarray(w)[nan_rows] == 0.0).all(), f"{front}: fully masked rows must be exactly zero"
     else:
@@ -357,12 +278,4 @@ def test_random_configurations_match_torch(front, c, x64):
     assert sorted(grads) == sorted(t_grads), front
     for name, g in t_grads.items():
         assert np.isfinite(np.asarray(grads[name])).all(), f"{front} grad {name} not finite"
-        _close(grads[name], g, f"{front} grad {name}")
-
-
-def test_profile_is_registered(pytestconfig):
-    """The CI profile, loaded unless another is named, runs at least 300 examples (the long one more)."""
-    requested = pytestconfig.getoption("hypothesis_profile", None) or "ci"
-    assert settings.default.max_examples == settings.get_profile(requested).max_examples
-    assert settings.get_profile("ci").max_examples >= 300
-    assert settings.get_profile("long").max_examples >= 5000
+        assert_close(grads[name], g, ATOL, f"{front} grad {name}", rtol=RTOL)

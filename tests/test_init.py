@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import requires_torch, torch
+from helpers import requires_torch, torch
 
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention, SqueezeExcitation
@@ -160,7 +160,7 @@ def test_squeeze_excitation_distributions():
 
 @requires_torch
 def test_squeeze_excitation_matches_torch_conv2d():
-    from torch_reference import TorchSqueezeExcitation
+    from helpers import TorchSqueezeExcitation
 
     sd = SqueezeExcitation(SE_C, SE_Q, key=jax.random.PRNGKey(5)).state_dict()
     torch.manual_seed(0)

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import requires_torch, torch
+from helpers import requires_torch, torch, torch_mha
 
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention
@@ -96,11 +96,7 @@ def test_haiku_fully_masked_rows(key, kind):
 def test_documented_difference_from_torch(key, kind):
     """torch: NaN rows with need_weights=True, the output bias with need_weights=False; noxton: the latter always."""
     kpm, attn, dead = masks(kind)
-    torch.manual_seed(0)
-    tm = torch.nn.MultiheadAttention(E, 2, batch_first=True).eval()
-    with torch.no_grad():
-        for p in tm.parameters():
-            p.uniform_(-0.5, 0.5)
+    tm = torch_mha(dict(embed_dim=E, num_heads=2, bias=True, add_bias_kv=False, add_zero_attn=False), torch.float32)
     mha = MultiheadAttention(E, 2, key=key).load_state_dict(tm.state_dict())
     q = np.random.default_rng(0).normal(size=(L, E)).astype(np.float32)
     kv = np.random.default_rng(1).normal(size=(S, E)).astype(np.float32)

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import requires_torch, torch
+from helpers import requires_torch, torch
 
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention, SqueezeExcitation

@@ -4,7 +4,7 @@ import pathlib
 import re
 
 import pytest
-from conftest import torch
+from helpers import torch
 
 README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)

@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from torch_reference import grid, random_bool_mask, random_float_mask
+from helpers import grid, random_bool_mask, random_float_mask
 
 import noxton.haiku as nxhk
 from noxton._reference import mha_reference, se_reference

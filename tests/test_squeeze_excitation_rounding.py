@@ -11,8 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import requires_torch, torch
-from torch_reference import TorchSqueezeExcitation
+from helpers import TorchSqueezeExcitation, requires_torch, torch
 
 from noxton.nn import SqueezeExcitation
 

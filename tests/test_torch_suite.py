@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch_suite as ts
-from conftest import assert_close, requires_torch, torch
+from helpers import assert_close, requires_torch, torch
 
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention
@@ -411,7 +411,7 @@ def test_multiheadattention_fastpath_attn_mask(attn_mask_dim, key_padding_mask_d
 def test_random_draws_with_biases_no_less_exact_than_torch(dtype):
     """20 draws of a module with every parameter random (``torch_reference.torch_mha``): against float64,
     noxton's mean error is no larger than torch's in the median, on every path and front end."""
-    from torch_reference import torch_mha
+    from helpers import torch_mha
 
     cfg = dict(embed_dim=16, num_heads=4, bias=True, add_bias_kv=False, add_zero_attn=False)
     ratios = {}

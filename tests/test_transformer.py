@@ -18,8 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import assert_close, requires_torch, torch
-from torch_reference import grid
+from helpers import assert_close, grid, requires_torch, torch
 
 import noxton.functional as nxF
 import noxton.haiku as nxhk

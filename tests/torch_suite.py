@@ -24,7 +24,7 @@ import haiku as hk
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import torch
+from helpers import torch
 
 import noxton.haiku as nxhk
 from noxton.haiku import state_dict_to_params
