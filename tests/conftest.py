@@ -69,6 +69,29 @@ def pytest_configure(config):
     config.addinivalue_line(
         "markers", "cross_product: one case of a full cross-product of options (see --cross-product-sample)"
     )
+    config.addinivalue_line(
+        "markers",
+        "own_errors: asserts noxton's own error messages, so runs without jaxtyping's run-time checks (see _typecheck)",
+    )
+
+
+@pytest.fixture(autouse=True)
+def _typecheck(request):
+    """The suite runs with jaxtyping's run-time checks of noxton's annotations (``--jaxtyping-packages``
+    in setup.cfg), as Equinox's does. A test marked ``own_errors`` feeds noxton bad input on purpose
+    and asserts the message that users, who run without a type checker, get from noxton's own checks:
+    for it the run-time checks are off, where they would answer first with the annotation's verdict."""
+    if request.node.get_closest_marker("own_errors") is None:
+        yield
+        return
+    import jaxtyping
+
+    before = jaxtyping.config.jaxtyping_disable
+    jaxtyping.config.update("jaxtyping_disable", True)
+    try:
+        yield
+    finally:
+        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -353,6 +353,7 @@ def test_fused_with_dropout_raises():
         select("fused", dropout_p=0.1)
 
 
+@pytest.mark.own_errors
 @pytest.mark.parametrize("bad", ["flash", "", None, 3, "Dense"])
 def test_bad_implementation_raises(bad):
     with pytest.raises(

@@ -140,6 +140,7 @@ def test_plain_jax_jit_explains_filter_jit(key):
     [(None, "NoneType"), (jnp.ones((3,)), "an array of dtype float32 and shape \\(3,\\)"), (7, "int")],
     ids=["none", "float-array", "int"],
 )
+@pytest.mark.own_errors
 def test_keys_are_validated_and_named(key, bad, got):
     with pytest.raises(TypeError, match=f"`key` must be a PRNG key.*got {got}"):
         MultiheadAttention(8, 2, key=bad)

@@ -21,6 +21,9 @@ from helpers import trees_equal
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention, SqueezeExcitation
 
+# Every row asserts noxton's own message, with the run-time type checks off (conftest.py).
+pytestmark = pytest.mark.own_errors
+
 E, H, L, S, C = 8, 2, 3, 4, 6
 K0 = jax.random.PRNGKey(0)
 

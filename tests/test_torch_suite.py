@@ -282,6 +282,7 @@ def test_multihead_attn_no_bias_and_separate_weights(dtype, x64):
     )
 
 
+@pytest.mark.own_errors
 def test_multihead_attn_invalid_shape():
     """``test_multihead_attn_invalid_shape``: each malformed call is refused at trace time, naming the argument."""
     mha = MultiheadAttention(4, 4, key=jax.random.PRNGKey(0))

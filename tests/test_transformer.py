@@ -663,6 +663,7 @@ ERRORS = {
 }
 
 
+@pytest.mark.own_errors
 @pytest.mark.parametrize("case", list(ERRORS))
 def test_errors_name_the_argument(case):
     run, exc, pattern = ERRORS[case]

@@ -68,6 +68,7 @@ class Masks:
 def _additive(name: str, mask, dtype):
     if not hasattr(mask, "dtype") or not hasattr(mask, "shape"):
         raise TypeError(f"`{name}` must be a bool or floating array, got {type(mask).__name__}.")
+    mask = jnp.asarray(mask)  # a NumPy mask becomes a JAX array here, as Masks holds
     if mask.dtype == jnp.bool_:
         return jnp.where(mask, -jnp.inf, 0.0).astype(dtype)
     if jnp.issubdtype(mask.dtype, jnp.floating):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import haiku as hk
 import jax
+from jax.typing import ArrayLike
 
 from noxton.functional import multi_head_attention
 from noxton.functional._checks import check_dropout_key, check_inference, check_mha_config
@@ -119,12 +120,12 @@ class MultiheadAttention(TorchModule):
 
     def __call__(
         self,
-        query: jax.Array,
-        key: jax.Array,
-        value: jax.Array,
-        key_padding_mask: jax.Array | None = None,
+        query: ArrayLike,
+        key: ArrayLike,
+        value: ArrayLike,
+        key_padding_mask: ArrayLike | None = None,
         need_weights: bool = True,
-        attn_mask: jax.Array | None = None,
+        attn_mask: ArrayLike | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
         *,

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+from jax.typing import ArrayLike
 
 from noxton.functional import squeeze_excitation
 from noxton.functional._activations import check_activation
@@ -73,7 +74,7 @@ class SqueezeExcitation(TorchModule):
 
     def __call__(
         self,
-        x: jax.Array,
+        x: ArrayLike,
         activation: Callable[[jax.Array], jax.Array] | None = None,
         scale_activation: Callable[[jax.Array], jax.Array] | None = None,
     ) -> jax.Array:

@@ -8,7 +8,7 @@ from typing import Any
 
 import haiku as hk
 import jax
-from jaxtyping import Array, Bool, Float
+from jaxtyping import Array, ArrayLike, Bool, Float
 
 from noxton.functional import _transformer as F
 from noxton.functional._checks import (
@@ -29,7 +29,7 @@ from noxton.interop._from_torch import (
 )
 from noxton.interop._keys import haiku_module_name
 
-Mask = Bool[Array, "..."] | Float[Array, "..."] | None
+Mask = Bool[ArrayLike, "..."] | Float[ArrayLike, "..."] | None
 
 
 def _dropout_key(module, inference: bool):
@@ -175,7 +175,7 @@ class TransformerEncoderLayer(_Layer):
 
     def __call__(
         self,
-        src: Float[Array, "*batch src_len d_model"],
+        src: Float[ArrayLike, "*batch src_len d_model"],
         src_mask: Mask = None,
         src_key_padding_mask: Mask = None,
         is_causal: bool = False,
@@ -247,8 +247,8 @@ class TransformerDecoderLayer(_Layer):
 
     def __call__(
         self,
-        tgt: Float[Array, "*batch tgt_len d_model"],
-        memory: Float[Array, "*batch src_len d_model"],
+        tgt: Float[ArrayLike, "*batch tgt_len d_model"],
+        memory: Float[ArrayLike, "*batch src_len d_model"],
         tgt_mask: Mask = None,
         memory_mask: Mask = None,
         tgt_key_padding_mask: Mask = None,
@@ -410,7 +410,7 @@ class TransformerEncoder(_Stack):
 
     def __call__(
         self,
-        src: Float[Array, "*batch src_len d_model"],
+        src: Float[ArrayLike, "*batch src_len d_model"],
         mask: Mask = None,
         src_key_padding_mask: Mask = None,
         is_causal: bool | None = None,
@@ -473,8 +473,8 @@ class TransformerDecoder(_Stack):
 
     def __call__(
         self,
-        tgt: Float[Array, "*batch tgt_len d_model"],
-        memory: Float[Array, "*batch src_len d_model"],
+        tgt: Float[ArrayLike, "*batch tgt_len d_model"],
+        memory: Float[ArrayLike, "*batch src_len d_model"],
         tgt_mask: Mask = None,
         memory_mask: Mask = None,
         tgt_key_padding_mask: Mask = None,
@@ -603,8 +603,8 @@ class Transformer(TorchModule):
 
     def __call__(
         self,
-        src: Float[Array, "*batch src_len d_model"],
-        tgt: Float[Array, "*batch tgt_len d_model"],
+        src: Float[ArrayLike, "*batch src_len d_model"],
+        tgt: Float[ArrayLike, "*batch tgt_len d_model"],
         src_mask: Mask = None,
         tgt_mask: Mask = None,
         memory_mask: Mask = None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
 from noxton.functional._checks import check_array, check_dropout_key, check_inference, check_mha_config
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
@@ -211,18 +211,18 @@ class MultiheadAttention(HaikuLayer):
 
     def __call__(
         self,
-        query: Float[Array, "tgt_len embed_dim"],
-        key: Float[Array, "src_len kdim"],
-        value: Float[Array, "src_len vdim"],
-        key_padding_mask: Bool[Array, " src_len"] | Float[Array, " src_len"] | None = None,
+        query: Float[ArrayLike, "tgt_len embed_dim"],
+        key: Float[ArrayLike, "src_len kdim"],
+        value: Float[ArrayLike, "src_len vdim"],
+        key_padding_mask: Bool[ArrayLike, " src_len"] | Float[ArrayLike, " src_len"] | None = None,
         need_weights: bool = True,
-        attn_mask: Bool[Array, "*heads tgt_len src_len"] | Float[Array, "*heads tgt_len src_len"] | None = None,
+        attn_mask: Bool[ArrayLike, "*heads tgt_len src_len"] | Float[ArrayLike, "*heads tgt_len src_len"] | None = None,
         average_attn_weights: bool = True,
         is_causal: bool = False,
         dropout_key: PRNGKeyArray | None = None,
         *,
         implementation: str = "auto",
-    ) -> tuple[Float[Array, "tgt_len embed_dim"], Float[Array, "*heads tgt_len keys"] | None]:
+    ) -> tuple[Float[Array, "tgt_len embed_dim"], Float[Array, "*weight_heads tgt_len keys"] | None]:
         """Attend from ``query`` to ``key``/``value``.
 
         Args:

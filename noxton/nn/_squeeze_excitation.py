@@ -7,7 +7,7 @@ from collections.abc import Callable
 import equinox as eqx
 import jax
 import numpy as np
-from jaxtyping import Array, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from noxton.functional._activations import check_activation
 from noxton.functional._checks import check_array, check_positive_int
@@ -107,7 +107,7 @@ class SqueezeExcitation(HaikuLayer):
 
     def __call__(
         self,
-        x: Float[Array, "channels height width"],
+        x: Float[ArrayLike, "channels height width"],
         activation: Callable[[Array], Array] | None = None,
         scale_activation: Callable[[Array], Array] | None = None,
         *,

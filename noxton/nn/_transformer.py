@@ -13,7 +13,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import numpy as np
-from jaxtyping import Array, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
 from noxton.functional._checks import (
     check_array,
@@ -37,7 +37,7 @@ from noxton.nn._adapter import HaikuLayer, transformed
 from noxton.nn._attention import MultiheadAttention
 from noxton.nn._linear import LayerNorm, Linear
 
-Mask = Bool[Array, "..."] | Float[Array, "..."] | None
+Mask = Bool[ArrayLike, "..."] | Float[ArrayLike, "..."] | None
 
 _LAYER_CONFIG = (
     "d_model",
@@ -272,7 +272,7 @@ class TransformerEncoderLayer(_Layer):
 
     def __call__(
         self,
-        src: Float[Array, "src_len d_model"],
+        src: Float[ArrayLike, "src_len d_model"],
         src_mask: Mask = None,
         src_key_padding_mask: Mask = None,
         is_causal: bool = False,
@@ -386,8 +386,8 @@ class TransformerDecoderLayer(_Layer):
 
     def __call__(
         self,
-        tgt: Float[Array, "tgt_len d_model"],
-        memory: Float[Array, "src_len d_model"],
+        tgt: Float[ArrayLike, "tgt_len d_model"],
+        memory: Float[ArrayLike, "src_len d_model"],
         tgt_mask: Mask = None,
         memory_mask: Mask = None,
         tgt_key_padding_mask: Mask = None,
@@ -535,7 +535,7 @@ class TransformerEncoder(_Stack):
 
     def __call__(
         self,
-        src: Float[Array, "src_len d_model"],
+        src: Float[ArrayLike, "src_len d_model"],
         mask: Mask = None,
         src_key_padding_mask: Mask = None,
         is_causal: bool | None = None,
@@ -593,8 +593,8 @@ class TransformerDecoder(_Stack):
 
     def __call__(
         self,
-        tgt: Float[Array, "tgt_len d_model"],
-        memory: Float[Array, "src_len d_model"],
+        tgt: Float[ArrayLike, "tgt_len d_model"],
+        memory: Float[ArrayLike, "src_len d_model"],
         tgt_mask: Mask = None,
         memory_mask: Mask = None,
         tgt_key_padding_mask: Mask = None,
@@ -765,8 +765,8 @@ class Transformer(HaikuLayer):
 
     def __call__(
         self,
-        src: Float[Array, "src_len d_model"],
-        tgt: Float[Array, "tgt_len d_model"],
+        src: Float[ArrayLike, "src_len d_model"],
+        tgt: Float[ArrayLike, "tgt_len d_model"],
         src_mask: Mask = None,
         tgt_mask: Mask = None,
         memory_mask: Mask = None,
