@@ -1,3 +1,4 @@
+import contextlib
 import os
 import warnings
 
@@ -23,15 +24,22 @@ def key():
     return jax.random.PRNGKey(0)
 
 
-@pytest.fixture
-def x64():
-    """Enable float64 for one test, then restore the previous setting."""
-    old = jax.config.jax_enable_x64
-    jax.config.update("jax_enable_x64", True)
+@contextlib.contextmanager
+def _setting(config, name, value):
+    """``config``'s option ``name`` set to ``value`` for a block, then restored (JAX's or jaxtyping's config)."""
+    before = getattr(config, name)
+    config.update(name, value)
     try:
         yield
     finally:
-        jax.config.update("jax_enable_x64", old)
+        config.update(name, before)
+
+
+@pytest.fixture
+def x64():
+    """Enable float64 for one test, then restore the previous setting."""
+    with _setting(jax.config, "jax_enable_x64", True):
+        yield
 
 
 warnings.filterwarnings("ignore", message=".*jax.*deprecated.*", category=DeprecationWarning)
@@ -86,12 +94,8 @@ def _typecheck(request):
         return
     import jaxtyping
 
-    before = jaxtyping.config.jaxtyping_disable
-    jaxtyping.config.update("jaxtyping_disable", True)
-    try:
+    with _setting(jaxtyping.config, "jaxtyping_disable", True):
         yield
-    finally:
-        jaxtyping.config.update("jaxtyping_disable", before)
 
 
 def pytest_collection_modifyitems(config, items):
