@@ -124,9 +124,11 @@ def _arrays(*xs):
 
 
 def run_equinox(cfg, sd, dtype, q, k, v, kpm, attn, call, r_out, r_w):
-    """The Equinox layer under ``jax.vmap`` over the batch (a 4-D ``attn_mask`` is mapped too)."""
+    """The Equinox layer, built abstractly and loaded from ``sd``, under ``jax.vmap`` over the batch (a 4-D
+    ``attn_mask`` is mapped too)."""
     self_attn = k is None
-    layer = MultiheadAttention(**cfg, key=jax.random.PRNGKey(0), dtype=dtype).load_state_dict(sd)
+    layer = eqx.filter_eval_shape(MultiheadAttention, **cfg, key=jax.random.PRNGKey(0), dtype=dtype)
+    layer = layer.load_state_dict(sd)
     q, k, v, kpm, attn = _arrays(q, q if self_attn else k, q if self_attn else v, kpm, attn)
     attn_axis = 0 if attn is not None and attn.ndim == 4 else None
 

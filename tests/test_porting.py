@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import TorchSqueezeExcitation, assert_close, grid, requires_torch, torch
+from helpers import TorchSqueezeExcitation, assert_close, grid, requires_torch, torch, trees_equal
 
 import noxton
 import noxton.haiku as nxhk
@@ -172,9 +172,11 @@ class ViT(eqx.Module):
 
 
 def test_whole_vit_loads_matches_and_exports():
+    """The port in one line, into a model built abstractly (no random initialisation, as torch's meta device)."""
     torch.manual_seed(0)
     tm = TorchViT()
-    model = load_torch_state_dict(ViT(jax.random.PRNGKey(0)), tm.state_dict())
+    model = load_torch_state_dict(eqx.filter_eval_shape(ViT, jax.random.PRNGKey(0)), tm.state_dict())
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
     x = np.random.default_rng(0).normal(size=(2, C, 8, 8)).astype(np.float32)
     tx = torch.from_numpy(x)
     t_out = tm(tx)
@@ -267,6 +269,26 @@ def test_conv_embedding_groupnorm_sequential_round_trip():
     assert {k: v.shape for k, v in exported.items()} == {k: tuple(v.shape) for k, v in tm.state_dict().items()}
     for k, v in tm.state_dict().items():
         assert np.array_equal(exported[k], v.numpy()), k
+
+
+def test_abstract_model_loads_as_a_concrete_one():
+    """``eqx.filter_eval_shape`` builds a model without initialising it; loading a state_dict into it gives the
+    same model, leaf for leaf, as loading into an initialised one. Until then it is refused where it needs values."""
+    sd = _sd()
+    skeleton = eqx.filter_eval_shape(_model)
+    assert isinstance(skeleton["attn"].in_proj_weight, jax.ShapeDtypeStruct)
+    assert trees_equal(load_torch_state_dict(skeleton, sd), load_torch_state_dict(_model(), sd))
+    attn = _sd_of("attn.")
+    assert trees_equal(skeleton["attn"].load_state_dict(attn), _model()["attn"].load_state_dict(attn))
+    with pytest.raises(TypeError, match=r"`model` holds abstract .* attn\.in_proj_weight, .*load a state_dict into it"):
+        torch_state_dict(skeleton)
+    x = jnp.ones((3, 8))
+    with pytest.raises(TypeError, match=r"MultiheadAttention holds abstract parameters .* before calling it"):
+        skeleton["attn"](x, x, x)
+
+
+def _sd_of(prefix):
+    return {k[len(prefix) :]: v for k, v in _sd().items() if k.startswith(prefix)}
 
 
 def _model():

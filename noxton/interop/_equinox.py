@@ -47,7 +47,7 @@ def _item(get, index):
 def _walk(node: Any, key: str, get: Callable) -> Iterator[_Entry]:
     if node is None:
         return
-    if isinstance(node, (jax.Array, np.ndarray)):
+    if isinstance(node, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
         yield _Entry(key, get, node, tuple(node.shape))
     elif isinstance(node, (eqx.nn.BatchNorm, eqx.nn.StateIndex)):
         raise ValueError(
@@ -84,6 +84,17 @@ def _entries(model: Any) -> list[_Entry]:
     return list(_walk(model, "", lambda m: m))
 
 
+def _concrete(entries: list[_Entry], what: str, then: str) -> list[_Entry]:
+    """``entries``, refused with a ``TypeError`` when a leaf is abstract (``eqx.filter_eval_shape``'s skeleton)."""
+    abstract = [e.key for e in entries if isinstance(e.leaf, jax.ShapeDtypeStruct)]
+    if abstract:
+        raise TypeError(
+            f"{what} holds abstract parameters (jax.ShapeDtypeStruct, as eqx.filter_eval_shape builds) at "
+            f"{', '.join(abstract[:4])}{', ...' if len(abstract) > 4 else ''}: {then}."
+        )
+    return entries
+
+
 def torch_state_dict(model: Any) -> dict[str, np.ndarray]:
     """The torch ``state_dict`` of an Equinox model: ``{dotted key: np.ndarray}`` in torch's layouts.
 
@@ -98,8 +109,9 @@ def torch_state_dict(model: Any) -> dict[str, np.ndarray]:
         >>> sorted(noxton.interop.torch_state_dict(mha))
         ['in_proj_bias', 'in_proj_weight', 'out_proj.bias', 'out_proj.weight']
     """
+    entries = _concrete(_entries(model), "`model`", "they have no values to export: load a state_dict into it first")
     # np.array copies: torch.from_numpy takes the result as is, writable.
-    return {e.key: np.array(e.leaf).reshape(e.torch_shape) for e in _entries(model)}
+    return {e.key: np.array(e.leaf).reshape(e.torch_shape) for e in entries}
 
 
 def load_torch_state_dict(model: Any, state_dict: Mapping[str, Any], *, prefix: str = "") -> Any:
@@ -113,7 +125,9 @@ def load_torch_state_dict(model: Any, state_dict: Mapping[str, Any], *, prefix: 
     Args:
         model: an Equinox model: noxton's layers, ``eqx.nn.Linear``,
             ``Conv1d/2d/3d``, ``LayerNorm``, ``GroupNorm``, ``Embedding``,
-            ``Sequential``, plain array attributes, and lists, tuples and dicts of them.
+            ``Sequential``, plain array attributes, and lists, tuples and dicts of them;
+            initialised, or abstract as ``eqx.filter_eval_shape`` builds it (no
+            initialiser runs, as with torch's ``device="meta"``): either loads the same.
         state_dict: a torch ``state_dict`` (tensors or arrays).
         prefix: read the keys ``prefix + key`` and ignore the others, e.g.
             ``"encoder.layers.0.self_attention."`` to load one layer of a whole
@@ -144,7 +158,8 @@ def load_torch_state_dict(model: Any, state_dict: Mapping[str, Any], *, prefix: 
 def haiku_params(layer: Any, root: str) -> dict[str, dict[str, Any]]:
     """The Haiku params tree of a noxton Equinox layer, whose Haiku module is at path ``root``."""
     params: dict[str, dict[str, Any]] = {}
-    for e in _entries(layer):
+    entries = _concrete(_entries(layer), type(layer).__name__, "load a state_dict into it before calling it")
+    for e in entries:
         path, name = haiku_location(root, e.key)
         params.setdefault(path, {})[name] = e.leaf
     return params

@@ -158,7 +158,7 @@ class MultiheadAttention(HaikuLayer):
             (4, 0.1, True, (64, 64))
         """
         config = mha_config_from_torch(module)
-        layer = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))
+        layer = eqx.filter_eval_shape(cls, **config, inference=not module.training, key=jax.random.PRNGKey(0))
         return layer.load_state_dict(state_dict_from_torch(module))
 
     @classmethod

@@ -93,7 +93,7 @@ class SqueezeExcitation(HaikuLayer):
         ``SqueezeExcitation``; its activations become their exact JAX functions
         (ReLU, ReLU6, SiLU, GELU, Hardsigmoid, Hardswish, Sigmoid, Tanh, Identity).
         """
-        layer = cls(**se_config_from_torch(module), key=jax.random.PRNGKey(0))
+        layer = eqx.filter_eval_shape(cls, **se_config_from_torch(module), key=jax.random.PRNGKey(0))
         return layer.load_state_dict(state_dict_from_torch(module))
 
     def _config(self):

@@ -154,7 +154,7 @@ class _Layer(HaikuLayer):
     def _from_torch(cls, module, decoder):
         config = transformer_layer_config_from_torch(module, decoder)
         # `cls` is a concrete layer class, whose __init__ pyright cannot see from the base.
-        layer = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))  # pyright: ignore[reportCallIssue]
+        layer = eqx.filter_eval_shape(cls, **config, inference=not module.training, key=jax.random.PRNGKey(0))
         return layer.load_state_dict(state_dict_from_torch(module))
 
 
@@ -472,9 +472,13 @@ class _Stack(HaikuLayer):
         cfg = transformer_stack_config_from_torch(module, decoder)
         # `cls` and `cls._layer_cls` are concrete classes, whose __init__ pyright cannot see from the base.
         layer_cls: Any = cls._layer_cls
-        layer = layer_cls(**cfg["layer"], inference=not module.training, key=jax.random.PRNGKey(0))
-        norm = None if cfg["norm"] is None else LayerNorm(**cfg["norm"], dtype=cfg["layer"]["dtype"])
-        stack: Any = cls(layer, cfg["num_layers"], norm)  # pyright: ignore[reportCallIssue, reportArgumentType]
+
+        def skeleton():
+            layer = layer_cls(**cfg["layer"], inference=not module.training, key=jax.random.PRNGKey(0))
+            norm = None if cfg["norm"] is None else LayerNorm(**cfg["norm"], dtype=cfg["layer"]["dtype"])
+            return cls(layer, cfg["num_layers"], norm)  # pyright: ignore[reportCallIssue, reportArgumentType]
+
+        stack: Any = eqx.filter_eval_shape(skeleton)
         return stack.load_state_dict(state_dict_from_torch(module))
 
 
@@ -741,7 +745,7 @@ class Transformer(HaikuLayer):
             (2, 1, True)
         """
         config = transformer_config_from_torch(module)
-        model = cls(**config, inference=not module.training, key=jax.random.PRNGKey(0))
+        model = eqx.filter_eval_shape(cls, **config, inference=not module.training, key=jax.random.PRNGKey(0))
         return model.load_state_dict(state_dict_from_torch(module))
 
     def _config(self) -> tuple[tuple[str, Any], ...]:
