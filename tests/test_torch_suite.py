@@ -2,7 +2,8 @@
 
 Sources (read, re-expressed, not copied): the OpInfo samples of
 ``F.multi_head_attention_forward`` (``common_methods_invocations``), in all four
-dtypes with ``test/test_transformers.py``'s ``get_tolerances``;
+dtypes with ``test/test_transformers.py``'s ``get_tolerances``, each sample through the
+front end of its layout (batched: Haiku; unbatched: Equinox);
 ``test/nn/test_multihead_attention.py``; ``test/test_native_mha.py``; and the MHA
 tests of ``test/test_transformers.py``. Every case runs through one jitted program
 per shape structure (``torch_suite.runner``) holding every path that can run it,

@@ -9,9 +9,9 @@
 - ``get_tolerances``: the tolerances of torch's ``test/test_transformers.py``: the
   low-precision torch result's own deviation from a float64 evaluation, floored at
   torch's default tolerances for that dtype.
-- ``Runner``: one jitted program per shape structure that runs a sample on every
-  path that can run it, through both front ends: the Haiku module on the batched
-  inputs and the Equinox layer under ``jax.vmap``.
+- ``runner``: one jitted program per shape structure that runs a sample on every
+  path that can run it, through both front ends (the Haiku module on the batched
+  inputs and the Equinox layer under ``jax.vmap``) or one of them.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ DEFAULT_RTOL = {"float16": 1e-3, "bfloat16": 1.6e-2, "float32": 1.3e-6}
 #: (implementation, need_weights) pairs: every path, with weights on the one that returns them
 #: (dense with need_weights=False runs the same code, less the weights' return).
 PATHS = (("dense", True), ("blockwise", False), ("fused", False))
+FRONTS = ("haiku", "equinox")
 
 
 def paths_for(dtype: str):
@@ -185,16 +186,25 @@ def noxton_mask(sample):
 
 
 @functools.cache
-def runner(emb: int, heads: int, dtype: str, batched: bool, paths: tuple, options: tuple = (), call: tuple = ()):
+def runner(
+    emb: int,
+    heads: int,
+    dtype: str,
+    batched: bool,
+    paths: tuple,
+    options: tuple = (),
+    call: tuple = (),
+    fronts: tuple = FRONTS,
+):
     """``(transformed, run)``: ``run(haiku_params, layer, q, k, v, kpm, mask)`` gives
     ``{(front end, path, need_weights): (out, weights)}``.
 
     One jitted program per structure (sizes, dtype, batching, module ``options``,
     call options ``call``, and the shapes of what is passed), shared by every sample
-    of that structure: every path and both front ends are compiled together. The
-    Haiku module takes the batched inputs; the Equinox layer runs under ``jax.vmap``
-    when ``batched`` (a ``(N, H, L, S)`` mask is mapped, an ``(L, S)`` or ``(H, L, S)``
-    one is shared). ``k is None`` means self-attention: ``k = v = q``.
+    of that structure: every path and the front ends in ``fronts`` are compiled
+    together. The Haiku module takes the batched inputs; the Equinox layer runs under
+    ``jax.vmap`` when ``batched`` (a ``(N, H, L, S)`` mask is mapped, an ``(L, S)`` or
+    ``(H, L, S)`` one is shared). ``k is None`` means self-attention: ``k = v = q``.
     """
     dt = jnp.dtype(dtype)
     opts, kw = dict(options), dict(call)
@@ -215,7 +225,10 @@ def runner(emb: int, heads: int, dtype: str, batched: bool, paths: tuple, option
                 return layer(q, k, v, key_padding_mask=kpm, attn_mask=m, need_weights=nw, implementation=impl, **kw)
 
             kk, vv = (q, q) if k is None else (k, v)
-            results["haiku", impl, nw] = f.apply(hk_params, None, q, kk, vv, kpm, m, impl, nw)
+            if "haiku" in fronts:
+                results["haiku", impl, nw] = f.apply(hk_params, None, q, kk, vv, kpm, m, impl, nw)
+            if "equinox" not in fronts:
+                continue
             if batched:
                 m_axis = 0 if m is not None and m.ndim == 4 else None
                 in_axes = (0, None if k is None else 0, None if v is None else 0, None if kpm is None else 0, m_axis)
@@ -260,10 +273,21 @@ def to_numpy(results):
 
 
 def run_noxton(sample, dtype: str, paths):
-    """Every path, both front ends, on an OpInfo sample in ``dtype``: ``{key: (out, weights)}`` as float64 NumPy."""
+    """Every path on an OpInfo sample in ``dtype``, through the front end whose layout the sample has:
+    ``{key: (out, weights)}`` as float64 NumPy.
+
+    A batched sample runs through the Haiku module (leading batch dimensions), an unbatched one
+    through the Equinox layer (unbatched, as every ``eqx.nn`` layer), so that each sample compiles
+    once, not once per front end. Both front ends run the same Haiku module (the Equinox layer
+    through the adapter). The Equinox layer on batched inputs (under ``jax.vmap``) is checked
+    against torch in all four dtypes on every path by ``test_multihead_attention_dtype`` and
+    ``test_random_draws_with_biases_no_less_exact_than_torch``; the Haiku module on one example
+    equals its batched result (``test_haiku.test_leading_batch_dims``).
+    """
     emb, heads = sample["emb"], sample["heads"]
     options = (("add_bias_kv", True),)
-    f, run = runner(emb, heads, dtype, sample["batched"], tuple(paths), options)
+    fronts = ("haiku",) if sample["batched"] else ("equinox",)
+    f, run = runner(emb, heads, dtype, sample["batched"], tuple(paths), options, (), fronts)
     dt = jnp.dtype(dtype)
     q, k, v = (jnp.asarray(sample[n], dt) for n in "qkv")
     m = noxton_mask(sample)
