@@ -10,8 +10,10 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import statistics
 import sys
 import time
+from typing import Any
 
 from benchmarks import report
 from benchmarks.contenders import THREADS, build, label
@@ -185,6 +187,59 @@ def long_table(args, results):
     return title + report.md_table(headers, table)
 
 
+def compile_table(args, results):
+    """Seconds to a TransformerEncoder's first call against its depth, with its layers unrolled (one
+    program holding every layer) and as one ``lax.scan``: the figures behind ``UNROLLED_MAX_LAYERS``."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    import noxton.nn as nx
+    from noxton.functional import _transformer as stacks
+
+    E, H, F, N, S = 512, 8, 2048, 4, 128
+    depths = sorted(int(d) for d in args.depths.split(","))
+    reps = 1 if args.quick else 3
+    layer = nx.TransformerEncoderLayer(E, H, F, dropout=0.0, key=jax.random.PRNGKey(0))
+
+    def seconds(model, grad, length, unrolled_max):
+        def f(m, x):
+            return jnp.sum(jax.vmap(m)(x))
+
+        jitted: Any = eqx.filter_jit(eqx.filter_grad(f) if grad else f)  # has .lower, which pyright cannot see
+        default, stacks.UNROLLED_MAX_LAYERS = stacks.UNROLLED_MAX_LAYERS, unrolled_max
+        try:
+            t = time.perf_counter()
+            jitted.lower(model, jnp.ones((N, length, E))).compile()
+            return time.perf_counter() - t
+        finally:
+            stacks.UNROLLED_MAX_LAYERS = default
+
+    plan = [("one TransformerEncoderLayer", 1, layer, None)]
+    for d in depths:
+        encoder = nx.TransformerEncoder(layer, d)
+        plan += [("TransformerEncoder, unrolled", d, encoder, d), ("TransformerEncoder, one lax.scan", d, encoder, 0)]
+    rows, results["compile"] = [], []
+    for what, depth, model, unrolled_max in plan:
+        row = [what, depth]
+        for grad in (False, True):
+            # each repeat at another sequence length: a new program, which XLA has not cached
+            med = statistics.median(seconds(model, grad, S + r, unrolled_max) for r in range(reps))
+            results["compile"].append(dict(model=what, layers=depth, grad=grad, seconds=med))
+            row.append(f"{med:.2f}")
+        unrolled = depth <= stacks.UNROLLED_MAX_LAYERS
+        row.append("" if unrolled_max is None else "yes" if unrolled == (unrolled_max == depth) else "")
+        rows.append(row)
+    title = (
+        f"## Compile time of Transformer stacks, d_model={E}, nhead={H}, dim_feedforward={F}\n\n"
+        f"Seconds to trace, lower and compile `jax.vmap(model)` over a batch of {N}, and its gradient; median "
+        f"of {reps}, each at another sequence length ({S} and up), so that XLA compiles anew. A stack of up "
+        f"to {stacks.UNROLLED_MAX_LAYERS} layers runs unrolled, a deeper one as one `lax.scan` "
+        "(`noxton.functional._transformer.UNROLLED_MAX_LAYERS`); both are timed at every depth.\n\n"
+    )
+    return title + report.md_table(["model", "layers", "forward s", "gradient s", "default"], rows)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -194,6 +249,7 @@ def parse_args(argv=None):
     ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
     ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
+    ap.add_argument("--depths", default="2,6,12,24", help="Transformer stack depths of the compile-time table")
     ap.add_argument("--mem-budget-gib", type=float, default=8.0, help="do not start dense runs estimated above this")
     ap.add_argument("--child-timeout", type=int, default=900, help="seconds per long-sequence process")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, written on the page")
@@ -226,7 +282,7 @@ def main(argv=None):
     print(f"Machine: {report.machine()}.", flush=True)
     results: dict = {"main": [], "long": []}
     sections = []
-    tables = [] if args.only_long else [main_table, eager_table, se_table]
+    tables = [] if args.only_long else [main_table, eager_table, se_table, compile_table]
     for table in tables + ([] if args.skip_long else [long_table]):
         sections.append(table(args, results))
         print("\n" + sections[-1], flush=True)

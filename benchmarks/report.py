@@ -83,7 +83,8 @@ forward+backward), `eqx.nn.MultiheadAttention`, `hk.MultiHeadAttention`,
 matrix products, no softmax, no masking); then long sequences, one process per length and contender,
 with that process's peak resident memory. Dense contenders are not started where their score matrices
 would exceed the memory budget (`--mem-budget-gib`). Which attention path `implementation="auto"`
-takes is described in the [API reference](api/functional.md).
+takes is described in the [API reference](api/functional.md). It also times the compilation of
+Transformer stacks against their depth.
 """
 
 

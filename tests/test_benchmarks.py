@@ -23,6 +23,8 @@ def test_quick_run_writes_tables_and_page(tmp_path):
         "2,16,16,2",
         "--sizes",
         "64",
+        "--depths",
+        "2",
         "--out",
         str(tmp_path / "results"),
         "--page",
@@ -30,11 +32,19 @@ def test_quick_run_writes_tables_and_page(tmp_path):
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    for heading in ("## B=2, L=S=16, E=16, H=2", "## Eager call", "## SqueezeExcitation", "## Long sequences"):
+    headings = ("## B=2, L=S=16, E=16, H=2", "## Eager call", "## SqueezeExcitation", "## Compile time", "## Long")
+    for heading in headings:
         assert heading in result.stdout
         assert heading in page.read_text()
     figures = json.loads((tmp_path / "results" / "results.json").read_text())
     assert len(figures["main"]) == 22 and len(figures["se"]) == 2 and len(figures["eager"]) == 4
+    # one layer, then the encoder at depth 2 unrolled and scanned; forward and gradient each
+    rows = [(r["model"].split(",")[-1].strip(), r["layers"], r["grad"]) for r in figures["compile"]]
+    assert rows == [
+        (m, d, g)
+        for m, d in [("one TransformerEncoderLayer", 1), ("unrolled", 2), ("one lax.scan", 2)]
+        for g in (False, True)
+    ]
     assert {(r["name"], r["mode"]) for r in figures["long"]} >= {("torch", "fwd"), ("noxton_eqx", "fwd_bwd")}
     assert (tmp_path / "performance_long_sequences.png").stat().st_size > 0
     assert "![time and peak memory" in page.read_text()

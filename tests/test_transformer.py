@@ -1,5 +1,5 @@
 """torch's Transformer layers: parity with torch 2.13 (outputs and gradients by torch name, both front ends),
-from_torch, initialisation, dropout, errors and compile time of scanned stacks.
+from_torch, initialisation, dropout, errors, and stacks unrolled or scanned by depth.
 
 Every module is built by ``from_torch`` from a torch module with batch_first=True (so its
 ``(N, S, E)`` layout is the Haiku modules' and the Equinox layers' under ``jax.vmap``) and
@@ -23,6 +23,7 @@ from helpers import assert_close, grid, requires_torch, torch
 import noxton.functional as nxF
 import noxton.haiku as nxhk
 import noxton.nn as nx
+from noxton.functional import _transformer as stacks
 from noxton.interop import torch_state_dict
 
 pytestmark = requires_torch
@@ -174,18 +175,13 @@ def _eqx_loss(model, arrays, shared, flags, ct):
     return jnp.sum(out * ct), out
 
 
+# Eager, as a user's first call: each primitive compiles once for the whole file (the stacks here,
+# of 2 layers, run unrolled, with no scan to compile).
 _eqx_grad = eqx.filter_value_and_grad(_eqx_loss, has_aux=True)
-# A stack's lax.scan compiles even when run eagerly, so stacks run jitted (one program per
-# configuration, shared by the cases of a test); single layers run eagerly, where each
-# primitive compiles once for the whole file.
-_eqx_grad_jit = eqx.filter_jit(_eqx_grad)
-
-STACKS = ("encoder", "decoder", "transformer")
 
 
 def run_equinox(kind, model, arrays, shared, flags, ct):
-    run = _eqx_grad_jit if kind in STACKS else _eqx_grad
-    (_, out), grads = run(model, arrays, shared, flags, ct)
+    (_, out), grads = _eqx_grad(model, arrays, shared, flags, ct)
     return out, torch_state_dict(grads)
 
 
@@ -218,8 +214,7 @@ def _haiku_grad(kind, config, flags):
         out = f.apply(p, None, kw)
         return jnp.sum(out * ct), out
 
-    grad = jax.value_and_grad(loss, has_aux=True)
-    return jax.jit(grad) if kind in STACKS else grad
+    return jax.value_and_grad(loss, has_aux=True)
 
 
 JAX_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": jax.nn.silu}
@@ -227,7 +222,7 @@ JAX_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": jax.nn.silu}
 
 def run_haiku(kind, tm, arrays, shared, flags, ct, norm_first, activation, bias):
     """Parameters from ``from_torch`` (its init, without running the model), then the loss gradient
-    of the module built from the same configuration (one compiled program per configuration)."""
+    of the module built from the same configuration (the gradient function is cached per configuration)."""
     init = hk.transform(lambda: NX[kind][1].from_torch(tm).state_dict_params()).init(None)
     cfg = dict(
         d_model=E,
@@ -297,9 +292,9 @@ def test_layer_masks_parity_float32(o):
     check_parity(o["kind"], o["mask"], o["norm_first"], "relu", True, torch.float32, 1e-5, 1e-4)
 
 
-# Stacks run the layers' maths in a scan and compile: each test runs two mask cases of one
-# structure (padding with the causal mask and flag; a batch element wholly padded too) through
-# one compiled program per front end.
+# Stacks of 2 layers (unrolled; test_scan_and_unrolled_stacks_agree checks the scan against them):
+# each test runs two mask cases of one structure (padding with the causal mask and flag; a batch
+# element wholly padded too).
 STACK_GRID = grid(kind=["encoder", "decoder", "transformer"], norm_first=[False, True])
 
 
@@ -546,25 +541,57 @@ def test_dropout_is_reproducible_by_key_in_both_front_ends():
         f.apply(params, None, tgt, src)
 
 
-# --- stacks compile once ------------------------------------------------------------------------
+# --- stacks: unrolled up to UNROLLED_MAX_LAYERS, one scan beyond ------------------------------------
+
+LIMIT = stacks.UNROLLED_MAX_LAYERS
 
 
 def _encoder_program(num_layers):
     layer = nx.TransformerEncoderLayer(E, H, FF, inference=True, key=jax.random.PRNGKey(0))
     enc = nx.TransformerEncoder(layer, num_layers, nx.LayerNorm(E))
     fn = eqx.filter_jit(lambda m, x: jax.vmap(m)(x))
-    return fn, enc, jnp.ones((N, S, E))
+    return fn.lower(enc, jnp.ones((N, S, E))).as_text()
 
 
-def test_stack_is_one_scan_whatever_its_depth():
-    """A 6-layer encoder's program holds one layer's body, in one loop: compile time does not grow with depth."""
-    texts = {}
-    for n in (1, 6):
-        fn, enc, x = _encoder_program(n)
-        texts[n] = fn.lower(enc, x).as_text()
-    for n, text in texts.items():
-        assert text.count("stablehlo.while") == 1, n
-    assert texts[1].count("dot_general") == texts[6].count("dot_general")
+def test_deep_stacks_are_one_scan_and_shallow_ones_unrolled():
+    """Up to the limit, every layer is in the program (no loop); beyond it, one layer's body in one loop,
+    whatever the depth."""
+    one, limit, deeper, twice = (_encoder_program(n) for n in (1, LIMIT, LIMIT + 1, 2 * LIMIT + 2))
+    assert "stablehlo.while" not in one and "stablehlo.while" not in limit
+    assert limit.count("dot_general") == LIMIT * one.count("dot_general")
+    assert deeper.count("stablehlo.while") == twice.count("stablehlo.while") == 1
+    assert deeper.count("dot_general") == twice.count("dot_general") == one.count("dot_general")
+
+
+@pytest.mark.parametrize("kind", ["encoder", "decoder"])
+def test_scan_and_unrolled_stacks_agree(kind, monkeypatch):
+    """The same stack (dropout on, one key) unrolled and scanned: the same outputs and gradients."""
+    cls = nx.TransformerEncoderLayer if kind == "encoder" else nx.TransformerDecoderLayer
+    stack_cls = nx.TransformerEncoder if kind == "encoder" else nx.TransformerDecoder
+    model = stack_cls(cls(E, H, FF, dropout=0.2, key=jax.random.PRNGKey(0)), 3, nx.LayerNorm(E))
+    rng = np.random.default_rng(0)
+    x, memory = (jnp.asarray(rng.normal(size=(n, E)).astype(np.float32)) for n in (L, S))
+    key = jax.random.PRNGKey(3)
+
+    def loss(m, x):
+        if kind == "encoder":
+            out = m(x, is_causal=True, dropout_key=key)
+        else:
+            out = m(x, memory, tgt_is_causal=True, dropout_key=key)
+        return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size), out
+
+    def run(limit):
+        monkeypatch.setattr(stacks, "UNROLLED_MAX_LAYERS", limit)
+        scanned = " scan[" in str(jax.make_jaxpr(lambda x: loss(model, x))(x))
+        (_, out), grads = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(model, x)
+        return scanned, out, torch_state_dict(grads)
+
+    (u_scanned, u_out, u_grads), (s_scanned, s_out, s_grads) = run(LIMIT), run(0)
+    assert not u_scanned and s_scanned
+    assert_close(s_out, u_out, 1e-6, "output")
+    assert sorted(s_grads) == sorted(u_grads)
+    for n in u_grads:
+        assert_close(s_grads[n], u_grads[n], 1e-5, n)
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -628,6 +655,21 @@ ERRORS = {
         lambda: nx.TransformerEncoder(_layer()(), 2, norm=eqx.nn.LayerNorm(E)),
         TypeError,
         r"`norm` must be a noxton.nn.LayerNorm or None, got LayerNorm",
+    ),
+    "stack_layer_config": (
+        lambda: eqx.tree_at(lambda m: m.layers[1], nx.TransformerEncoder(_layer()(), 2), _layer(norm_first=True)())(
+            jnp.ones((S, E)), dropout_key=K0
+        ),
+        ValueError,
+        r"`layers\[1\]` must be a TransformerEncoderLayer configured as layers\[0\] \(.*'norm_first': False.*\): a "
+        r"stack's layers share one configuration",
+    ),
+    "stack_length": (
+        lambda: eqx.tree_at(lambda m: m.layers, nx.TransformerEncoder(_layer()(), 2), [_layer()()])(
+            jnp.ones((S, E)), dropout_key=K0
+        ),
+        ValueError,
+        r"`layers` must hold num_layers=2 layers, got 1",
     ),
     "src_batched": (
         _call(src=jnp.ones((N, S, E))),
