@@ -8,6 +8,7 @@ memory against sequence length to ``--out`` (``benchmarks/results/``), and the d
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import statistics
@@ -199,19 +200,22 @@ def compile_table(args, results):
 
     E, H, F, N, S = 512, 8, 2048, 4, 128
     depths = sorted(int(d) for d in args.depths.split(","))
-    reps = 1 if args.quick else 3
+    reps = 3  # a compilation is a single noisy sample: --quick keeps the three
     layer = nx.TransformerEncoderLayer(E, H, F, dropout=0.0, key=jax.random.PRNGKey(0))
 
-    def seconds(model, grad, length, unrolled_max):
+    def first_call(model, grad, length, unrolled_max):
+        """Seconds to trace, lower and compile, the compiled program and its input."""
+
         def f(m, x):
             return jnp.sum(jax.vmap(m)(x))
 
         jitted: Any = eqx.filter_jit(eqx.filter_grad(f) if grad else f)  # has .lower, which pyright cannot see
+        x = jnp.ones((N, length, E))
         default, stacks.UNROLLED_MAX_LAYERS = stacks.UNROLLED_MAX_LAYERS, unrolled_max
         try:
             t = time.perf_counter()
-            jitted.lower(model, jnp.ones((N, length, E))).compile()
-            return time.perf_counter() - t
+            compiled = jitted.lower(model, x).compile()
+            return time.perf_counter() - t, compiled, x
         finally:
             stacks.UNROLLED_MAX_LAYERS = default
 
@@ -221,23 +225,30 @@ def compile_table(args, results):
         plan += [("TransformerEncoder, unrolled", d, encoder, d), ("TransformerEncoder, one lax.scan", d, encoder, 0)]
     rows, results["compile"] = [], []
     for what, depth, model, unrolled_max in plan:
-        row = [what, depth]
+        row, figures = [what, depth], dict[str, Any](model=what, layers=depth)
         for grad in (False, True):
             # each repeat at another sequence length: a new program, which XLA has not cached
-            med = statistics.median(seconds(model, grad, S + r, unrolled_max) for r in range(reps))
-            results["compile"].append(dict(model=what, layers=depth, grad=grad, seconds=med))
+            calls = [first_call(model, grad, S + r, unrolled_max) for r in range(reps)]
+            figures["gradient_s" if grad else "forward_s"] = med = statistics.median(c[0] for c in calls)
             row.append(f"{med:.2f}")
+        _, compiled, x = calls[0]
+        step = functools.partial(compiled, model, x)
+        figures["gradient_run_s"] = run = medians({0: lambda step=step: jax.block_until_ready(step())}, 5)[0]
+        row.append(f"{run * 1e3:.0f}")
         unrolled = depth <= stacks.UNROLLED_MAX_LAYERS
         row.append("" if unrolled_max is None else "yes" if unrolled == (unrolled_max == depth) else "")
+        results["compile"].append(figures)
         rows.append(row)
     title = (
         f"## Compile time of Transformer stacks, d_model={E}, nhead={H}, dim_feedforward={F}\n\n"
         f"Seconds to trace, lower and compile `jax.vmap(model)` over a batch of {N}, and its gradient; median "
-        f"of {reps}, each at another sequence length ({S} and up), so that XLA compiles anew. A stack of up "
-        f"to {stacks.UNROLLED_MAX_LAYERS} layers runs unrolled, a deeper one as one `lax.scan` "
+        f"of {reps}, each at another sequence length ({S} and up), so that XLA compiles anew. Then the "
+        f"compiled gradient's run time at length {S} (median of 5). A stack of up to "
+        f"{stacks.UNROLLED_MAX_LAYERS} layers runs unrolled, a deeper one as one `lax.scan` "
         "(`noxton.functional._transformer.UNROLLED_MAX_LAYERS`); both are timed at every depth.\n\n"
     )
-    return title + report.md_table(["model", "layers", "forward s", "gradient s", "default"], rows)
+    headers = ["model", "layers", "forward s", "gradient s", "gradient run ms", "default"]
+    return title + report.md_table(headers, rows)
 
 
 def parse_args(argv=None):
