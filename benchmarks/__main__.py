@@ -198,9 +198,10 @@ def compile_table(args, results):
     import noxton.nn as nx
     from noxton.functional import _transformer as stacks
 
-    E, H, F, N, S = 512, 8, 2048, 4, 128
+    _, _, E, H = args.shape  # the main table's width and heads
+    F, N, S = 4 * E, 4, 128
     depths = sorted(int(d) for d in args.depths.split(","))
-    reps = 3  # a compilation is a single noisy sample: --quick keeps the three
+    reps = args.compile_repeats
     layer = nx.TransformerEncoderLayer(E, H, F, dropout=0.0, key=jax.random.PRNGKey(0))
 
     def first_call(model, grad, length, unrolled_max):
@@ -261,6 +262,7 @@ def parse_args(argv=None):
     ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
     ap.add_argument("--depths", default="2,6,12,24", help="Transformer stack depths of the compile-time table")
+    ap.add_argument("--compile-repeats", type=int, default=3, help="compilations per figure of that table (median)")
     ap.add_argument("--mem-budget-gib", type=float, default=8.0, help="do not start dense runs estimated above this")
     ap.add_argument("--child-timeout", type=int, default=900, help="seconds per long-sequence process")
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, written on the page")

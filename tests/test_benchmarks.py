@@ -25,6 +25,8 @@ def test_quick_run_writes_tables_and_page(tmp_path):
         "64",
         "--depths",
         "2",
+        "--compile-repeats",
+        "1",
         "--out",
         str(tmp_path / "results"),
         "--page",
