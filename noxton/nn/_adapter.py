@@ -15,18 +15,26 @@ function and hence one compiled program under ``eqx.filter_jit``.
 import abc
 import dataclasses
 import functools
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import equinox as eqx
 import haiku as hk
+import jax
 import numpy as np
 from equinox import AbstractClassVar
 
 from noxton.functional._checks import check_prng_key
 from noxton.interop import load_torch_state_dict, torch_state_dict
 from noxton.interop._equinox import haiku_params
+from noxton.interop._from_torch import state_dict_from_torch
 from noxton.interop._state_dict import haiku_state_dict
+
+
+def from_torch_weights(module: Any, build: Callable[[jax.Array], Any]) -> Any:
+    """``build(key)``'s layer holding torch ``module``'s weights: built abstractly (``eqx.filter_eval_shape``,
+    so no random initialisation runs), then loaded. How every ``from_torch`` builds its layer."""
+    return eqx.filter_eval_shape(build, jax.random.PRNGKey(0)).load_state_dict(state_dict_from_torch(module))
 
 
 @functools.cache

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import equinox as eqx
-import jax
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
 from noxton.functional._checks import check_array, check_dropout_key, check_inference, check_mha_config
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
 from noxton.haiku._common import resolve_dtype
-from noxton.interop._from_torch import mha_config_from_torch, state_dict_from_torch
-from noxton.nn._adapter import HaikuLayer
+from noxton.interop._from_torch import mha_config_from_torch
+from noxton.nn._adapter import HaikuLayer, from_torch_weights
 from noxton.nn._linear import Linear
 
 
@@ -158,8 +157,7 @@ class MultiheadAttention(HaikuLayer):
             (4, 0.1, True, (64, 64))
         """
         config = mha_config_from_torch(module)
-        layer = eqx.filter_eval_shape(cls, **config, inference=not module.training, key=jax.random.PRNGKey(0))
-        return layer.load_state_dict(state_dict_from_torch(module))
+        return from_torch_weights(module, lambda key: cls(**config, inference=not module.training, key=key))
 
     @classmethod
     def _from_state_dict(

@@ -13,8 +13,8 @@ from noxton.functional._activations import check_activation
 from noxton.functional._checks import check_array, check_positive_int
 from noxton.haiku import SqueezeExcitation as HaikuSqueezeExcitation
 from noxton.haiku._common import resolve_dtype
-from noxton.interop._from_torch import se_config_from_torch, state_dict_from_torch
-from noxton.nn._adapter import HaikuLayer
+from noxton.interop._from_torch import se_config_from_torch
+from noxton.nn._adapter import HaikuLayer, from_torch_weights
 from noxton.nn._linear import PointwiseConv2d
 
 
@@ -93,8 +93,8 @@ class SqueezeExcitation(HaikuLayer):
         ``SqueezeExcitation``; its activations become their exact JAX functions
         (ReLU, ReLU6, SiLU, GELU, Hardsigmoid, Hardswish, Sigmoid, Tanh, Identity).
         """
-        layer = eqx.filter_eval_shape(cls, **se_config_from_torch(module), key=jax.random.PRNGKey(0))
-        return layer.load_state_dict(state_dict_from_torch(module))
+        config = se_config_from_torch(module)
+        return from_torch_weights(module, lambda key: cls(**config, key=key))
 
     def _config(self):
         return (

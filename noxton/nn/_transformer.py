@@ -11,7 +11,6 @@ from collections.abc import Callable
 from typing import Any
 
 import equinox as eqx
-import jax
 import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
@@ -27,13 +26,12 @@ from noxton.functional._transformer import square_subsequent_mask
 from noxton.haiku import _transformer as hkt
 from noxton.haiku._common import resolve_dtype
 from noxton.interop._from_torch import (
-    state_dict_from_torch,
     transformer_config_from_torch,
     transformer_layer_config_from_torch,
     transformer_stack_config_from_torch,
 )
 from noxton.interop._state_dict import haiku_state_dict
-from noxton.nn._adapter import HaikuLayer, transformed
+from noxton.nn._adapter import HaikuLayer, from_torch_weights, transformed
 from noxton.nn._attention import MultiheadAttention
 from noxton.nn._linear import LayerNorm, Linear
 
@@ -154,8 +152,8 @@ class _Layer(HaikuLayer):
     def _from_torch(cls, module, decoder):
         config = transformer_layer_config_from_torch(module, decoder)
         # `cls` is a concrete layer class, whose __init__ pyright cannot see from the base.
-        layer = eqx.filter_eval_shape(cls, **config, inference=not module.training, key=jax.random.PRNGKey(0))
-        return layer.load_state_dict(state_dict_from_torch(module))
+        layer_cls: Any = cls
+        return from_torch_weights(module, lambda key: layer_cls(**config, inference=not module.training, key=key))
 
 
 class TransformerEncoderLayer(_Layer):
@@ -473,13 +471,12 @@ class _Stack(HaikuLayer):
         # `cls` and `cls._layer_cls` are concrete classes, whose __init__ pyright cannot see from the base.
         layer_cls: Any = cls._layer_cls
 
-        def skeleton():
-            layer = layer_cls(**cfg["layer"], inference=not module.training, key=jax.random.PRNGKey(0))
+        def build(key):
+            layer = layer_cls(**cfg["layer"], inference=not module.training, key=key)
             norm = None if cfg["norm"] is None else LayerNorm(**cfg["norm"], dtype=cfg["layer"]["dtype"])
             return cls(layer, cfg["num_layers"], norm)  # pyright: ignore[reportCallIssue, reportArgumentType]
 
-        stack: Any = eqx.filter_eval_shape(skeleton)
-        return stack.load_state_dict(state_dict_from_torch(module))
+        return from_torch_weights(module, build)
 
 
 class TransformerEncoder(_Stack):
@@ -747,8 +744,7 @@ class Transformer(HaikuLayer):
             (2, 1, True)
         """
         config = transformer_config_from_torch(module)
-        model = eqx.filter_eval_shape(cls, **config, inference=not module.training, key=jax.random.PRNGKey(0))
-        return model.load_state_dict(state_dict_from_torch(module))
+        return from_torch_weights(module, lambda key: cls(**config, inference=not module.training, key=key))
 
     def _config(self) -> tuple[tuple[str, Any], ...]:
         enc, dec = self.encoder._config(), self.decoder._config()
