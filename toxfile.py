@@ -10,7 +10,7 @@ runs every environment. An explicit ``--discover`` wins.
 
 2. XLA's compilation cache, ``{work_dir}/jax_cache`` (tox.ini's ``JAX_COMPILATION_CACHE_DIR``), is emptied.
 The envs of one run share it: an entry's key holds the jaxlib version, the program and the compile options,
-so the envs with the same JAX (py312/py313, py310-lowest/py311-jax0438, py311-jax010/docs) compile each
+so envs with the same JAX (py312-jaxlatest and py313-jaxlatest; py311-jax010 and docs) compile each
 program once, and no entry outlives the run that wrote it.
 """
 
