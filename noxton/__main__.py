@@ -48,6 +48,16 @@ def _diff(got, want):
     return float(np.max(np.abs(np.asarray(got, np.float64) - want)))
 
 
+def _row(layer, front, call, fn, args, ref):
+    """One table row: run ``fn(*args)`` timed and compare it with ``ref``, both ``(out, weights)`` for
+    MultiheadAttention, or an output alone for a layer without attention weights."""
+    result, first, med = _timed(fn, *args)
+    if not isinstance(result, tuple):
+        return layer, front, call, _shape(result), "-", _diff(result, ref), first, med
+    (out, w), (ref_out, ref_w) = result, ref
+    return layer, front, call, _shape(out), _shape(w), max(_diff(out, ref_out), _diff(w, ref_w)), first, med
+
+
 def main() -> int:
     key = jax.random.PRNGKey(0)
     rows = []
@@ -65,19 +75,7 @@ def main() -> int:
         ("mha(q, q, q)", eqx_call, (ref_out, ref_w)),
         ("mha(q, q, q, is_causal=True, need_weights=False)", eqx_causal, (ref_causal, None)),
     ):
-        (out, w), first, med = _timed(fn, mha, q)
-        rows.append(
-            (
-                "MultiheadAttention",
-                "Equinox",
-                label,
-                _shape(out),
-                _shape(w),
-                max(_diff(out, ref[0]), _diff(w, ref[1])),
-                first,
-                med,
-            )
-        )
+        rows.append(_row("MultiheadAttention", "Equinox", label, fn, (mha, q), ref))
 
     def haiku_mha(q, causal):
         return nxhk.MultiheadAttention(64, 4)(q, q, q, is_causal=causal, need_weights=not causal)
@@ -86,33 +84,19 @@ def main() -> int:
     params = nxhk.state_dict_to_params(f.init(key, q, False), sd, "multihead_attention")
     for causal, ref in ((False, (ref_out, ref_w)), (True, (ref_causal, None))):
         apply = jax.jit(lambda p, q, c=causal: f.apply(p, None, q, c))
-        (out, w), first, med = _timed(apply, params, q)
         label = "hk.transform: mha(q, q, q" + (", is_causal=True, need_weights=False)" if causal else ")")
-        rows.append(
-            (
-                "MultiheadAttention",
-                "Haiku",
-                label,
-                _shape(out),
-                _shape(w),
-                max(_diff(out, ref[0]), _diff(w, ref[1])),
-                first,
-                med,
-            )
-        )
+        rows.append(_row("MultiheadAttention", "Haiku", label, apply, (params, q), ref))
 
     # SqueezeExcitation, API.md's example: 64 channels squeezed to 16, x (64, 28, 28).
     se = SqueezeExcitation(input_channels=64, squeeze_channels=16, key=key)
     x = jax.random.normal(key, (64, 28, 28))
     ref_se = se_reference(x, se.state_dict())
     se_call = eqx.filter_jit(lambda m, x: m(x))
-    out, first, med = _timed(se_call, se, x)
-    rows.append(("SqueezeExcitation", "Equinox", "se(x)", _shape(out), "-", _diff(out, ref_se), first, med))
+    rows.append(_row("SqueezeExcitation", "Equinox", "se(x)", se_call, (se, x), ref_se))
     g = hk.transform(lambda x: nxhk.SqueezeExcitation(64, 16)(x))
     params = nxhk.state_dict_to_params(g.init(key, x), se.state_dict(), "squeeze_excitation")
     apply = jax.jit(lambda p, x: g.apply(p, None, x))
-    out, first, med = _timed(apply, params, x)
-    rows.append(("SqueezeExcitation", "Haiku", "hk.transform: se(x)", _shape(out), "-", _diff(out, ref_se), first, med))
+    rows.append(_row("SqueezeExcitation", "Haiku", "hk.transform: se(x)", apply, (params, x), ref_se))
 
     print(
         f"noxton {noxton.__version__}: jax {jax.__version__}, dm-haiku {hk.__version__}, "
