@@ -240,13 +240,14 @@ def run_haiku(kind, tm, arrays, shared, flags, ct, norm_first, activation, bias)
 
 
 #: The issue's tolerances per dtype: (outputs, gradients by torch name).
-TOLERANCES = {torch.float32: (1e-5, 1e-4), torch.float64: (1e-10, 1e-10)}
+TOLERANCES = {"float32": (1e-5, 1e-4), "float64": (1e-10, 1e-10)}
 
 
 def check_parity(kind, case, norm_first, activation, bias, dtype):
+    """Parity in ``dtype``, "float32" or "float64", with that dtype's ``TOLERANCES``."""
     atol, gtol = TOLERANCES[dtype]
-    np_dtype = np.float64 if dtype == torch.float64 else np.float32
-    tm = torch_module(kind, norm_first, activation, bias, dtype)
+    np_dtype = np.dtype(dtype)
+    tm = torch_module(kind, norm_first, activation, bias, getattr(torch, dtype))
     arrays, shared, flags, tflags, out_pad = inputs(kind, case, np_dtype)
     ct = np.random.default_rng(1).normal(size=(N, S if kind in ("encoder_layer", "encoder") else L, E)).astype(np_dtype)
     t_out, t_grads = run_torch(tm, arrays, shared, tflags, ct, grad=True)
@@ -291,7 +292,7 @@ LAYER_GRID = grid(
 def test_layer_parity(o, dtype, request):
     if dtype == "float64":
         request.getfixturevalue("x64")
-    check_parity(o["kind"], o["mask"], o["norm_first"], o["activation"], o["bias"], getattr(torch, dtype))
+    check_parity(o["kind"], o["mask"], o["norm_first"], o["activation"], o["bias"], dtype)
 
 
 # Stacks of 2 layers (unrolled; test_scan_and_unrolled_stacks_agree checks the scan against them):
@@ -304,13 +305,13 @@ STACK_GRID = grid(kind=["encoder", "decoder", "transformer"], norm_first=[False,
 @pytest.mark.parametrize("o", STACK_GRID, ids=_id)
 def test_stack_parity_float32(o):
     for case in ("padding_causal", "fully_padded_causal"):
-        check_parity(o["kind"], case, o["norm_first"], "gelu", not o["norm_first"], torch.float32)
+        check_parity(o["kind"], case, o["norm_first"], "gelu", not o["norm_first"], "float32")
 
 
 @pytest.mark.cross_product
 @pytest.mark.parametrize("o", grid(kind=["encoder", "decoder", "transformer"], norm_first=[True]), ids=_id)
 def test_stack_parity_float64(o, x64):
-    check_parity(o["kind"], "fully_padded_causal", o["norm_first"], "gelu", True, torch.float64)
+    check_parity(o["kind"], "fully_padded_causal", o["norm_first"], "gelu", True, "float64")
 
 
 # --- inference, names, initialisation ------------------------------------------------------------
