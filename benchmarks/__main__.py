@@ -189,14 +189,13 @@ def long_table(args, results):
 
 
 def compile_table(args, results):
-    """Seconds to a TransformerEncoder's first call against its depth, with its layers unrolled (one
-    program holding every layer) and as one ``lax.scan``: the figures behind ``UNROLLED_MAX_LAYERS``."""
+    """Seconds to a TransformerEncoder's first call against its depth, next to one layer's: a stack's
+    layers call one jitted layer function, which JAX traces once whatever the depth."""
     import equinox as eqx
     import jax
     import jax.numpy as jnp
 
     import noxton.nn as nx
-    from noxton.functional import _transformer as stacks
 
     _, _, E, H = args.shape  # the main table's width and heads
     F, N, S = 4 * E, 4, 128
@@ -204,7 +203,7 @@ def compile_table(args, results):
     reps = args.compile_repeats
     layer = nx.TransformerEncoderLayer(E, H, F, dropout=0.0, key=jax.random.PRNGKey(0))
 
-    def first_call(model, grad, length, unrolled_max):
+    def first_call(model, grad, length):
         """Seconds to trace, lower and compile, the compiled program and its input."""
 
         def f(m, x):
@@ -212,43 +211,36 @@ def compile_table(args, results):
 
         jitted: Any = eqx.filter_jit(eqx.filter_grad(f) if grad else f)  # has .lower, which pyright cannot see
         x = jnp.ones((N, length, E))
-        default, stacks.UNROLLED_MAX_LAYERS = stacks.UNROLLED_MAX_LAYERS, unrolled_max
-        try:
-            t = time.perf_counter()
-            compiled = jitted.lower(model, x).compile()
-            return time.perf_counter() - t, compiled, x
-        finally:
-            stacks.UNROLLED_MAX_LAYERS = default
+        t = time.perf_counter()
+        compiled = jitted.lower(model, x).compile()
+        return time.perf_counter() - t, compiled, x
 
-    plan = [("one TransformerEncoderLayer", 1, layer, None)]
-    for d in depths:
-        encoder = nx.TransformerEncoder(layer, d)
-        plan += [("TransformerEncoder, unrolled", d, encoder, d), ("TransformerEncoder, one lax.scan", d, encoder, 0)]
-    rows, results["compile"] = [], []
-    for what, depth, model, unrolled_max in plan:
+    plan = [("one TransformerEncoderLayer", 1, layer)]
+    plan += [("TransformerEncoder", d, nx.TransformerEncoder(layer, d)) for d in depths]
+    rows, results["compile"], one = [], [], {}
+    for what, depth, model in plan:
         row, figures = [what, depth], dict[str, Any](model=what, layers=depth)
         for grad in (False, True):
             # each repeat at another sequence length: a new program, which XLA has not cached
-            calls = [first_call(model, grad, S + r, unrolled_max) for r in range(reps)]
-            figures["gradient_s" if grad else "forward_s"] = med = statistics.median(c[0] for c in calls)
-            row.append(f"{med:.2f}")
+            calls = [first_call(model, grad, S + r) for r in range(reps)]
+            name = "gradient_s" if grad else "forward_s"
+            figures[name] = med = statistics.median(c[0] for c in calls)
+            one.setdefault(name, med)
+            row += [f"{med:.2f}", f"{med / one[name]:.1f}x"]
         _, compiled, x = calls[0]
         step = functools.partial(compiled, model, x)
         figures["gradient_run_s"] = run = medians({0: lambda step=step: jax.block_until_ready(step())}, 5)[0]
         row.append(f"{run * 1e3:.0f}")
-        unrolled = depth <= stacks.UNROLLED_MAX_LAYERS
-        row.append("" if unrolled_max is None else "yes" if unrolled == (unrolled_max == depth) else "")
         results["compile"].append(figures)
         rows.append(row)
     title = (
         f"## Compile time of Transformer stacks, d_model={E}, nhead={H}, dim_feedforward={F}\n\n"
         f"Seconds to trace, lower and compile `jax.vmap(model)` over a batch of {N}, and its gradient; median "
-        f"of {reps}, each at another sequence length ({S} and up), so that XLA compiles anew. Then the "
-        f"compiled gradient's run time at length {S} (median of 5). A stack of up to "
-        f"{stacks.UNROLLED_MAX_LAYERS} layers runs unrolled, a deeper one as one `lax.scan` "
-        "(`noxton.functional._transformer.UNROLLED_MAX_LAYERS`); both are timed at every depth.\n\n"
+        f"of {reps}, each at another sequence length ({S} and up), so that XLA compiles anew; and against one "
+        f"layer's. Then the compiled gradient's run time at length {S} (median of 5). A stack's layers call "
+        "one jitted layer function, which JAX traces once whatever the depth; XLA compiles every call.\n\n"
     )
-    headers = ["model", "layers", "forward s", "gradient s", "gradient run ms", "default"]
+    headers = ["model", "layers", "forward s", "vs one layer", "gradient s", "vs one layer", "gradient run ms"]
     return title + report.md_table(headers, rows)
 
 
@@ -261,7 +253,7 @@ def parse_args(argv=None):
     ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
     ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
-    ap.add_argument("--depths", default="2,6,12,24", help="Transformer stack depths of the compile-time table")
+    ap.add_argument("--depths", default="2,6,12,24,48", help="Transformer stack depths of the compile-time table")
     ap.add_argument("--compile-repeats", type=int, default=3, help="compilations per figure of that table (median)")
     ap.add_argument("--mem-budget-gib", type=float, default=8.0, help="do not start dense runs estimated above this")
     ap.add_argument("--child-timeout", type=int, default=900, help="seconds per long-sequence process")

@@ -1,10 +1,11 @@
 """torch's Transformer layers: parity with torch 2.13 (outputs and gradients by torch name, both front ends),
-from_torch, initialisation, dropout, errors, and stacks unrolled or scanned by depth.
+from_torch, initialisation, dropout, errors, and how a stack's program holds its layers.
 
 Every module is built by ``from_torch`` from a torch module with batch_first=True (so its
 ``(N, S, E)`` layout is the Haiku modules' and the Equinox layers' under ``jax.vmap``) and
 with every parameter randomised. Runs are eager (no per-case jit): each primitive compiles
-once for the whole file, which keeps the cross-product fast.
+once for the whole file, which keeps the cross-product fast (a stack jits its layer, once per
+configuration).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from helpers import assert_close, grid, requires_torch, torch
 import noxton.functional as nxF
 import noxton.haiku as nxhk
 import noxton.nn as nx
-from noxton.functional import _transformer as stacks
 from noxton.interop import torch_state_dict
 
 pytestmark = requires_torch
@@ -175,13 +175,16 @@ def _eqx_loss(model, arrays, shared, flags, ct):
     return jnp.sum(out * ct), out
 
 
-# Eager, as a user's first call: each primitive compiles once for the whole file (the stacks here,
-# of 2 layers, run unrolled, with no scan to compile).
+# Layers eager, as a user's first call: each primitive compiles once for the whole file. Stacks jitted:
+# a stack jits its layer anyway, and one program per case compiles faster than the jitted layer's
+# separate forward, residual and transposed programs in an eager gradient.
 _eqx_grad = eqx.filter_value_and_grad(_eqx_loss, has_aux=True)
+_eqx_grad_jit = eqx.filter_jit(_eqx_grad)
+STACKS = ("encoder", "decoder", "transformer")
 
 
 def run_equinox(kind, model, arrays, shared, flags, ct):
-    (_, out), grads = _eqx_grad(model, arrays, shared, flags, ct)
+    (_, out), grads = (_eqx_grad_jit if kind in STACKS else _eqx_grad)(model, arrays, shared, flags, ct)
     return out, torch_state_dict(grads)
 
 
@@ -214,7 +217,8 @@ def _haiku_grad(kind, config, flags):
         out = f.apply(p, None, kw)
         return jnp.sum(out * ct), out
 
-    return jax.value_and_grad(loss, has_aux=True)
+    grad = jax.value_and_grad(loss, has_aux=True)
+    return jax.jit(grad) if kind in STACKS else grad
 
 
 JAX_ACTIVATIONS = {"relu": "relu", "gelu": "gelu", "silu": jax.nn.silu}
@@ -295,9 +299,8 @@ def test_layer_parity(o, dtype, request):
     check_parity(o["kind"], o["mask"], o["norm_first"], o["activation"], o["bias"], dtype)
 
 
-# Stacks of 2 layers (unrolled; test_scan_and_unrolled_stacks_agree checks the scan against them):
-# each test runs two mask cases of one structure (padding with the causal mask and flag; a batch
-# element wholly padded too).
+# Stacks of 2 layers: each test runs two mask cases of one structure (padding with the causal mask
+# and flag; a batch element wholly padded too).
 STACK_GRID = grid(kind=["encoder", "decoder", "transformer"], norm_first=[False, True])
 
 
@@ -538,9 +541,7 @@ def test_dropout_is_reproducible_by_key_in_both_front_ends():
         f.apply(params, None, tgt, src)
 
 
-# --- stacks: unrolled up to UNROLLED_MAX_LAYERS, one scan beyond ------------------------------------
-
-LIMIT = stacks.UNROLLED_MAX_LAYERS
+# --- stacks: one jitted layer, called once per layer ----------------------------------------------
 
 
 def _encoder_program(num_layers):
@@ -550,45 +551,51 @@ def _encoder_program(num_layers):
     return fn.lower(enc, jnp.ones((N, S, E))).as_text()
 
 
-def test_deep_stacks_are_one_scan_and_shallow_ones_unrolled():
-    """Up to the limit, every layer is in the program (no loop); beyond it, one layer's body in one loop,
-    whatever the depth."""
-    one, limit, deeper, twice = (_encoder_program(n) for n in (1, LIMIT, LIMIT + 1, 2 * LIMIT + 2))
-    assert "stablehlo.while" not in one and "stablehlo.while" not in limit
-    assert limit.count("dot_general") == LIMIT * one.count("dot_general")
-    assert deeper.count("stablehlo.while") == twice.count("stablehlo.while") == 1
-    assert deeper.count("dot_general") == twice.count("dot_general") == one.count("dot_general")
+def test_a_stack_program_holds_one_layer_called_once_per_layer():
+    """Whatever the depth, the program holds one layer's function (its matrix products once), called once
+    per layer, and no loop."""
+    programs = {n: _encoder_program(n) for n in (1, 3, 24)}
+    for n, text in programs.items():
+        assert "stablehlo.while" not in text
+        assert text.count("call @transformer_encoder_layer(") == n
+        assert text.count("dot_general") == programs[1].count("dot_general")
+
+
+class _CountingRelu:
+    """relu that counts the times it is traced."""
+
+    def __init__(self):
+        self.traces = 0
+
+    def __call__(self, x):
+        self.traces += 1
+        return jax.nn.relu(x)
+
+
+class _UnhashableCountingRelu(_CountingRelu):
+    """The same, unfit as a static argument of ``jax.jit`` (an Equinox layer refuses it)."""
+
+    __hash__ = None  # type: ignore[assignment]
 
 
 @pytest.mark.parametrize("kind", ["encoder", "decoder"])
-def test_scan_and_unrolled_stacks_agree(kind, monkeypatch):
-    """The same stack (dropout on, one key) unrolled and scanned: the same outputs and gradients."""
-    cls = nx.TransformerEncoderLayer if kind == "encoder" else nx.TransformerDecoderLayer
-    stack_cls = nx.TransformerEncoder if kind == "encoder" else nx.TransformerDecoder
-    model = stack_cls(cls(E, H, FF, dropout=0.2, key=jax.random.PRNGKey(0)), 3, nx.LayerNorm(E))
+def test_a_stack_traces_its_layer_once(kind):
+    """Every layer of a stack calls one jitted layer function, traced once per configuration; in Haiku, an
+    activation that cannot be hashed runs each layer unjitted (traced once per layer), with the same results."""
+    layer_cls = nxhk.TransformerEncoderLayer if kind == "encoder" else nxhk.TransformerDecoderLayer
+    stack_cls = nxhk.TransformerEncoder if kind == "encoder" else nxhk.TransformerDecoder
     rng = np.random.default_rng(0)
-    x, memory = (jnp.asarray(rng.normal(size=(n, E)).astype(np.float32)) for n in (L, S))
-    key = jax.random.PRNGKey(3)
-
-    def loss(m, x):
-        if kind == "encoder":
-            out = m(x, is_causal=True, dropout_key=key)
-        else:
-            out = m(x, memory, tgt_is_causal=True, dropout_key=key)
-        return jnp.sum(out * jnp.arange(out.size, dtype=out.dtype).reshape(out.shape) / out.size), out
-
-    def run(limit):
-        monkeypatch.setattr(stacks, "UNROLLED_MAX_LAYERS", limit)
-        scanned = " scan[" in str(jax.make_jaxpr(lambda x: loss(model, x))(x))
-        (_, out), grads = eqx.filter_jit(eqx.filter_value_and_grad(loss, has_aux=True))(model, x)
-        return scanned, out, torch_state_dict(grads)
-
-    (u_scanned, u_out, u_grads), (s_scanned, s_out, s_grads) = run(LIMIT), run(0)
-    assert not u_scanned and s_scanned
-    assert_close(s_out, u_out, 1e-6, "output")
-    assert sorted(s_grads) == sorted(u_grads)
-    for n in u_grads:
-        assert_close(s_grads[n], u_grads[n], 1e-5, n)
+    x, memory = (jnp.asarray(rng.normal(size=(N, n, E)).astype(np.float32)) for n in (L, S))
+    args = (x,) if kind == "encoder" else (x, memory)
+    outs = []
+    for relu, traces in ((_CountingRelu(), 1), (_UnhashableCountingRelu(), 2 * 2)):
+        f = hk.transform(lambda *a, relu=relu: stack_cls(layer_cls(E, H, FF, activation=relu), 2)(*a, inference=True))
+        params = f.init(jax.random.PRNGKey(0), *args)
+        if traces == 1:  # the gradient's trace reuses the layer's
+            jax.jit(jax.grad(lambda p, f=f: jnp.sum(f.apply(p, None, *args))))(params)
+        outs.append(f.apply(params, None, *args))
+        assert relu.traces == traces  # over init, the call and, jitted, the gradient
+    assert_close(outs[1], outs[0], 1e-6, "unhashable activation")
 
 
 # --- errors ---------------------------------------------------------------------------------------
@@ -635,6 +642,12 @@ ERRORS = {
         _layer(activation=torch.nn.GELU() if torch else None),
         TypeError,
         r"`activation` must be a JAX function, got the torch module GELU: pass noxton.functional.gelu",
+    ),
+    "activation_unhashable": (
+        _layer(activation=_UnhashableCountingRelu()),
+        TypeError,
+        r"`activation` must be hashable, as a static field of an Equinox module is .* got the unhashable "
+        r"_UnhashableCountingRelu",
     ),
     "layer_norm_eps": (_layer(layer_norm_eps=0.0), ValueError, r"`layer_norm_eps` must be a positive float, got 0.0"),
     "norm_first": (_layer(norm_first="yes"), TypeError, r"`norm_first` must be a bool, got 'yes'"),

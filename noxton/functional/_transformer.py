@@ -307,16 +307,6 @@ def transformer_decoder_layer(
     return _norm(params, "norm3", x + ff(x), eps)
 
 
-#: A stack of at most this many layers runs as a Python loop over its layers (one program that holds
-#: every layer); a deeper one as one ``lax.scan`` over its layers' parameters, stacked at call time.
-#: From the compile-time table of ``docs/performance.md`` (``python -m benchmarks --quick``, a 2-core
-#: CPU, d_model 512), unrolled against scanned: seconds to trace, lower and compile an encoder's
-#: gradient, 1.75 against 2.93 at 6 layers, 3.39 against 3.04 at 12, 6.09 against 5.10 at 24 (one
-#: layer alone: 0.87); and the compiled gradient runs faster unrolled at every depth (6 layers: 411
-#: against 732 ms; 24: 1793 against 2156 ms).
-UNROLLED_MAX_LAYERS = 12
-
-
 def layer_params(params: Mapping[str, jax.Array], num_layers: int) -> list[dict[str, jax.Array]]:
     """``layers.{i}.k`` -> the ``i``-th of ``num_layers`` mappings of ``k``: each layer's parameters."""
     num_layers = check_positive_int("num_layers", num_layers)
@@ -337,21 +327,37 @@ def layer_params(params: Mapping[str, jax.Array], num_layers: int) -> list[dict[
     return [{n: params[f"layers.{i}.{n}"] for n in names} for i in range(num_layers)]
 
 
+# The layers of a stack run one after another, each a call of one jitted layer function. Every layer calls
+# it with arguments of the same shapes, so JAX traces, differentiates, batches and lowers one layer once and
+# the stack's program calls it ``num_layers`` times; XLA then compiles every call (the compile-time table of
+# ``docs/performance.md``). This replaced a ``lax.scan`` over the layers' parameters, which must be stacked
+# at call time since they are stored per layer as torch's ``state_dict``; measured with that table (2 cores,
+# d_model 512), this compiles an encoder's gradient faster (6 layers: 0.90 s against 2.09 s; 48: 4.14
+# against 5.71; one layer: 0.59) and the compiled gradient runs faster (6 layers: 375 against 450 ms; 48:
+# 3107 against 3818). Outside an enclosing ``jax.jit`` the layer runs as one compiled program, cached by
+# the configuration below, which must be hashable (with an activation that is not, each layer runs
+# unjitted).
+_STATIC = ("num_heads", "activation", "layer_norm_eps", "norm_first", "dropout_p", "implementation")
+_jitted_encoder_layer = jax.jit(transformer_encoder_layer, static_argnames=(*_STATIC, "is_causal"))
+_jitted_decoder_layer = jax.jit(
+    transformer_decoder_layer, static_argnames=(*_STATIC, "tgt_is_causal", "memory_is_causal")
+)
+
+
+def _hashable(obj) -> bool:
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def _run_stack(layer_fn, x, params, num_layers, dropout_p, dropout_key):
     """``num_layers`` layers one after another, layer ``i`` with the ``i``-th of ``num_layers`` dropout keys."""
     layers = layer_params(params, num_layers)
     keys = jax.random.split(dropout_key, num_layers) if dropout_p > 0.0 else None
-    if num_layers <= UNROLLED_MAX_LAYERS:
-        for i, p in enumerate(layers):
-            x = layer_fn(x, p, None if keys is None else keys[i])
-        return x
-    stacked = {n: jnp.stack([p[n] for p in layers]) for n in layers[0]}
-
-    def body(h, xs):
-        p, k = xs
-        return layer_fn(h, p, k), None
-
-    x, _ = lax.scan(body, x, (stacked, keys), length=num_layers)
+    for i, p in enumerate(layers):
+        x = layer_fn(x, p, None if keys is None else keys[i])
     return x
 
 
@@ -374,9 +380,8 @@ def transformer_encoder(
 ):
     """torch's ``nn.TransformerEncoder.forward``: ``num_layers`` encoder layers, then ``norm`` when ``params`` has one.
 
-    Up to ``UNROLLED_MAX_LAYERS`` (12) layers run one after another in one program, which
-    compiles and runs fastest for such depths; deeper stacks run as one ``lax.scan`` over
-    their parameters stacked at call time, whose compile time hardly grows with depth.
+    The layers run one after another in one program, each a call of one jitted layer
+    function, so that JAX traces one layer once whatever the depth.
 
     ``num_heads``, ``activation``, ``layer_norm_eps``, ``norm_first``, ``dropout_p``,
     ``dropout_key``, ``implementation``, as for
@@ -399,8 +404,10 @@ def transformer_encoder(
     dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
     is_causal = check_is_causal("is_causal", is_causal)
 
+    encoder_layer = _jitted_encoder_layer if _hashable(activation) else transformer_encoder_layer
+
     def layer(h, p, k):
-        return transformer_encoder_layer(
+        return encoder_layer(
             h,
             p,
             num_heads=num_heads,
@@ -460,8 +467,10 @@ def transformer_decoder(
     dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
     tgt_is_causal = check_is_causal("tgt_is_causal", tgt_is_causal)
 
+    decoder_layer = _jitted_decoder_layer if _hashable(activation) else transformer_decoder_layer
+
     def layer(h, p, k):
-        return transformer_decoder_layer(
+        return decoder_layer(
             h,
             memory,
             p,

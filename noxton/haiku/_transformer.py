@@ -358,9 +358,8 @@ def _stack_from_torch(cls, module, decoder, name):
 class TransformerEncoder(_Stack):
     """torch's ``nn.TransformerEncoder``: ``num_layers`` copies of ``encoder_layer``, then ``norm``.
 
-    Up to 12 layers run one after another in one program, which compiles and runs
-    fastest at such depths; a deeper stack runs as one ``lax.scan`` over its layers'
-    parameters, stacked at call time, whose compile time hardly grows with depth.
+    The layers run one after another in one program, each a call of one jitted layer
+    function, so that JAX traces one layer once whatever the depth.
 
     Args:
         encoder_layer: a [`TransformerEncoderLayer`][noxton.haiku.TransformerEncoderLayer],

@@ -109,6 +109,11 @@ class _Layer(HaikuLayer):
         c = check_transformer_config(
             d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
         )
+        if getattr(type(c["activation"]), "__hash__", None) is None:
+            raise TypeError(
+                "`activation` must be hashable, as a static field of an Equinox module is (a function such as "
+                f"jax.nn.relu), got the unhashable {type(c['activation']).__name__} {c['activation']!r}."
+            )
         for name, value in c.items():
             setattr(self, name, value)
         self.dtype = resolve_dtype(dtype)
@@ -483,10 +488,9 @@ class TransformerEncoder(_Stack):
     """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerEncoder``: ``num_layers`` encoder layers, then ``norm``.
 
     As torch's, the layers start as copies of ``encoder_layer`` (its weights
-    included); they train apart. Up to 12 layers run one after another in one
-    program, which compiles and runs fastest at such depths; a deeper stack runs as
-    one ``lax.scan`` over its layers' parameters, whose compile time hardly grows
-    with depth.
+    included); they train apart. The layers run one after another in one program,
+    each a call of one jitted layer function, so that JAX traces one layer once
+    whatever the depth.
 
     Args:
         encoder_layer: a [`TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer].
