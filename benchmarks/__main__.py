@@ -146,6 +146,7 @@ def long_table(args, results):
     # Interleaved by length (every contender at L, then the next L), so that load drift on a shared
     # machine enters the ratios at one length rather than a contender-by-contender sweep.
     for mode, names in LONG_PLAN.items():
+        names = [n for n in names if args.long_contenders is None or n in args.long_contenders]
         stopped = set()
         for L in sizes:
             if L > max_len[mode]:
@@ -253,6 +254,12 @@ def parse_args(argv=None):
     ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
     ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
+    ap.add_argument(
+        "--long-contenders",
+        help="contenders of the long-sequence table, comma-separated (default: every one: "
+        + ", ".join(dict.fromkeys(n for names in LONG_PLAN.values() for n in names))
+        + ")",
+    )
     ap.add_argument("--depths", default="2,6,12,24,48", help="Transformer stack depths of the compile-time table")
     ap.add_argument("--compile-repeats", type=int, default=3, help="compilations per figure of that table (median)")
     ap.add_argument("--mem-budget-gib", type=float, default=8.0, help="do not start dense runs estimated above this")
@@ -263,6 +270,12 @@ def parse_args(argv=None):
     ap.add_argument("--child", nargs=4, metavar=("NAME", "MODE", "L", "REPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     args.shape = tuple(int(x) for x in args.shape.split(","))
+    if args.long_contenders is not None:
+        args.long_contenders = args.long_contenders.split(",")
+        known = {n for names in LONG_PLAN.values() for n in names}
+        unknown = [n for n in args.long_contenders if n not in known]
+        if unknown:
+            ap.error(f"--long-contenders: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
     return args
 
 
