@@ -331,12 +331,12 @@ def layer_params(params: Mapping[str, jax.Array], num_layers: int) -> list[dict[
 # it with arguments of the same shapes, so JAX traces, differentiates, batches and lowers one layer once and
 # the stack's program calls it ``num_layers`` times; XLA then compiles every call (the compile-time table of
 # ``docs/performance.md``). This replaced a ``lax.scan`` over the layers' parameters, which must be stacked
-# at call time since they are stored per layer as torch's ``state_dict``; measured with that table (2 cores,
-# d_model 512), this compiles an encoder's gradient faster (6 layers: 0.90 s against 2.09 s; 48: 4.14
-# against 5.71; one layer: 0.59) and the compiled gradient runs faster (6 layers: 375 against 450 ms; 48:
-# 3107 against 3818). Outside an enclosing ``jax.jit`` the layer runs as one compiled program, cached by
-# the configuration below, which must be hashable (with an activation that is not, each layer runs
-# unjitted).
+# at call time since they are stored per layer as torch's ``state_dict``. Measured side by side with that
+# table before the scan went (2 cores, d_model 512), the jitted layers compiled an encoder's gradient faster
+# (6 layers: 0.90 s against 2.09 s; 48: 4.14 against 5.71; one layer: 0.59) and the compiled gradient ran
+# faster (6 layers: 375 against 450 ms; 48: 3107 against 3818). Outside an enclosing ``jax.jit`` the layer
+# runs as one compiled program, cached by the configuration below, which must be hashable (with an
+# activation that is not, each layer runs unjitted).
 _STATIC = ("num_heads", "activation", "layer_norm_eps", "norm_first", "dropout_p", "implementation")
 _jitted_encoder_layer = jax.jit(transformer_encoder_layer, static_argnames=(*_STATIC, "is_causal"))
 _jitted_decoder_layer = jax.jit(

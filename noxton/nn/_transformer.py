@@ -109,11 +109,13 @@ class _Layer(HaikuLayer):
         c = check_transformer_config(
             d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
         )
-        if getattr(type(c["activation"]), "__hash__", None) is None:
+        try:
+            hash(c["activation"])
+        except TypeError:
             raise TypeError(
                 "`activation` must be hashable, as a static field of an Equinox module is (a function such as "
                 f"jax.nn.relu), got the unhashable {type(c['activation']).__name__} {c['activation']!r}."
-            )
+            ) from None
         for name, value in c.items():
             setattr(self, name, value)
         self.dtype = resolve_dtype(dtype)
