@@ -1,8 +1,9 @@
 """The fused and blockwise attention paths against the dense path.
 
 Every case runs the Haiku module on batched inputs with ``implementation`` forced
-to ``"dense"`` and to the path under test, and compares outputs and the
-gradients with respect to the inputs and every parameter, to float32 rounding.
+to ``"dense"``, ``"blockwise"`` and ``"fused"`` in one jitted program, and compares
+each path's outputs and gradients with respect to the inputs and every parameter
+with the dense path's, to float32 rounding.
 Block sizes are shrunk so that short sequences cross several query and key
 blocks (including ragged last blocks).
 """
@@ -32,6 +33,7 @@ from noxton.nn import MultiheadAttention
 
 E, H, N, L, S = 8, 2, 2, 9, 7
 ATOL = 2e-5
+PATHS = ("blockwise", "fused")  # each checked against the dense path
 
 MASKS = [
     "none",
@@ -119,7 +121,7 @@ def make_inputs(struct, mask_case, seed=0):
     }, cfg
 
 
-def run(struct, mask_case, implementation):
+def run(struct, mask_case):
     inputs, cfg = make_inputs(struct, mask_case)
     f = hk.transform(
         lambda q, k, v, impl: nxhk.MultiheadAttention(E, H, **cfg)(
@@ -142,12 +144,12 @@ def run(struct, mask_case, implementation):
     )
     r = jnp.asarray(np.random.default_rng(3).normal(size=(N, L, E)).astype(np.float32))
 
-    def both(params, q, k, v):  # one compilation per case: both paths side by side
+    def every_path(params, q, k, v):  # one compilation per case: the three paths side by side
         return {
             impl: jax.value_and_grad(lambda *a, impl=impl: loss(*a, impl), argnums=(0, 1, 2, 3), has_aux=True)(
                 params, q, k, v
             )
-            for impl in ("dense", implementation)
+            for impl in ("dense", *PATHS)
         }
 
     def loss(params, q, k, v, impl):
@@ -156,8 +158,7 @@ def run(struct, mask_case, implementation):
         out = f.apply(params, None, q, k, v, impl)
         return jnp.sum(out * r), out
 
-    results = {impl: (out, grads) for impl, ((_, out), grads) in jax.jit(both)(params, q, k, v).items()}
-    return results
+    return {impl: (out, grads) for impl, ((_, out), grads) in jax.jit(every_path)(params, q, k, v).items()}
 
 
 # Every mask on the richest structure (appended keys, kdim/vdim); the common ones on the rest.
@@ -167,18 +168,19 @@ CASES = [("kv-biaskv-zeroattn", m) for m in MASKS] + [
 
 
 @pytest.mark.parametrize(("struct", "mask_case"), CASES, ids=[f"{s}-{m}" for s, m in CASES])
-@pytest.mark.parametrize("implementation", ["blockwise", "fused"])
-def test_path_matches_dense(implementation, struct, mask_case):
-    results = run(struct, mask_case, implementation)
-    (out_d, g_d), (out_x, g_x) = results["dense"], results[implementation]
-    assert np.all(np.isfinite(np.asarray(out_x)))
-    assert_close(out_x, out_d, ATOL, "output")
+def test_paths_match_dense(struct, mask_case):
+    results = run(struct, mask_case)
+    out_d, g_d = results["dense"]
     flat_d, _ = jax.tree_util.tree_flatten_with_path(g_d)
-    flat_x, _ = jax.tree_util.tree_flatten_with_path(g_x)
-    for (path, gd), (_, gx) in zip(flat_d, flat_x, strict=True):
-        name = jax.tree_util.keystr(path)
-        assert np.all(np.isfinite(np.asarray(gx))), name
-        assert_close(gx, gd, ATOL, name)
+    for impl in PATHS:
+        out_x, g_x = results[impl]
+        assert np.all(np.isfinite(np.asarray(out_x))), impl
+        assert_close(out_x, out_d, ATOL, f"{impl} output")
+        flat_x, _ = jax.tree_util.tree_flatten_with_path(g_x)
+        for (path, gd), (_, gx) in zip(flat_d, flat_x, strict=True):
+            name = f"{impl} {jax.tree_util.keystr(path)}"
+            assert np.all(np.isfinite(np.asarray(gx))), name
+            assert_close(gx, gd, ATOL, name)
 
 
 def _raw(shape_q, shape_kv, seed):
