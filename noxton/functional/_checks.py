@@ -143,6 +143,15 @@ def check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_
     )
 
 
+def is_hashable(obj: Any) -> bool:
+    """Whether ``obj`` can be a static argument of ``jax.jit`` or an Equinox module's static field."""
+    try:
+        hash(obj)
+    except TypeError:
+        return False
+    return True
+
+
 def check_positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
         raise TypeError(f"`{name}` must be a positive float, got {value!r} of type {type(value).__name__}.")

@@ -28,6 +28,7 @@ from noxton.functional._checks import (
     check_positive_float,
     check_positive_int,
     check_probability,
+    is_hashable,
     lift,
     softmax_dtype,
 )
@@ -344,14 +345,6 @@ _jitted_decoder_layer = jax.jit(
 )
 
 
-def _hashable(obj) -> bool:
-    try:
-        hash(obj)
-    except TypeError:
-        return False
-    return True
-
-
 def _run_stack(layer_fn, x, params, num_layers, dropout_p, dropout_key):
     """``num_layers`` layers one after another, layer ``i`` with the ``i``-th of ``num_layers`` dropout keys."""
     layers = layer_params(params, num_layers)
@@ -404,7 +397,7 @@ def transformer_encoder(
     dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
     is_causal = check_is_causal("is_causal", is_causal)
 
-    encoder_layer = _jitted_encoder_layer if _hashable(activation) else transformer_encoder_layer
+    encoder_layer = _jitted_encoder_layer if is_hashable(activation) else transformer_encoder_layer
 
     def layer(h, p, k):
         return encoder_layer(
@@ -467,7 +460,7 @@ def transformer_decoder(
     dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
     tgt_is_causal = check_is_causal("tgt_is_causal", tgt_is_causal)
 
-    decoder_layer = _jitted_decoder_layer if _hashable(activation) else transformer_decoder_layer
+    decoder_layer = _jitted_decoder_layer if is_hashable(activation) else transformer_decoder_layer
 
     def layer(h, p, k):
         return decoder_layer(

@@ -21,6 +21,7 @@ from noxton.functional._checks import (
     check_positive_int,
     check_prng_key,
     check_transformer_config,
+    is_hashable,
 )
 from noxton.functional._transformer import square_subsequent_mask
 from noxton.haiku import _transformer as hkt
@@ -109,13 +110,11 @@ class _Layer(HaikuLayer):
         c = check_transformer_config(
             d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
         )
-        try:
-            hash(c["activation"])
-        except TypeError:
+        if not is_hashable(c["activation"]):
             raise TypeError(
                 "`activation` must be hashable, as a static field of an Equinox module is (a function such as "
                 f"jax.nn.relu), got the unhashable {type(c['activation']).__name__} {c['activation']!r}."
-            ) from None
+            )
         for name, value in c.items():
             setattr(self, name, value)
         self.dtype = resolve_dtype(dtype)
