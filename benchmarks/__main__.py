@@ -55,6 +55,7 @@ LONG_PLAN = {
     "fwd": ["torch", "noxton_eqx", "torch_batch_first", "noxton_eqx_dense", "eqx", "jax_dpa", "block_matmul_only"],
     "fwd_bwd": ["torch", "noxton_eqx", "noxton_eqx_dense", "eqx"],
 }
+LONG_CONTENDERS = list(dict.fromkeys(n for names in LONG_PLAN.values() for n in names))
 
 
 def main_table(args, results):
@@ -256,9 +257,7 @@ def parse_args(argv=None):
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
     ap.add_argument(
         "--long-contenders",
-        help="contenders of the long-sequence table, comma-separated (default: every one: "
-        + ", ".join(dict.fromkeys(n for names in LONG_PLAN.values() for n in names))
-        + ")",
+        help=f"long-sequence table contenders, comma-separated (default: every one: {', '.join(LONG_CONTENDERS)})",
     )
     ap.add_argument("--depths", default="2,6,12,24,48", help="Transformer stack depths of the compile-time table")
     ap.add_argument("--compile-repeats", type=int, default=3, help="compilations per figure of that table (median)")
@@ -272,10 +271,9 @@ def parse_args(argv=None):
     args.shape = tuple(int(x) for x in args.shape.split(","))
     if args.long_contenders is not None:
         args.long_contenders = args.long_contenders.split(",")
-        known = {n for names in LONG_PLAN.values() for n in names}
-        unknown = [n for n in args.long_contenders if n not in known]
+        unknown = [n for n in args.long_contenders if n not in LONG_CONTENDERS]
         if unknown:
-            ap.error(f"--long-contenders: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))}")
+            ap.error(f"--long-contenders: unknown {', '.join(unknown)}; choose from {', '.join(LONG_CONTENDERS)}")
     return args
 
 

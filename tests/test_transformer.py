@@ -301,7 +301,7 @@ def test_layer_parity(o, dtype, request):
 
 # Stacks of 2 layers: each test runs two mask cases of one structure (padding with the causal mask
 # and flag; a batch element wholly padded too).
-STACK_GRID = grid(kind=["encoder", "decoder", "transformer"], norm_first=[False, True])
+STACK_GRID = grid(kind=list(STACKS), norm_first=[False, True])
 
 
 @pytest.mark.cross_product
@@ -312,7 +312,7 @@ def test_stack_parity_float32(o):
 
 
 @pytest.mark.cross_product
-@pytest.mark.parametrize("o", grid(kind=["encoder", "decoder", "transformer"], norm_first=[True]), ids=_id)
+@pytest.mark.parametrize("o", grid(kind=list(STACKS), norm_first=[True]), ids=_id)
 def test_stack_parity_float64(o, x64):
     check_parity(o["kind"], "fully_padded_causal", o["norm_first"], "gelu", True, "float64")
 
