@@ -1,6 +1,7 @@
 """torchvision's ``SqueezeExcitation``, rebuilt from ``torch.nn``: the reference of the benchmarks and the tests.
 
-torchvision has no CPU wheel at hand, so this is the one copy; ``tests/torch_reference.py`` imports it.
+torchvision has no CPU wheel at hand, so this is the one copy in the code (``tests/helpers.py`` imports
+it; the porting notebook writes its own, so that a reader can run it on its own).
 The module imports without torch (the class then exists but cannot be built), so that test files that
 name it still import on Pythons without torch, where the tests that build it skip.
 """

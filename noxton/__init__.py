@@ -1,9 +1,10 @@
 """noxton: torch-exact attention layers for JAX, from Haiku and from Equinox.
 
-- ``noxton.nn``: Equinox modules (``MultiheadAttention``, ``SqueezeExcitation``).
+- ``noxton.nn``: Equinox modules (``MultiheadAttention``, ``SqueezeExcitation``, torch's Transformer layers
+  and stacks, ``LayerNorm``, ``Linear``).
 - ``noxton.haiku``: the same layers as Haiku modules.
 - ``noxton.functional``: the maths both front ends run.
-- ``noxton.interop``: torch ``state_dict`` <-> Haiku params.
+- ``noxton.interop``: torch ``state_dict`` <-> Haiku params and Equinox models.
 """
 
 from noxton import functional as functional

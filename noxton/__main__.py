@@ -1,6 +1,6 @@
 """``python -m noxton``: a short tour of both layers through both front ends.
 
-Builds each layer on API.md's examples from Equinox (``noxton.nn``) and from
+Builds each layer on the README's examples from Equinox (``noxton.nn``) and from
 Haiku (``noxton.haiku`` inside ``hk.transform``), checks the results against a
 plain NumPy float64 reference, and prints a table of shapes, largest
 differences and timings. Exits non-zero if any difference exceeds tolerance.
@@ -62,7 +62,7 @@ def main() -> int:
     key = jax.random.PRNGKey(0)
     rows = []
 
-    # MultiheadAttention, API.md's example: embed_dim=64, num_heads=4, q (10, 64).
+    # MultiheadAttention, the README's example: embed_dim=64, num_heads=4, q (10, 64).
     mha = MultiheadAttention(embed_dim=64, num_heads=4, key=key)
     q = jax.random.normal(key, (10, 64))
     sd = mha.state_dict()
@@ -87,7 +87,7 @@ def main() -> int:
         label = "hk.transform: mha(q, q, q" + (", is_causal=True, need_weights=False)" if causal else ")")
         rows.append(_row("MultiheadAttention", "Haiku", label, apply, (params, q), ref))
 
-    # SqueezeExcitation, API.md's example: 64 channels squeezed to 16, x (64, 28, 28).
+    # SqueezeExcitation, the README's example: 64 channels squeezed to 16, x (64, 28, 28).
     se = SqueezeExcitation(input_channels=64, squeeze_channels=16, key=key)
     x = jax.random.normal(key, (64, 28, 28))
     ref_se = se_reference(x, se.state_dict())

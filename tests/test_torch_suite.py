@@ -411,7 +411,7 @@ def test_multiheadattention_fastpath_attn_mask(attn_mask_dim, key_padding_mask_d
 
 @pytest.mark.parametrize("dtype", LOW)
 def test_random_draws_with_biases_no_less_exact_than_torch(dtype):
-    """20 draws of a module with every parameter random (``torch_reference.torch_mha``): against float64,
+    """20 draws of a module with every parameter random (``helpers.torch_mha``): against float64,
     noxton's mean error is no larger than torch's in the median, on every path and front end."""
     from helpers import torch_mha
 
