@@ -1,5 +1,5 @@
-"""noxton.nn layers behave as Equinox modules: API.md examples, leaves, static fields, jit, inference mode
-(vmap: test_transforms.py)."""
+"""noxton.nn layers behave as Equinox modules: defaults, leaves, static fields, jit, inference mode
+(vmap: test_transforms.py; the README's examples: test_readme.py and the tour, test_main.py)."""
 
 from __future__ import annotations
 
@@ -12,19 +12,7 @@ import pytest
 from noxton.nn import MultiheadAttention, SqueezeExcitation
 
 
-def test_api_md_example():
-    # Verbatim from API.md.
-    key = jax.random.PRNGKey(0)
-    mha = MultiheadAttention(embed_dim=64, num_heads=4, key=key)
-    q = jax.random.normal(key, (10, 64))  # (seq_len, embed_dim)
-    out, weights = mha(q, q, q)  # self-attention
-    assert out.shape == (10, 64)
-    assert weights.shape == (10, 10)
-    out, _ = mha(q, q, q, is_causal=True, need_weights=False)
-    assert out.shape == (10, 64) and _ is None
-
-
-def test_defaults_match_api_md(key):
+def test_defaults_are_torchs(key):
     mha = MultiheadAttention(8, 2, key=key)
     assert (mha.dropout, mha.bias, mha.add_bias_kv, mha.add_zero_attn) == (0.0, True, False, False)
     assert (mha.kdim, mha.vdim, mha.inference, mha.dtype) == (8, 8, False, jnp.float32)

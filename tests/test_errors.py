@@ -233,7 +233,6 @@ CASES = [
         ValueError,
         r"dropout=0\.5 is active but no dropout key was given: pass `dropout_key=`",
     ),
-    ("dropout_key_str", *_call("mha_drop", dropout_key="seed"), TypeError, r"`dropout_key` must be a PRNG key"),
     # --- call: masks -----------------------------------------------------------------------
     (
         "kpm_shape",

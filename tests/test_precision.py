@@ -10,7 +10,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import requires_torch, torch
 
 import noxton.haiku as nxhk
 from noxton.nn import MultiheadAttention, SqueezeExcitation
@@ -121,17 +120,6 @@ def test_float64_under_x64(x64):
     assert 0 < diff < 1e-5  # float64 really is more precise than float32, and agrees with it
     se = SqueezeExcitation(E, 4, key=jax.random.PRNGKey(0), dtype=jnp.float64)
     assert se(jnp.ones((E, 3, 3), jnp.float64)).dtype == jnp.float64
-
-
-@requires_torch
-def test_float64_matches_torch(x64):
-    sd, (q, kv) = _params(), _inputs()
-    tm = torch.nn.MultiheadAttention(E, H, add_bias_kv=True, batch_first=True, dtype=torch.float64)
-    tm.load_state_dict({k: torch.tensor(v) for k, v in sd.items()})
-    t_out, t_w = tm(torch.tensor(q), torch.tensor(kv), torch.tensor(kv))
-    out, w = _run("float64", sd, q, kv)
-    np.testing.assert_allclose(out, t_out.detach().numpy(), rtol=0, atol=1e-13)
-    np.testing.assert_allclose(w, t_w.detach().numpy(), rtol=0, atol=1e-13)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -91,14 +91,6 @@ def test_haiku_call_activation_overrides_constructor(key):
     assert not jnp.allclose(t.apply(params, None, x, False), expected_relu)
 
 
-def test_api_example(key):
-    se = SqueezeExcitation(input_channels=64, squeeze_channels=16, key=key)
-    x = jax.random.normal(key, (64, 28, 28))
-    out = se(x)
-    assert out.shape == (64, 28, 28)
-    assert out.dtype == jnp.float32
-
-
 def test_haiku_leading_batch_dims(key):
     x = jax.random.normal(key, (2, 3, 8, 5, 5))
     f = hk.transform(lambda x: nxhk.SqueezeExcitation(8, 2)(x))
