@@ -88,7 +88,7 @@ Transformer stacks against their depth.
 """
 
 
-def write(out_dir: str, page: str | None, command: str, conditions: str, sections: list[str], results: dict) -> None:
+def write(out_dir: str, page: str, command: str, conditions: str, sections: list[str], results: dict) -> None:
     """Write ``results.md``, ``results.json`` and the plot to ``out_dir``; the page and its plot next to ``page``."""
     os.makedirs(out_dir, exist_ok=True)
     image = os.path.join(out_dir, "long_sequences.png")
@@ -98,8 +98,6 @@ def write(out_dir: str, page: str | None, command: str, conditions: str, section
         f.write("\n\n".join([conditions, *sections]) + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
-    if page is None:
-        return
     parts = [PAGE_INTRO.format(command=command).rstrip(), "## The run\n\n" + conditions, *sections]
     if results["long"]:
         page_image = os.path.splitext(page)[0] + "_long_sequences.png"
