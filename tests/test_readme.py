@@ -1,4 +1,4 @@
-"""The README's Python examples run as written."""
+"""The Python examples of the README and of the docs pages that have no notebook run as written."""
 
 import pathlib
 import re
@@ -6,17 +6,23 @@ import re
 import pytest
 from helpers import torch
 
-README = pathlib.Path(__file__).resolve().parents[1] / "README.md"
-BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PAGES = ("README.md", "docs/changing_models.md")
+BLOCKS = [
+    (page, i, code)
+    for page in PAGES
+    for i, code in enumerate(re.findall(r"```python\n(.*?)```", (ROOT / page).read_text(), flags=re.S))
+]
 
 
-@pytest.mark.parametrize("index", range(len(BLOCKS)))
-def test_readme_block_runs(index):
-    code = BLOCKS[index]
+@pytest.mark.parametrize(("page", "index", "code"), BLOCKS, ids=[f"{p}-{i}" for p, i, _ in BLOCKS])
+def test_example_runs(page, index, code):
     if "import torch" in code and torch is None:
         pytest.skip("needs torch==2.13.0 (CPU wheel for Python 3.11 only)")
+    if "import quax" in code:
+        pytest.importorskip("quax", reason="quax (Python 3.11+, JAX 0.7.2+) is installed with torch's env only")
     import jax
 
-    # README examples are user code: they run under JAX's default promotion rules.
+    # The examples are user code: they run under JAX's default promotion rules.
     with jax.numpy_rank_promotion("allow"), jax.numpy_dtype_promotion("standard"):
-        exec(compile(code, f"README.md block {index}", "exec"), {"__name__": "__readme__"})
+        exec(compile(code, f"{page} block {index}", "exec"), {"__name__": "__example__"})

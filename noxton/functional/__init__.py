@@ -1,4 +1,5 @@
-"""Pure maths shared by both front ends: no parameters, no Haiku, no Equinox."""
+"""The maths both front ends run: pure functions of arrays (and of the children a layer calls),
+no parameters, no Haiku, no Equinox."""
 
 from noxton.functional._activations import gelu as gelu
 from noxton.functional._activations import gelu_tanh as gelu_tanh
@@ -12,19 +13,16 @@ from noxton.functional._fused import fused_attention as fused_attention
 from noxton.functional._masks import Masks as Masks
 from noxton.functional._masks import canonical_masks as canonical_masks
 from noxton.functional._squeeze_excitation import squeeze_excitation as squeeze_excitation
+from noxton.functional._transformer import dropout as dropout
 from noxton.functional._transformer import layer_norm as layer_norm
 from noxton.functional._transformer import square_subsequent_mask as square_subsequent_mask
-from noxton.functional._transformer import transformer as transformer
-from noxton.functional._transformer import transformer_decoder as transformer_decoder
-from noxton.functional._transformer import transformer_decoder_layer as transformer_decoder_layer
-from noxton.functional._transformer import transformer_encoder as transformer_encoder
-from noxton.functional._transformer import transformer_encoder_layer as transformer_encoder_layer
 
 __all__ = [
     "Masks",
     "blockwise_attention",
     "canonical_masks",
     "dense_attention",
+    "dropout",
     "fused_attention",
     "gelu",
     "gelu_tanh",
@@ -35,9 +33,4 @@ __all__ = [
     "select_implementation",
     "square_subsequent_mask",
     "squeeze_excitation",
-    "transformer",
-    "transformer_decoder",
-    "transformer_decoder_layer",
-    "transformer_encoder",
-    "transformer_encoder_layer",
 ]

@@ -2,52 +2,67 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from noxton.functional._activations import check_activation
-from noxton.functional._checks import check_array, lift, softmax_dtype
+from noxton.functional._checks import check_array, softmax_dtype
+
+
+def check_feature_map(x, channels: int, *, batched: bool, name: str = "input_channels"):
+    """``x`` is a floating ``(C, H, W)`` (``[..., C, H, W]`` when ``batched``) with ``channels`` channels."""
+    layout = "(..., C, H, W)" if batched else "(C, H, W)"
+    check_array("x", x, min_rank=3, max_rank=None if batched else 3, layout=layout)
+    if x.shape[-3] != channels:
+        raise ValueError(
+            f"`x` must have {name}={channels} channels at axis -3 (layout {layout}), got shape {tuple(x.shape)}."
+        )
+    return x
 
 
 def squeeze_excitation(
     x,
-    params: Mapping[str, jax.Array],
+    fc1: Callable[[jax.Array], jax.Array],
+    fc2: Callable[[jax.Array], jax.Array],
     *,
     activation: Callable = jax.nn.relu,
     scale_activation: Callable = jax.nn.sigmoid,
 ):
-    """``scale_activation(fc2(activation(fc1(mean_hw(x))))) * x`` for ``[*B, C, H, W]``.
+    """torchvision's ``SqueezeExcitation.forward``: ``scale_activation(fc2(activation(fc1(avgpool(x))))) * x``.
+
+    Both front ends' layers call it with their children ``fc1`` and ``fc2``, so a child
+    replaced by another module (a LoRA wrapper, a quantised convolution) is what runs.
 
     Args:
         x: ``[*B, C, H, W]`` feature map.
-        params: torch ``state_dict``-named 1x1 convolutions: ``fc1.weight``
-            ``(Q, C, 1, 1)``, ``fc1.bias`` ``(Q,)``, ``fc2.weight`` ``(C, Q, 1, 1)``,
-            ``fc2.bias`` ``(C,)``.
+        fc1: ``[*B, C, 1, 1] -> [*B, Q, 1, 1]``, torchvision's 1x1 convolution ``fc1``.
+        fc2: ``[*B, Q, 1, 1] -> [*B, C, 1, 1]``.
         activation: applied after ``fc1``.
         scale_activation: applied after ``fc2``.
 
     Returns:
-        ``[*B, C, H, W]``, the input rescaled channel by channel.
+        ``[*B, C, H, W]``, the input rescaled channel by channel. The pooling and both
+        convolutions run in float32 (float64 for float64) and the scale rounds once to
+        ``x``'s dtype.
+
+    Example:
+        >>> import jax.numpy as jnp
+        >>> from noxton.functional import squeeze_excitation
+        >>> x = jnp.ones((4, 3, 3))
+        >>> squeeze_excitation(x, lambda h: h[:2], lambda h: jnp.concatenate([h, h]), scale_activation=jnp.tanh).shape
+        (4, 3, 3)
     """
-    w1, b1 = params["fc1.weight"], params["fc1.bias"]
-    w2, b2 = params["fc2.weight"], params["fc2.bias"]
-    channels = w1.shape[1]
     x = check_array("x", x, min_rank=3, layout="(..., C, H, W)")
-    if x.shape[-3] != channels:
-        raise ValueError(
-            f"`x` must have input_channels={channels} channels at axis -3 (layout (..., C, H, W)), got shape {x.shape}."
-        )
     activation = check_activation("activation", activation)
     scale_activation = check_activation("scale_activation", scale_activation)
     dtype = x.dtype
-    sdtype = softmax_dtype(dtype)
-    pooled = jnp.mean(x.astype(sdtype), axis=(-2, -1))  # [*B, C], accumulated in >= float32
-    h = jnp.einsum("...c,qc->...q", pooled, w1[:, :, 0, 0].astype(sdtype))
-    h = h + lift(b1.astype(sdtype), h.ndim)
-    h = activation(h)
-    s = jnp.einsum("...q,cq->...c", h, w2[:, :, 0, 0].astype(sdtype))
-    s = s + lift(b2.astype(sdtype), s.ndim)
-    s = scale_activation(s).astype(dtype)
-    return x * s[..., None, None]
+    pooled = jnp.mean(x.astype(softmax_dtype(dtype)), axis=(-2, -1), keepdims=True)  # [*B, C, 1, 1]
+    scale = scale_activation(fc2(activation(fc1(pooled))))
+    if scale.shape != pooled.shape:
+        raise ValueError(
+            f"`fc2(activation(fc1(pooled)))` must have the pooled input's shape {pooled.shape} (C = {x.shape[-3]} "
+            f"channels), got {scale.shape}: check fc1's and fc2's channels."
+        )
+    return x * scale.astype(dtype)

@@ -1,37 +1,43 @@
-"""torch's ``nn.Transformer*`` maths: pure functions of torch-keyed parameter mappings.
+"""torch's ``nn.Transformer*`` forwards, written once against the layers' children.
 
-Parameters are keyed as the torch module's ``state_dict`` (``self_attn.in_proj_weight``,
-``linear1.weight``, ``norm1.weight``; ``layers.0.`` ... in a stack; ``encoder.`` and
-``decoder.`` in a whole Transformer), in torch's layouts. Shapes: ``*B`` leading
-batch dimensions (possibly none), ``S`` source length, ``L`` target length,
-``E = d_model``.
+torch's ``TransformerEncoderLayer.forward`` calls ``self.self_attn``, ``self.linear1``,
+``self.linear2``, ``self.norm1``... and its ``TransformerEncoder`` loops ``for mod in
+self.layers``. The classes here do the same: each holds one forward, and both front
+ends' layers inherit it (``noxton.haiku``'s Haiku modules and ``noxton.nn``'s Equinox
+modules), so that whatever a layer holds as a child (a LoRA wrapper, a subclass, a
+layer of another configuration) is what runs. They import neither Haiku nor Equinox:
+what differs between the front ends (where the dropout key comes from, the inputs'
+rank, how a child is called) is a [`Run`][noxton.functional._transformer.Run], which
+each front end builds at the start of a call from the call's options (Equinox:
+``dropout_key``, ``key``, ``implementation``; Haiku: ``inference``, ``implementation``).
 
-Dropout: one key per call; an encoder layer splits it four ways (attention
-weights, after attention, inside the feed-forward, after it), a decoder layer
-six ways, a stack once per layer, so that every site draws its own pattern.
+Shapes: ``*B`` leading batch dimensions (none in ``noxton.nn``, which batches with
+``jax.vmap``), ``S`` source length, ``L`` target length, ``E = d_model``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+import abc
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jaxtyping import Array, ArrayLike, Bool, Float
 
-from noxton.functional._attention import _linear, multi_head_attention
+from noxton.functional._attention import check_implementation
 from noxton.functional._checks import (
     check_array,
     check_dropout_key,
     check_is_causal,
     check_positive_float,
     check_positive_int,
-    check_probability,
-    is_hashable,
     lift,
     softmax_dtype,
 )
+
+Mask = Bool[ArrayLike, "..."] | Float[ArrayLike, "..."] | None
 
 
 def square_subsequent_mask(sz: int, dtype=None) -> jax.Array:
@@ -83,481 +89,289 @@ def dropout(x, p: float, key):
     return jnp.where(keep, x / (1.0 - p), 0.0).astype(x.dtype)
 
 
-def _sub(params: Mapping[str, jax.Array], prefix: str) -> dict[str, jax.Array]:
-    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+class Run(abc.ABC):
+    """One call of a layer: its dropout and how it calls its children, in one front end.
+
+    Built by the layer's front end at the start of the call. Every dropout site of
+    the layer and every child that draws randomness gets its own key, folded from
+    the call's one key, in the order of torch's forward.
+
+    Args:
+        dropout_p: the layer's dropout probability, ``0.0`` when it is in inference mode.
+        key: the call's PRNG key, or ``None``.
+        implementation: the attention path passed to attention children (see
+            [`multi_head_attention`][noxton.functional.multi_head_attention]).
+    """
+
+    #: Which front end's advice the errors give: "equinox" or "haiku".
+    frontend: str
+
+    def __init__(self, dropout_p: float, key: Any, implementation: str):
+        self.dropout_p = dropout_p
+        self.key = check_dropout_key(dropout_p, key, self.frontend)
+        self.implementation = check_implementation(implementation)
+        self._draws = 0
+
+    def next_key(self) -> Any:
+        """A fresh key folded from the call's key, or ``None`` when the call has none."""
+        if self.key is None:
+            return None
+        self._draws += 1
+        return jax.random.fold_in(self.key, self._draws)
+
+    def dropout(self, x):
+        """torch's ``self.dropout*(x)`` of the layer."""
+        return x if self.dropout_p == 0.0 else dropout(x, self.dropout_p, self.next_key())
+
+    @abc.abstractmethod
+    def check(self, name: str, x: Any, d_model: int) -> None:
+        """Validate an input ``[*B, T, d_model]`` with the front end's message."""
+
+    @abc.abstractmethod
+    def options(self) -> dict[str, Any]:
+        """The front end's options of a child's call (its dropout key or inference flag, the attention path)."""
+
+    def layer(self, layer: Any, *args, **kwargs):
+        """Call a layer of a stack (a front end may jit it, so that a stack traces one layer once)."""
+        return layer(*args, **kwargs, **self.options())
 
 
-def _need(params: Mapping[str, jax.Array], *names: str) -> None:
-    missing = [n for n in names if n not in params]
-    if missing:
-        raise ValueError(f"`params` must contain {', '.join(map(repr, missing))}; got keys {sorted(params)}.")
-
-
-def _keys(dropout_p: float, key, n: int):
-    return list(jax.random.split(key, n)) if dropout_p > 0.0 else [None] * n
-
-
-def _check_common(name, x, params, layout):
-    x = check_array(name, x, min_rank=2, layout=layout)
-    d_model = params["linear2.weight"].shape[0]
-    if x.shape[-1] != d_model:
-        raise ValueError(f"`{name}` must have d_model={d_model} features in its last axis, got shape {x.shape}.")
-    return x
-
-
-def _norm(params, name, x, eps):
-    return layer_norm(x, params.get(f"{name}.weight"), params.get(f"{name}.bias"), eps)
-
-
-def _feed_forward(params, x, activation, dropout_p, k_inner, k_out):
-    h = activation(_linear(x, params["linear1.weight"], params.get("linear1.bias")))
-    h = dropout(h, dropout_p, k_inner)
-    return dropout(_linear(h, params["linear2.weight"], params.get("linear2.bias")), dropout_p, k_out)
-
-
-def _attention_block(params, prefix, q, kv, mask, padding, is_causal, num_heads, dropout_p, keys, implementation):
-    out, _ = multi_head_attention(
-        q,
-        kv,
-        kv,
-        _sub(params, prefix),
-        num_heads=num_heads,
-        key_padding_mask=padding,
-        need_weights=False,
-        attn_mask=mask,
-        is_causal=is_causal,
-        dropout_p=dropout_p,
-        dropout_key=keys[0],
-        implementation=implementation,
+def _attend(run: Run, attention, q, kv, mask, padding, is_causal: bool):
+    """torch's ``self.dropout1(self.self_attn(q, kv, kv, ..., need_weights=False)[0])`` (``_sa_block``)."""
+    out, _ = attention(
+        q, kv, kv, key_padding_mask=padding, need_weights=False, attn_mask=mask, is_causal=is_causal, **run.options()
     )
-    return dropout(out, dropout_p, keys[1])
+    return run.dropout(out)
 
 
-_ENCODER_LAYER_KEYS = ("self_attn.out_proj.weight", "linear1.weight", "linear2.weight")
-_DECODER_LAYER_KEYS = (*_ENCODER_LAYER_KEYS, "multihead_attn.out_proj.weight")
-
-
-def transformer_encoder_layer(
-    src,
-    params: Mapping[str, jax.Array],
-    *,
-    num_heads: int,
-    activation: Callable = jax.nn.relu,
-    layer_norm_eps: float = 1e-5,
-    norm_first: bool = False,
-    src_mask=None,
-    src_key_padding_mask=None,
-    is_causal: bool = False,
-    dropout_p: float = 0.0,
-    dropout_key=None,
-    implementation: str = "auto",
-):
-    """torch's ``nn.TransformerEncoderLayer.forward`` (its reference path) for ``[*B, S, E]`` inputs.
-
-    Post-norm: ``x = norm1(x + sa(x)); x = norm2(x + ff(x))``; with ``norm_first``:
-    ``x = x + sa(norm1(x)); x = x + ff(norm2(x))``, where ``ff(x) =
-    dropout2(linear2(dropout(activation(linear1(x)))))`` and ``sa`` is
-    self-attention followed by ``dropout1``.
-
-    Args:
-        src: ``[*B, S, E]``.
-        params: torch ``state_dict``-named parameters: ``self_attn.*``, ``linear1.*``,
-            ``linear2.*``, ``norm1.*``, ``norm2.*``.
-        num_heads: ``nhead``.
-        activation: applied after ``linear1``.
-        layer_norm_eps: the norms' ``eps``.
-        norm_first: pre-norm instead of post-norm.
-        src_mask: ``(S, S)``, ``(H, S, S)`` or ``[*B, H, S, S]``, bool (True = not allowed) or float (added).
-        src_key_padding_mask: ``[*B, S]``, bool (True = padding) or float.
-        is_causal: without ``src_mask``, the causal mask; with one, a hint (the mask is used).
-        dropout_p: the probability of every dropout of the layer.
-        dropout_key: required when ``dropout_p > 0``.
-        implementation: the attention path (see ``multi_head_attention``).
-
-    Returns:
-        ``[*B, S, E]``.
-    """
-    _need(params, *_ENCODER_LAYER_KEYS)
-    src = _check_common("src", src, params, "(..., S, E)")
-    dropout_p = check_probability("dropout", dropout_p)
-    dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
-    is_causal = check_is_causal("is_causal", is_causal)
-    eps = check_positive_float("layer_norm_eps", layer_norm_eps)
-    k = _keys(dropout_p, dropout_key, 4)
-
-    def sa(x):
-        return _attention_block(
-            params,
-            "self_attn.",
-            x,
-            x,
-            src_mask,
-            src_key_padding_mask,
-            is_causal,
-            num_heads,
-            dropout_p,
-            k[:2],
-            implementation,
-        )
-
-    def ff(x):
-        return _feed_forward(params, x, activation, dropout_p, k[2], k[3])
-
-    x = src
-    if norm_first:
-        x = x + sa(_norm(params, "norm1", x, eps))
-        return x + ff(_norm(params, "norm2", x, eps))
-    x = _norm(params, "norm1", x + sa(x), eps)
-    return _norm(params, "norm2", x + ff(x), eps)
-
-
-def transformer_decoder_layer(
-    tgt,
-    memory,
-    params: Mapping[str, jax.Array],
-    *,
-    num_heads: int,
-    activation: Callable = jax.nn.relu,
-    layer_norm_eps: float = 1e-5,
-    norm_first: bool = False,
-    tgt_mask=None,
-    memory_mask=None,
-    tgt_key_padding_mask=None,
-    memory_key_padding_mask=None,
-    tgt_is_causal: bool = False,
-    memory_is_causal: bool = False,
-    dropout_p: float = 0.0,
-    dropout_key=None,
-    implementation: str = "auto",
-):
-    """torch's ``nn.TransformerDecoderLayer.forward`` for ``[*B, L, E]`` targets and ``[*B, S, E]`` memory.
-
-    Self-attention (``self_attn``, ``dropout1``, ``norm1``), cross-attention to
-    ``memory`` (``multihead_attn``, ``dropout2``, ``norm2``) and the feed-forward
-    (``dropout3``, ``norm3``), post-norm or, with ``norm_first``, pre-norm.
-
-    ``num_heads``, ``activation``, ``layer_norm_eps``, ``norm_first``, ``dropout_p``,
-    ``dropout_key``, ``implementation``, as for
-    [`transformer_encoder_layer`][noxton.functional.transformer_encoder_layer].
-
-    Args:
-        tgt: ``[*B, L, E]``.
-        memory: ``[*B, S, E]``.
-        params: torch ``state_dict``-named: ``self_attn.*``, ``multihead_attn.*``,
-            ``linear1.*``, ``linear2.*``, ``norm1.*``, ``norm2.*``, ``norm3.*``.
-        tgt_mask: ``(L, L)`` (or per head/batch), bool or float.
-        memory_mask: ``(L, S)`` (or per head/batch), bool or float.
-        tgt_key_padding_mask: ``[*B, L]``.
-        memory_key_padding_mask: ``[*B, S]``.
-        tgt_is_causal: without ``tgt_mask``, the causal mask; with one, a hint.
-        memory_is_causal: likewise for ``memory_mask``.
-
-    Returns:
-        ``[*B, L, E]``.
-    """
-    _need(params, *_DECODER_LAYER_KEYS)
-    tgt = _check_common("tgt", tgt, params, "(..., L, E)")
-    memory = _check_common("memory", memory, params, "(..., S, E)")
-    dropout_p = check_probability("dropout", dropout_p)
-    dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
-    tgt_is_causal = check_is_causal("tgt_is_causal", tgt_is_causal)
-    memory_is_causal = check_is_causal("memory_is_causal", memory_is_causal)
-    eps = check_positive_float("layer_norm_eps", layer_norm_eps)
-    k = _keys(dropout_p, dropout_key, 6)
-
-    def sa(x):
-        return _attention_block(
-            params,
-            "self_attn.",
-            x,
-            x,
-            tgt_mask,
-            tgt_key_padding_mask,
-            tgt_is_causal,
-            num_heads,
-            dropout_p,
-            k[:2],
-            implementation,
-        )
-
-    def mha(x):
-        return _attention_block(
-            params,
-            "multihead_attn.",
-            x,
-            memory,
-            memory_mask,
-            memory_key_padding_mask,
-            memory_is_causal,
-            num_heads,
-            dropout_p,
-            k[2:4],
-            implementation,
-        )
-
-    def ff(x):
-        return _feed_forward(params, x, activation, dropout_p, k[4], k[5])
-
-    x = tgt
-    if norm_first:
-        x = x + sa(_norm(params, "norm1", x, eps))
-        x = x + mha(_norm(params, "norm2", x, eps))
-        return x + ff(_norm(params, "norm3", x, eps))
-    x = _norm(params, "norm1", x + sa(x), eps)
-    x = _norm(params, "norm2", x + mha(x), eps)
-    return _norm(params, "norm3", x + ff(x), eps)
-
-
-def layer_params(params: Mapping[str, jax.Array], num_layers: int) -> list[dict[str, jax.Array]]:
-    """``layers.{i}.k`` -> the ``i``-th of ``num_layers`` mappings of ``k``: each layer's parameters."""
-    num_layers = check_positive_int("num_layers", num_layers)
-    first = _sub(params, "layers.0.")
-    if not first:
-        raise ValueError(
-            f"`params` must hold the keys 'layers.0.*' ... 'layers.{num_layers - 1}.*'; got {sorted(params)}."
-        )
-    names = sorted(first)
-    missing = [f"layers.{i}.{n}" for i in range(num_layers) for n in names if f"layers.{i}.{n}" not in params]
-    if missing or f"layers.{num_layers}.{names[0]}" in params:
-        raise ValueError(
-            f"`params` must hold the same keys for each of num_layers={num_layers} layers; missing: "
-            f"{', '.join(missing) or 'none'}"
-            + (f"; it also holds layers.{num_layers}.*" if f"layers.{num_layers}.{names[0]}" in params else "")
-            + "."
-        )
-    return [{n: params[f"layers.{i}.{n}"] for n in names} for i in range(num_layers)]
-
-
-# The layers of a stack run one after another, each a call of one jitted layer function. Every layer calls
-# it with arguments of the same shapes, so JAX traces, differentiates, batches and lowers one layer once and
-# the stack's program calls it ``num_layers`` times; XLA then compiles every call (the compile-time table of
-# ``docs/performance.md``). This replaced a ``lax.scan`` over the layers' parameters, which must be stacked
-# at call time since they are stored per layer as torch's ``state_dict``. Measured side by side with that
-# table before the scan went (2 cores, d_model 512), the jitted layers compiled an encoder's gradient faster
-# (6 layers: 0.90 s against 2.09 s; 48: 4.14 against 5.71; one layer: 0.59) and the compiled gradient ran
-# faster (6 layers: 375 against 450 ms; 48: 3107 against 3818). Outside an enclosing ``jax.jit`` the layer
-# runs as one compiled program, cached by the configuration below, which must be hashable (with an
-# activation that is not, each layer runs unjitted).
-_STATIC = ("num_heads", "activation", "layer_norm_eps", "norm_first", "dropout_p", "implementation")
-_jitted_encoder_layer = jax.jit(transformer_encoder_layer, static_argnames=(*_STATIC, "is_causal"))
-_jitted_decoder_layer = jax.jit(
-    transformer_decoder_layer, static_argnames=(*_STATIC, "tgt_is_causal", "memory_is_causal")
-)
-
-
-def _run_stack(layer_fn, x, params, num_layers, dropout_p, dropout_key):
-    """``num_layers`` layers one after another, layer ``i`` with the ``i``-th of ``num_layers`` dropout keys."""
-    layers = layer_params(params, num_layers)
-    keys = jax.random.split(dropout_key, num_layers) if dropout_p > 0.0 else None
-    for i, p in enumerate(layers):
-        x = layer_fn(x, p, None if keys is None else keys[i])
+def _sublayers(x, norm_first: bool, *blocks: tuple[Callable, Callable]) -> Any:
+    """Each ``(block, norm)`` with its residual: ``x + block(norm(x))`` pre-norm, ``norm(x + block(x))`` post-norm."""
+    for block, norm in blocks:
+        x = x + block(norm(x)) if norm_first else norm(x + block(x))
     return x
 
 
-def transformer_encoder(
-    src,
-    params: Mapping[str, jax.Array],
-    *,
-    num_layers: int,
-    num_heads: int,
-    activation: Callable = jax.nn.relu,
-    layer_norm_eps: float = 1e-5,
-    norm_first: bool = False,
-    norm_eps: float | None = None,
-    mask=None,
-    src_key_padding_mask=None,
-    is_causal: bool | None = None,
-    dropout_p: float = 0.0,
-    dropout_key=None,
-    implementation: str = "auto",
-):
-    """torch's ``nn.TransformerEncoder.forward``: ``num_layers`` encoder layers, then ``norm`` when ``params`` has one.
+class TransformerLayerForward:
+    """What the encoder and decoder layers share: their options and the feed-forward block."""
 
-    The layers run one after another in one program, each a call of one jitted layer
-    function, so that JAX traces one layer once whatever the depth.
+    d_model: int
+    norm_first: bool
+    activation: Callable
+    # the children torch's forward calls (any module with their call)
+    linear1: Any
+    linear2: Any
+    norm1: Any
+    norm2: Any
+    self_attn: Any
+    _run: Callable[..., Run]  # the front end's Run of one call, from the call's options
 
-    ``num_heads``, ``activation``, ``layer_norm_eps``, ``norm_first``, ``dropout_p``,
-    ``dropout_key``, ``implementation``, as for
-    [`transformer_encoder_layer`][noxton.functional.transformer_encoder_layer].
+    def _feed_forward(self, run: Run, x):
+        """torch's ``_ff_block``: ``dropout2(linear2(dropout(activation(linear1(x)))))``."""
+        linear1, linear2 = self.linear1, self.linear2
+        return run.dropout(linear2(run.dropout(self.activation(linear1(x)))))
 
-    Args:
-        src: ``[*B, S, E]``.
-        params: ``layers.{i}.*`` (each an encoder layer's keys) and optionally
-            ``norm.weight``/``norm.bias``, the final LayerNorm.
-        num_layers: the number of layers.
-        norm_eps: the final norm's ``eps`` (default ``layer_norm_eps``).
-        mask: ``src_mask`` of every layer.
-        src_key_padding_mask: of every layer.
-        is_causal: of every layer (``is_causal=None``, torch's default, uses ``mask`` as given).
 
-    Returns:
-        ``[*B, S, E]``.
-    """
-    dropout_p = check_probability("dropout", dropout_p)
-    dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
-    is_causal = check_is_causal("is_causal", is_causal)
+class EncoderLayerForward(TransformerLayerForward):
+    """torch's ``nn.TransformerEncoderLayer.forward`` (its reference path), against ``self_attn``,
+    ``linear1``, ``linear2``, ``norm1`` and ``norm2``."""
 
-    encoder_layer = _jitted_encoder_layer if is_hashable(activation) else transformer_encoder_layer
+    def __call__(
+        self,
+        src: Float[ArrayLike, "*batch src_len d_model"],
+        src_mask: Mask = None,
+        src_key_padding_mask: Mask = None,
+        is_causal: bool = False,
+        **options: Any,
+    ) -> Float[Array, "*batch src_len d_model"]:
+        """Encode ``src``.
 
-    def layer(h, p, k):
-        return encoder_layer(
-            h,
-            p,
-            num_heads=num_heads,
-            activation=activation,
-            layer_norm_eps=layer_norm_eps,
-            norm_first=norm_first,
-            src_mask=mask,
-            src_key_padding_mask=src_key_padding_mask,
-            is_causal=is_causal,
-            dropout_p=dropout_p,
-            dropout_key=k,
-            implementation=implementation,
+        Args:
+            src: ``(S, E)`` in ``noxton.nn``; ``[..., S, E]`` in ``noxton.haiku``.
+            src_mask: ``(S, S)`` or ``(nhead, S, S)`` (Haiku: also ``[..., nhead, S, S]``), bool
+                (True = not allowed) or float (added to the scores).
+            src_key_padding_mask: ``(S,)`` (Haiku: ``[..., S]``), bool (True = padding) or float.
+            is_causal: without ``src_mask``, the causal mask; with it, a hint (the mask is used).
+            **options: the front end's. ``noxton.nn``: ``dropout_key`` (needed when
+                ``dropout > 0`` and not ``inference``; ``key`` is the same, for
+                ``eqx.nn.Sequential``). ``noxton.haiku``: ``inference`` (switch dropout
+                off; the key comes from ``hk.next_rng_key()``). Both: ``implementation``,
+                the attention path (``"auto"``: the memory-efficient blockwise path for long
+                sequences; see ``MultiheadAttention``).
+        """
+        run = self._run(**options)
+        run.check("src", src, self.d_model)
+        is_causal = check_is_causal("is_causal", is_causal)
+        self_attn, norm1, norm2 = self.self_attn, self.norm1, self.norm2
+
+        def sa(x):
+            return _attend(run, self_attn, x, x, src_mask, src_key_padding_mask, is_causal)
+
+        return _sublayers(src, self.norm_first, (sa, norm1), (lambda x: self._feed_forward(run, x), norm2))
+
+
+class DecoderLayerForward(TransformerLayerForward):
+    """torch's ``nn.TransformerDecoderLayer.forward``, against ``self_attn``, ``multihead_attn``,
+    ``linear1``, ``linear2``, ``norm1``, ``norm2`` and ``norm3``."""
+
+    multihead_attn: Any
+    norm3: Any
+
+    def __call__(
+        self,
+        tgt: Float[ArrayLike, "*batch tgt_len d_model"],
+        memory: Float[ArrayLike, "*batch src_len d_model"],
+        tgt_mask: Mask = None,
+        memory_mask: Mask = None,
+        tgt_key_padding_mask: Mask = None,
+        memory_key_padding_mask: Mask = None,
+        tgt_is_causal: bool = False,
+        memory_is_causal: bool = False,
+        **options: Any,
+    ) -> Float[Array, "*batch tgt_len d_model"]:
+        """Decode ``tgt`` attending to ``memory``.
+
+        Args:
+            tgt: ``(L, E)`` (Haiku: ``[..., L, E]``).
+            memory: ``(S, E)`` (Haiku: ``[..., S, E]``).
+            tgt_mask: ``(L, L)`` (or per head), bool or float.
+            memory_mask: ``(L, S)`` (or per head), bool or float.
+            tgt_key_padding_mask: ``(L,)`` (Haiku: ``[..., L]``).
+            memory_key_padding_mask: ``(S,)`` (Haiku: ``[..., S]``).
+            tgt_is_causal: without ``tgt_mask``, the causal mask; with one, a hint.
+            memory_is_causal: likewise for ``memory_mask``.
+            **options: the front end's, as for the encoder layer.
+        """
+        run = self._run(**options)
+        run.check("tgt", tgt, self.d_model)
+        run.check("memory", memory, self.d_model)
+        tgt_is_causal = check_is_causal("tgt_is_causal", tgt_is_causal)
+        memory_is_causal = check_is_causal("memory_is_causal", memory_is_causal)
+        self_attn, multihead_attn = self.self_attn, self.multihead_attn
+
+        def sa(x):
+            return _attend(run, self_attn, x, x, tgt_mask, tgt_key_padding_mask, tgt_is_causal)
+
+        def mha(x):
+            return _attend(run, multihead_attn, x, memory, memory_mask, memory_key_padding_mask, memory_is_causal)
+
+        def ff(x):
+            return self._feed_forward(run, x)
+
+        norms = self.norm1, self.norm2, self.norm3
+        return _sublayers(tgt, self.norm_first, (sa, norms[0]), (mha, norms[1]), (ff, norms[2]))
+
+
+class StackForward:
+    """What the encoder and decoder stacks share: ``layers`` called in turn, then ``norm`` when there is one."""
+
+    layers: Any
+    norm: Any
+    _run: Callable[..., Run]
+
+    def _through_layers(self, run: Run, x, *args, **kwargs) -> Any:
+        for layer in self.layers:
+            x = run.layer(layer, x, *args, **kwargs)
+        return x if self.norm is None else self.norm(x)
+
+
+class EncoderForward(StackForward):
+    """torch's ``nn.TransformerEncoder.forward``: ``for mod in self.layers``, then ``self.norm``."""
+
+    def __call__(
+        self,
+        src: Float[ArrayLike, "*batch src_len d_model"],
+        mask: Mask = None,
+        src_key_padding_mask: Mask = None,
+        is_causal: bool | None = None,
+        **options: Any,
+    ) -> Float[Array, "*batch src_len d_model"]:
+        """Encode ``src`` through every layer, then ``norm``; arguments as the encoder layer's
+        (``mask`` is each layer's ``src_mask``; ``is_causal=None``, torch's default, uses ``mask`` as given)."""
+        run = self._run(**options)
+        is_causal = check_is_causal("is_causal", is_causal)
+        return self._through_layers(
+            run, src, src_mask=mask, is_causal=is_causal, src_key_padding_mask=src_key_padding_mask
         )
 
-    x = _run_stack(layer, src, params, num_layers, dropout_p, dropout_key)
-    if "norm.weight" in params:
-        x = _norm(params, "norm", x, layer_norm_eps if norm_eps is None else norm_eps)
-    return x
 
+class DecoderForward(StackForward):
+    """torch's ``nn.TransformerDecoder.forward``: ``for mod in self.layers``, then ``self.norm``."""
 
-def transformer_decoder(
-    tgt,
-    memory,
-    params: Mapping[str, jax.Array],
-    *,
-    num_layers: int,
-    num_heads: int,
-    activation: Callable = jax.nn.relu,
-    layer_norm_eps: float = 1e-5,
-    norm_first: bool = False,
-    norm_eps: float | None = None,
-    tgt_mask=None,
-    memory_mask=None,
-    tgt_key_padding_mask=None,
-    memory_key_padding_mask=None,
-    tgt_is_causal: bool | None = None,
-    memory_is_causal: bool = False,
-    dropout_p: float = 0.0,
-    dropout_key=None,
-    implementation: str = "auto",
-):
-    """torch's ``nn.TransformerDecoder.forward``: ``num_layers`` decoder layers, then ``norm``.
-
-    The other arguments, as for
-    [`transformer_decoder_layer`][noxton.functional.transformer_decoder_layer] and
-    [`transformer_encoder`][noxton.functional.transformer_encoder].
-
-    Args:
-        tgt: ``[*B, L, E]``.
-        memory: ``[*B, S, E]``.
-        params: ``layers.{i}.*`` (decoder layers) and optionally ``norm.weight``/``norm.bias``.
-
-    Returns:
-        ``[*B, L, E]``.
-    """
-    dropout_p = check_probability("dropout", dropout_p)
-    dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
-    tgt_is_causal = check_is_causal("tgt_is_causal", tgt_is_causal)
-
-    decoder_layer = _jitted_decoder_layer if is_hashable(activation) else transformer_decoder_layer
-
-    def layer(h, p, k):
-        return decoder_layer(
-            h,
+    def __call__(
+        self,
+        tgt: Float[ArrayLike, "*batch tgt_len d_model"],
+        memory: Float[ArrayLike, "*batch src_len d_model"],
+        tgt_mask: Mask = None,
+        memory_mask: Mask = None,
+        tgt_key_padding_mask: Mask = None,
+        memory_key_padding_mask: Mask = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+        **options: Any,
+    ) -> Float[Array, "*batch tgt_len d_model"]:
+        """Decode ``tgt`` through every layer, then ``norm``; arguments as the decoder layer's."""
+        run = self._run(**options)
+        return self._through_layers(
+            run,
+            tgt,
             memory,
-            p,
-            num_heads=num_heads,
-            activation=activation,
-            layer_norm_eps=layer_norm_eps,
-            norm_first=norm_first,
+            tgt_mask=tgt_mask,
+            memory_mask=memory_mask,
+            tgt_key_padding_mask=tgt_key_padding_mask,
+            memory_key_padding_mask=memory_key_padding_mask,
+            tgt_is_causal=check_is_causal("tgt_is_causal", tgt_is_causal),
+            memory_is_causal=check_is_causal("memory_is_causal", memory_is_causal),
+        )
+
+
+class TransformerForward:
+    """torch's ``nn.Transformer.forward``: ``self.decoder(tgt, self.encoder(src))``."""
+
+    encoder: Any
+    decoder: Any
+    _run: Callable[..., Run]
+
+    def __call__(
+        self,
+        src: Float[ArrayLike, "*batch src_len d_model"],
+        tgt: Float[ArrayLike, "*batch tgt_len d_model"],
+        src_mask: Mask = None,
+        tgt_mask: Mask = None,
+        memory_mask: Mask = None,
+        src_key_padding_mask: Mask = None,
+        tgt_key_padding_mask: Mask = None,
+        memory_key_padding_mask: Mask = None,
+        src_is_causal: bool | None = None,
+        tgt_is_causal: bool | None = None,
+        memory_is_causal: bool = False,
+        **options: Any,
+    ) -> Float[Array, "*batch tgt_len d_model"]:
+        """``decoder(tgt, encoder(src))`` with torch's masks and hints: ``src_*`` go to the encoder,
+        ``tgt_*`` and ``memory_*`` to the decoder; options as the layers'."""
+        run = self._run(**options)
+        memory = self.encoder(
+            src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal, **run.options()
+        )
+        return self.decoder(
+            tgt,
+            memory,
             tgt_mask=tgt_mask,
             memory_mask=memory_mask,
             tgt_key_padding_mask=tgt_key_padding_mask,
             memory_key_padding_mask=memory_key_padding_mask,
             tgt_is_causal=tgt_is_causal,
             memory_is_causal=memory_is_causal,
-            dropout_p=dropout_p,
-            dropout_key=k,
-            implementation=implementation,
+            **run.options(),
         )
 
-    x = _run_stack(layer, tgt, params, num_layers, dropout_p, dropout_key)
-    if "norm.weight" in params:
-        x = _norm(params, "norm", x, layer_norm_eps if norm_eps is None else norm_eps)
-    return x
+
+#: The sequence axis of each input of the Transformer layers, as their docstrings name it.
+_LENGTHS = {"src": "S", "memory": "S", "tgt": "L"}
 
 
-def transformer(
-    src,
-    tgt,
-    params: Mapping[str, jax.Array],
-    *,
-    num_encoder_layers: int,
-    num_decoder_layers: int,
-    num_heads: int,
-    activation: Callable = jax.nn.relu,
-    layer_norm_eps: float = 1e-5,
-    norm_first: bool = False,
-    src_mask=None,
-    tgt_mask=None,
-    memory_mask=None,
-    src_key_padding_mask=None,
-    tgt_key_padding_mask=None,
-    memory_key_padding_mask=None,
-    src_is_causal: bool | None = None,
-    tgt_is_causal: bool | None = None,
-    memory_is_causal: bool = False,
-    dropout_p: float = 0.0,
-    dropout_key=None,
-    implementation: str = "auto",
-):
-    """torch's ``nn.Transformer.forward``: ``decoder(tgt, encoder(src))``.
-
-    The masks and hints, as torch's, passed to
-    [`transformer_encoder`][noxton.functional.transformer_encoder] (``src_*``) and
-    [`transformer_decoder`][noxton.functional.transformer_decoder] (``tgt_*``, ``memory_*``).
-
-    Args:
-        src: ``[*B, S, E]``.
-        tgt: ``[*B, L, E]``.
-        params: ``encoder.*`` and ``decoder.*``, as ``nn.Transformer``'s ``state_dict``.
-
-    Returns:
-        ``[*B, L, E]``.
-    """
-    dropout_p = check_probability("dropout", dropout_p)
-    dropout_key = check_dropout_key(dropout_p, dropout_key, "functional")
-    k_enc, k_dec = _keys(dropout_p, dropout_key, 2)
-    common: dict[str, Any] = dict(
-        num_heads=num_heads,
-        activation=activation,
-        layer_norm_eps=layer_norm_eps,
-        norm_first=norm_first,
-        dropout_p=dropout_p,
-        implementation=implementation,
-    )
-    memory = transformer_encoder(
-        src,
-        _sub(params, "encoder."),
-        num_layers=num_encoder_layers,
-        mask=src_mask,
-        src_key_padding_mask=src_key_padding_mask,
-        is_causal=src_is_causal,
-        dropout_key=k_enc,
-        **common,
-    )
-    return transformer_decoder(
-        tgt,
-        memory,
-        _sub(params, "decoder."),
-        num_layers=num_decoder_layers,
-        tgt_mask=tgt_mask,
-        memory_mask=memory_mask,
-        tgt_key_padding_mask=tgt_key_padding_mask,
-        memory_key_padding_mask=memory_key_padding_mask,
-        tgt_is_causal=tgt_is_causal,
-        memory_is_causal=memory_is_causal,
-        dropout_key=k_dec,
-        **common,
-    )
+def check_input(name: str, x: Any, d_model: int, *, batched: bool) -> None:
+    """``x`` is a floating array ``(T, E)`` (``[..., T, E]`` when ``batched``) with ``d_model`` features."""
+    layout = f"({'..., ' if batched else ''}{_LENGTHS.get(name, 'T')}, E)"
+    check_array(name, x, min_rank=2, max_rank=None if batched else 2, layout=layout)
+    if x.shape[-1] != d_model:
+        raise ValueError(f"`{name}` must have d_model={d_model} features in its last axis, got shape {tuple(x.shape)}.")

@@ -2,6 +2,8 @@
 
 from noxton.haiku._attention import MultiheadAttention as MultiheadAttention
 from noxton.haiku._common import LayerNorm as LayerNorm
+from noxton.haiku._common import Linear as Linear
+from noxton.haiku._common import PointwiseConv2d as PointwiseConv2d
 from noxton.haiku._squeeze_excitation import SqueezeExcitation as SqueezeExcitation
 from noxton.haiku._transformer import Transformer as Transformer
 from noxton.haiku._transformer import TransformerDecoder as TransformerDecoder
@@ -13,7 +15,9 @@ from noxton.interop import state_dict_to_params as state_dict_to_params
 
 __all__ = [
     "LayerNorm",
+    "Linear",
     "MultiheadAttention",
+    "PointwiseConv2d",
     "SqueezeExcitation",
     "Transformer",
     "TransformerDecoder",

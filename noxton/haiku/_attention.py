@@ -9,8 +9,8 @@ from jax.typing import ArrayLike
 from noxton.functional import multi_head_attention
 from noxton.functional._checks import check_dropout_key, check_inference, check_mha_config
 from noxton.haiku import _initializers as init
-from noxton.haiku._common import Affine, TorchModule, resolve_dtype
-from noxton.interop._from_torch import mha_config_from_torch, state_dict_from_torch
+from noxton.haiku._common import Linear, TorchModule, resolve_dtype
+from noxton.interop._from_torch import mha_config_from_torch
 
 
 class MultiheadAttention(TorchModule):
@@ -76,32 +76,12 @@ class MultiheadAttention(TorchModule):
         self.dtype = resolve_dtype(dtype)
         self._qkv_same_embed_dim = self.kdim == self.embed_dim and self.vdim == self.embed_dim
         E = self.embed_dim
-        self.out_proj = Affine(E, E, bias=self.bias, bias_init=init.zeros, dtype=self.dtype, name="out_proj")
+        self.out_proj = Linear(E, E, self.bias, b_init=init.zeros, dtype=self.dtype, name="out_proj")
 
-    @classmethod
-    def from_torch(cls, module, *, name: str | None = None) -> MultiheadAttention:
-        """A module with the configuration of the torch ``nn.MultiheadAttention`` ``module``,
-        whose ``init`` returns ``module``'s weights.
+    _config_from_torch = staticmethod(mha_config_from_torch)
 
-        Dropout follows the module's ``dropout``; as for every call of this module,
-        pass ``inference=True`` (torch's ``module.eval()``) to switch it off.
-
-        Example:
-            >>> import haiku as hk, jax, torch
-            >>> from noxton.haiku import MultiheadAttention
-            >>> torch_mha = torch.nn.MultiheadAttention(64, 4)
-            >>> f = hk.transform(lambda x: MultiheadAttention.from_torch(torch_mha)(x, x, x, inference=True))
-            >>> params = f.init(None, jax.numpy.ones((10, 64)))
-            >>> w = params["multihead_attention"]
-            >>> bool((w["in_proj_weight"] == torch_mha.in_proj_weight.detach().numpy()).all())
-            True
-        """
-        layer = cls(**mha_config_from_torch(module), name=name)
-        layer.set_initial_state_dict(state_dict_from_torch(module))
-        return layer
-
-    def state_dict_params(self) -> dict[str, jax.Array]:
-        """Get (creating on first use) this module's parameters, keyed by torch's names."""
+    def params(self) -> dict[str, jax.Array]:
+        """This module's own parameters (creating them on first use), keyed by torch's names."""
         E, dt = self.embed_dim, self.dtype
         p = {}
         if self._qkv_same_embed_dim:
@@ -115,7 +95,6 @@ class MultiheadAttention(TorchModule):
         if self.add_bias_kv:
             p["bias_k"] = self.param("bias_k", (1, 1, E), dt, init.xavier_normal)
             p["bias_v"] = self.param("bias_v", (1, 1, E), dt, init.xavier_normal)
-        p.update({f"out_proj.{k}": v for k, v in self.out_proj.params().items()})
         return p
 
     def __call__(
@@ -158,7 +137,8 @@ class MultiheadAttention(TorchModule):
             ``need_weights=False``.
         """
         inference = check_inference(inference, "haiku")
-        params = self.state_dict_params()
+        # As torch's F.multi_head_attention_forward, the output projection's weights are read, not called.
+        params = {**self.params(), **{f"out_proj.{k}": v for k, v in self.out_proj.params().items()}}
         dropout_p = 0.0 if inference else self.dropout
         dropout_key = check_dropout_key(dropout_p, hk.maybe_next_rng_key() if dropout_p > 0.0 else None, "haiku")
         return multi_head_attention(

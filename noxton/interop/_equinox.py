@@ -49,7 +49,9 @@ def _walk(node: Any, key: str, get: Callable) -> Iterator[_Entry]:
         return
     if isinstance(node, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)):
         yield _Entry(key, get, node, tuple(node.shape))
-    elif isinstance(node, (eqx.nn.BatchNorm, eqx.nn.StateIndex)):
+    elif isinstance(node, eqx.nn.StateIndex):
+        return  # state (a cache, running statistics) lives in `eqx.nn.State`, not in the model's parameters
+    elif isinstance(node, eqx.nn.BatchNorm):
         raise ValueError(
             f"{key or 'the model'} is an {type(node).__name__}: its running statistics live in `eqx.nn.State`, "
             "which load_torch_state_dict/torch_state_dict do not handle. Load them into the state by hand "

@@ -1,20 +1,25 @@
-"""The thin adapter: a Haiku module's transformed pair, bundled as an Equinox module.
+"""The thin adapter: Haiku modules' transformed pairs as Equinox modules, and the Equinox run of a call.
 
-An adapted layer holds its parameters as attributes named after torch's
-``state_dict`` keys (``layer.in_proj_weight``, ``layer.out_proj.weight``) and every
-hyperparameter as a static field. At call time the Haiku params tree is
-assembled from those attributes through the one table of names in
-``noxton.interop`` (torch key ``out_proj.weight`` <-> Haiku ``<name>/~/out_proj``,
-``weight``), as Haiku's own ``FlaxModule`` maps Haiku paths into Flax's
-structure, and the Haiku module's ``apply`` runs: one implementation for both
-front ends. The ``hk.transform`` pair is not stored: a cached factory rebuilds it
-from the hyperparameters, so two layers with the same settings share one
-function and hence one compiled program under ``eqx.filter_jit``.
+A leaf layer ([`Adapted`][noxton.nn._adapter.Adapted]: ``MultiheadAttention``,
+``Linear``, ``PointwiseConv2d``, ``LayerNorm``) holds its parameters as attributes
+named after torch's ``state_dict`` keys (``layer.in_proj_weight``,
+``layer.out_proj.weight``) and every hyperparameter as a static field. Its
+``__init__`` runs the Haiku module's ``init``; its call assembles the Haiku params
+tree from the attributes through the one table of names in ``noxton.interop``
+(torch key ``out_proj.weight`` <-> Haiku ``module/~/out_proj``, ``weight``), as Haiku's
+own ``FlaxModule`` maps Haiku paths into Flax's structure, and runs the Haiku
+module's ``apply``: one implementation for both front ends. The transformed pair
+is not stored: a cached factory rebuilds it from the hyperparameters, so two layers
+with the same settings share one function and hence one compiled program.
+
+Composite layers (the Transformer layers and stacks, squeeze-excitation) hold their
+children as attributes and call them, inheriting torch's forward from
+``noxton.functional``, as the Haiku modules do: what a user sees in the tree is what runs.
 """
 
-import abc
 import dataclasses
 import functools
+import inspect
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -24,73 +29,73 @@ import jax
 import numpy as np
 from equinox import AbstractClassVar
 
-from noxton.functional._checks import check_prng_key
+from noxton.functional._checks import check_inference, check_prng_key
+from noxton.functional._transformer import Run, check_input
 from noxton.interop import load_torch_state_dict, torch_state_dict
 from noxton.interop._equinox import haiku_params
 from noxton.interop._from_torch import state_dict_from_torch
 from noxton.interop._state_dict import haiku_state_dict
 
+#: The Haiku name of an adapted layer's module inside its transformed pair.
+ROOT = "module"
+
 
 def from_torch_weights(module: Any, build: Callable[[jax.Array], Any]) -> Any:
     """``build(key)``'s layer holding torch ``module``'s weights: built abstractly (``eqx.filter_eval_shape``,
     so no random initialisation runs), then loaded. How every ``from_torch`` builds its layer."""
-    return eqx.filter_eval_shape(build, jax.random.PRNGKey(0)).load_state_dict(state_dict_from_torch(module))
+    return load_torch_state_dict(eqx.filter_eval_shape(build, jax.random.PRNGKey(0)), state_dict_from_torch(module))
 
 
 @functools.cache
-def transformed(haiku_cls: type[hk.Module], name: str, config: tuple[tuple[str, Any], ...]) -> hk.Transformed:
-    """One ``hk.Transformed`` per Haiku class, module name and config.
+def transformed(haiku_cls: type[hk.Module], config: tuple[tuple[str, Any], ...]) -> hk.TransformedWithState:
+    """One ``hk.TransformedWithState`` per Haiku class and config.
 
-    ``init(key)`` creates the parameters without running the layer (through the
-    module's ``state_dict_params``); ``apply(params, rng, *args, **kwargs)`` calls it.
-    """
-    kwargs = dict(config)
-
-    def forward(*args, **kw):
-        # Composites whose Haiku constructor takes template modules build from hashable configs instead.
-        module = getattr(haiku_cls, "_from_config", haiku_cls)(**kwargs, name=name)
-        return module(*args, **kw) if args else module.state_dict_params()
-
-    return hk.transform(forward)
-
-
-class HaikuLayer(eqx.Module):
-    """Base of noxton's Equinox layers: torch-named parameter attributes, static hyperparameters.
-
-    Subclasses set ``haiku_cls`` and ``haiku_name`` (the name of the Haiku module
-    their parameters belong to) and implement ``_config`` (the Haiku module's
-    constructor kwargs, all static).
+    ``init(key)`` creates the parameters and the state without running the module (through
+    its ``state_dict_params``, which also creates its state); ``apply(params, state, rng,
+    *args, **kwargs)`` calls it.
     """
 
-    haiku_cls: AbstractClassVar[type[hk.Module]]
-    haiku_name: AbstractClassVar[str]
+    def forward(*args, **kwargs):
+        module = haiku_cls(**dict(config), name=ROOT)
+        return module(*args, **kwargs) if args else module.state_dict_params()  # pyright: ignore[reportCallIssue]
 
-    @abc.abstractmethod
-    def _config(self) -> tuple[tuple[str, Any], ...]:
-        """The Haiku module's constructor kwargs, as a hashable tuple of pairs."""
+    return hk.transform_with_state(forward)
 
-    @classmethod
-    def _from_fields(cls, **fields):
-        """An instance holding ``fields`` as they are, without ``__init__``'s random initialisation:
-        how a composite builds its children from its own initial ``state_dict``."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if set(fields) != names:
-            raise TypeError(
-                f"{cls.__name__}._from_fields needs exactly the fields {sorted(names)}, got {sorted(fields)}."
-            )
-        obj = object.__new__(cls)
-        for name, value in fields.items():
-            object.__setattr__(obj, name, value)
-        return obj
 
-    def _initial_state_dict(self, key) -> dict[str, Any]:
-        """Freshly initialised parameters, keyed by torch's names (run once, in ``__init__``)."""
-        f = transformed(self.haiku_cls, self.haiku_name, self._config())
-        return haiku_state_dict(f.init(check_prng_key("key", key)), self.haiku_name)
+class EquinoxRun(Run):
+    """A call of a ``noxton.nn`` layer: unbatched inputs, the dropout key passed in (``dropout_key``, or
+    ``key`` as ``eqx.nn.Sequential`` passes it), one key per child; the layers of a stack jitted."""
 
-    def _apply(self, rng, *args, **kwargs):
-        f = transformed(self.haiku_cls, self.haiku_name, self._config())
-        return f.apply(haiku_params(self, self.haiku_name), rng, *args, **kwargs)
+    frontend = "equinox"
+
+    def __init__(self, module: Any, dropout_key: Any, key: Any, implementation: str):
+        inference = check_inference(getattr(module, "inference", False), "equinox")
+        p = 0.0 if inference else getattr(module, "dropout", 0.0)
+        super().__init__(p, dropout_key if dropout_key is not None else key, implementation)
+
+    def check(self, name, x, d_model):
+        check_input(name, x, d_model, batched=False)
+
+    def options(self):
+        out = {} if self.implementation == "auto" else {"implementation": self.implementation}
+        key = self.next_key()
+        return out if key is None else {**out, "dropout_key": key}
+
+    def layer(self, layer, *args, **kwargs):
+        return _jitted_call(layer, *args, **kwargs, **self.options())
+
+
+# Every layer of a stack is called through one jitted function. Layers of one configuration share its
+# trace, so JAX traces, differentiates and batches one layer once whatever the depth, and the stack's
+# program calls it once per layer (the compile-time table of docs/performance.md); a layer of another
+# configuration or class (a subclass, a child replaced by a LoRA wrapper) is traced once more.
+@eqx.filter_jit
+def _jitted_call(layer, *args, **kwargs):
+    return layer(*args, **kwargs)
+
+
+class Module(eqx.Module):
+    """Base of noxton's Equinox layers: torch's ``state_dict`` and ``load_state_dict``, and the run of a call."""
 
     def state_dict(self) -> dict[str, np.ndarray]:
         """torch ``state_dict`` of this layer (NumPy arrays keyed by torch's names).
@@ -113,3 +118,60 @@ class HaikuLayer(eqx.Module):
         ``state_dict`` does not hold.
         """
         return load_torch_state_dict(self, state_dict, prefix=prefix)
+
+    def _run(self, dropout_key: Any = None, *, key: Any = None, implementation: str = "auto") -> "EquinoxRun":
+        return EquinoxRun(self, dropout_key, key, implementation)
+
+
+@functools.cache
+def _haiku_arguments(haiku_cls: type) -> tuple[str, ...]:
+    return tuple(p for p in inspect.signature(haiku_cls.__init__).parameters if p not in ("self", "name"))
+
+
+class Adapted(Module):
+    """A leaf layer: the Haiku module ``haiku_module``'s ``init`` and ``apply`` on torch-named attributes.
+
+    Its static fields are the Haiku module's constructor arguments of the same names
+    (``use_bias`` is the Haiku module's ``bias``, whose name the bias array takes here, as in ``eqx.nn``).
+
+    State: a Haiku module with state (``hk.get_state``: a cache, running statistics) is adapted by a
+    layer with a field ``state_index``, an ``eqx.nn.StateIndex`` holding the Haiku state ``init``
+    made (see [`_initial_state`][noxton.nn._adapter.Adapted._initial_state]), as ``eqx.nn.BatchNorm``
+    holds its statistics: such a layer is built with ``eqx.nn.make_with_state`` and its call takes and
+    returns the ``eqx.nn.State`` ([`_apply`][noxton.nn._adapter.Adapted._apply] with ``state=``).
+    """
+
+    haiku_module: AbstractClassVar[type[hk.Module]]
+
+    def _transformed(self) -> hk.TransformedWithState:
+        static = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("static")}
+        if "use_bias" in static:
+            static["bias"] = static.pop("use_bias")
+        config = tuple((name, static[name]) for name in _haiku_arguments(self.haiku_module) if name in static)
+        return transformed(self.haiku_module, config)
+
+    def _initial_state_dict(self, key) -> dict[str, Any]:
+        """Freshly initialised parameters, keyed by torch's names (``__init__`` runs it once)."""
+        params: Any = self._transformed().init(check_prng_key("key", key))[0]
+        return haiku_state_dict(params, ROOT)
+
+    def _initial_state(self, key) -> eqx.nn.StateIndex:
+        """The Haiku module's initial state, as the ``eqx.nn.StateIndex`` of a stateful layer's ``state_index``."""
+        return eqx.nn.StateIndex(self._transformed().init(check_prng_key("key", key))[1])
+
+    def _apply(self, rng, *args, state: eqx.nn.State | None = None, **kwargs) -> Any:
+        """The Haiku module's ``apply`` on this layer's parameters: its output; for a stateful layer,
+        ``(output, state)`` with the layer's entry of the ``eqx.nn.State`` ``state`` updated."""
+        f, params = self._transformed(), haiku_params(self, ROOT)
+        index = getattr(self, "state_index", None)
+        if index is None:
+            if state is not None:
+                raise TypeError(f"`state` must be None: {type(self).__name__} holds no state, got {state!r}.")
+            return f.apply(params, {}, rng, *args, **kwargs)[0]
+        if not isinstance(state, eqx.nn.State):
+            raise TypeError(
+                "`state` must be the eqx.nn.State of the model (from eqx.nn.make_with_state), got "
+                f"{type(state).__name__}."
+            )
+        out, new = f.apply(params, state.get(index), rng, *args, **kwargs)
+        return out, state.set(index, new)

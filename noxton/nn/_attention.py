@@ -1,4 +1,4 @@
-"""``noxton.nn.MultiheadAttention``: the Equinox front end of the Haiku module."""
+"""``noxton.nn.MultiheadAttention``: the Haiku module, adapted to Equinox."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ from noxton.functional._checks import check_array, check_dropout_key, check_infe
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
 from noxton.haiku._common import resolve_dtype
 from noxton.interop._from_torch import mha_config_from_torch
-from noxton.nn._adapter import HaikuLayer, from_torch_weights
+from noxton.nn._adapter import Adapted, from_torch_weights
 from noxton.nn._linear import Linear
 
 
-class MultiheadAttention(HaikuLayer):
+class MultiheadAttention(Adapted):
     """A 1-to-1 JAX/Equinox port of ``torch.nn.MultiheadAttention``.
 
     Splits queries, keys and values into ``num_heads`` independent heads,
@@ -100,8 +100,7 @@ class MultiheadAttention(HaikuLayer):
     vdim: int = eqx.field(static=True)
     dtype: np.dtype = eqx.field(static=True)
 
-    haiku_cls = HaikuMultiheadAttention
-    haiku_name = "multihead_attention"
+    haiku_module = HaikuMultiheadAttention
 
     def __init__(
         self,
@@ -137,7 +136,7 @@ class MultiheadAttention(HaikuLayer):
         self.in_proj_bias = sd.get("in_proj_bias")
         self.bias_k = sd.get("bias_k")
         self.bias_v = sd.get("bias_v")
-        self.out_proj = Linear(sd["out_proj.weight"], sd.get("out_proj.bias"))
+        self.out_proj = Linear.from_arrays(sd["out_proj.weight"], sd.get("out_proj.bias"))
 
     @classmethod
     def from_torch(cls, module) -> MultiheadAttention:
@@ -158,54 +157,6 @@ class MultiheadAttention(HaikuLayer):
         """
         config = mha_config_from_torch(module)
         return from_torch_weights(module, lambda key: cls(**config, inference=not module.training, key=key))
-
-    @classmethod
-    def _from_state_dict(
-        cls,
-        sd,
-        *,
-        embed_dim,
-        num_heads,
-        dropout=0.0,
-        bias=True,
-        add_bias_kv=False,
-        add_zero_attn=False,
-        kdim=None,
-        vdim=None,
-        inference: bool,
-        dtype,
-    ) -> MultiheadAttention:
-        """A layer holding ``sd`` (its torch keys, no random initialisation), configured as ``__init__``."""
-        config = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
-        names = (
-            "in_proj_weight",
-            "q_proj_weight",
-            "k_proj_weight",
-            "v_proj_weight",
-            "in_proj_bias",
-            "bias_k",
-            "bias_v",
-        )
-        return cls._from_fields(
-            **config,
-            **{n: sd.get(n) for n in names},
-            out_proj=Linear(sd["out_proj.weight"], sd.get("out_proj.bias")),
-            inference=check_inference(inference, "equinox"),
-            dtype=resolve_dtype(dtype),
-        )
-
-    def _config(self):
-        return (
-            ("embed_dim", self.embed_dim),
-            ("num_heads", self.num_heads),
-            ("dropout", self.dropout),
-            ("bias", self.bias),
-            ("add_bias_kv", self.add_bias_kv),
-            ("add_zero_attn", self.add_zero_attn),
-            ("kdim", self.kdim),
-            ("vdim", self.vdim),
-            ("dtype", self.dtype),
-        )
 
     def __call__(
         self,

@@ -1,25 +1,48 @@
-"""Parameter holders in torch's layout, the submodules of noxton's Equinox layers."""
+"""torch-layout building blocks as Equinox modules: ``Linear``, ``PointwiseConv2d`` and ``LayerNorm``,
+adapted from the Haiku modules of the same names."""
 
 from __future__ import annotations
 
 import equinox as eqx
 import jax
-import jax.numpy as jnp
-from jaxtyping import Array, Float
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from noxton.functional._attention import _linear
-
-
-def _check_bias(weight, bias) -> None:
-    if bias is not None and tuple(bias.shape) != tuple(weight.shape[:1]):
-        raise ValueError(f"`bias` must have shape {tuple(weight.shape[:1])}, got {tuple(bias.shape)}.")
+from noxton.functional._checks import check_bool, check_positive_float, check_positive_int
+from noxton.functional._squeeze_excitation import check_feature_map
+from noxton.haiku import _common as hkc
+from noxton.nn._adapter import Adapted
 
 
-class Linear(eqx.Module):
-    """torch's ``nn.Linear`` parameters, in torch's layout: ``y = x @ weight.T + bias``.
+def _from_arrays(cls, args: tuple, weight, bias, **kwargs):
+    """A ``cls(*args, bias is not None, ...)`` holding ``weight`` and ``bias``: built through ``__init__``
+    abstractly (``eqx.filter_eval_shape``: no initialiser runs), then given the arrays."""
+    layer = eqx.filter_eval_shape(lambda: cls(*args, bias is not None, dtype=weight.dtype, **kwargs))
+    if tuple(weight.shape) != tuple(layer.weight.shape):
+        raise ValueError(f"`weight` must have shape {tuple(layer.weight.shape)}, got {tuple(weight.shape)}.")
+    if bias is not None and tuple(bias.shape) != tuple(layer.bias.shape):
+        raise ValueError(f"`bias` must have shape {tuple(layer.bias.shape)}, got {tuple(bias.shape)}.")
+    return eqx.tree_at(lambda m: (m.weight, m.bias), layer, (weight, bias), is_leaf=lambda x: x is None)
 
-    The layers build it (``mha.out_proj``); build one yourself from arrays,
-    ``Linear(weight, bias)``.
+
+def _check_weight(weight, rank: int, layout: str):
+    if not hasattr(weight, "shape") or len(weight.shape) != rank:
+        raise ValueError(f"`weight` must be an array of shape {layout}, got {getattr(weight, 'shape', weight)!r}.")
+    return tuple(weight.shape)
+
+
+class Linear(Adapted):
+    """torch's ``nn.Linear``: ``y = x @ weight.T + bias``, parameters in torch's layout.
+
+    The signature of ``torch.nn.Linear`` and ``eqx.nn.Linear``; works in ``eqx.nn.Sequential``.
+    The Transformer layers hold theirs as ``linear1``/``linear2``, attention as ``out_proj``.
+
+    Args:
+        in_features: input width.
+        out_features: output width.
+        bias: a learnable ``bias``. Default ``True``.
+        key: PRNG key for the initialisation, U(-1/sqrt(in), 1/sqrt(in)) as torch's.
+        dtype: parameter dtype; ``None`` is float32 (float64 under ``jax_enable_x64``).
 
     Attributes:
         weight: ``(out_features, in_features)``.
@@ -27,26 +50,56 @@ class Linear(eqx.Module):
 
     Shape:
         - x: ``(..., in_features)``; output: ``(..., out_features)``.
+
+    Example:
+        >>> import jax
+        >>> from noxton.nn import Linear
+        >>> layer = Linear(4, 3, key=jax.random.PRNGKey(0))
+        >>> layer(jax.numpy.ones(4)).shape, layer.weight.shape
+        ((3,), (3, 4))
+        >>> Linear.from_arrays(layer.weight, None).bias is None
+        True
     """
 
     weight: Float[Array, "out_features in_features"]
-    bias: Float[Array, " out_features"] | None = None
+    bias: Float[Array, " out_features"] | None
+    in_features: int = eqx.field(static=True)
+    out_features: int = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    dtype: np.dtype = eqx.field(static=True)
 
-    def __check_init__(self):
-        if getattr(self.weight, "ndim", None) != 2:
-            raise ValueError(
-                f"`weight` must be an array of shape (out, in), got {getattr(self.weight, 'shape', self.weight)}."
-            )
-        _check_bias(self.weight, self.bias)
+    haiku_module = hkc.Linear
 
-    def __call__(self, x: Float[Array, "*batch in_features"], *, key: jax.Array | None = None) -> Array:
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, key: PRNGKeyArray, dtype=None):
+        self.in_features = check_positive_int("in_features", in_features)
+        self.out_features = check_positive_int("out_features", out_features)
+        self.use_bias = check_bool("bias", bias)
+        self.dtype = hkc.resolve_dtype(dtype)
+        sd = self._initial_state_dict(key)
+        self.weight, self.bias = sd["weight"], sd.get("bias")
+
+    @classmethod
+    def from_arrays(cls, weight: Float[Array, "out in"], bias: Float[Array, " out"] | None = None) -> Linear:
+        """A layer holding ``weight`` ``(out, in)`` and ``bias`` ``(out,)`` (or ``None``), of their dtype."""
+        out_features, in_features = _check_weight(weight, 2, "(out_features, in_features)")
+        return _from_arrays(cls, (in_features, out_features), weight, bias, key=jax.random.PRNGKey(0))
+
+    def __call__(self, x: Float[ArrayLike, "*batch in_features"], *, key: PRNGKeyArray | None = None) -> Array:
         """``x @ weight.T + bias``; ``key`` is accepted and ignored, as in ``eqx.nn`` layers."""
         del key
-        return _linear(x, self.weight, self.bias)
+        return self._apply(None, x)
 
 
-class PointwiseConv2d(eqx.Module):
-    """torch's 1x1 ``nn.Conv2d`` parameters, in torch's layout (``fc1``/``fc2`` of squeeze-excitation).
+class PointwiseConv2d(Adapted):
+    """torch's 1x1 ``nn.Conv2d(in_channels, out_channels, 1)``, parameters in torch's layout
+    (squeeze-excitation's ``fc1``/``fc2``).
+
+    Args:
+        in_channels: input channels.
+        out_channels: output channels.
+        bias: a learnable ``bias``. Default ``True``.
+        key: PRNG key for the initialisation (torch's ``Conv2d``).
+        dtype: parameter dtype; ``None`` is float32.
 
     Attributes:
         weight: ``(out_channels, in_channels, 1, 1)``.
@@ -57,23 +110,38 @@ class PointwiseConv2d(eqx.Module):
     """
 
     weight: Float[Array, "out_channels in_channels 1 1"]
-    bias: Float[Array, " out_channels"] | None = None
+    bias: Float[Array, " out_channels"] | None
+    in_channels: int = eqx.field(static=True)
+    out_channels: int = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    dtype: np.dtype = eqx.field(static=True)
 
-    def __check_init__(self):
-        if getattr(self.weight, "ndim", None) != 4 or tuple(self.weight.shape[2:]) != (1, 1):
-            raise ValueError(
-                f"`weight` must be an array of shape (out, in, 1, 1), got {getattr(self.weight, 'shape', self.weight)}."
-            )
-        _check_bias(self.weight, self.bias)
+    haiku_module = hkc.PointwiseConv2d
 
-    def __call__(self, x: Float[Array, "in_channels height width"], *, key: jax.Array | None = None) -> Array:
+    def __init__(self, in_channels: int, out_channels: int, bias: bool = True, *, key: PRNGKeyArray, dtype=None):
+        self.in_channels = check_positive_int("in_channels", in_channels)
+        self.out_channels = check_positive_int("out_channels", out_channels)
+        self.use_bias = check_bool("bias", bias)
+        self.dtype = hkc.resolve_dtype(dtype)
+        sd = self._initial_state_dict(key)
+        self.weight, self.bias = sd["weight"], sd.get("bias")
+
+    @classmethod
+    def from_arrays(
+        cls, weight: Float[Array, "out in 1 1"], bias: Float[Array, " out"] | None = None
+    ) -> PointwiseConv2d:
+        """A layer holding ``weight`` ``(out, in, 1, 1)`` and ``bias`` ``(out,)`` (or ``None``)."""
+        out_channels, in_channels, *_ = _check_weight(weight, 4, "(out_channels, in_channels, 1, 1)")
+        return _from_arrays(cls, (in_channels, out_channels), weight, bias, key=jax.random.PRNGKey(0))
+
+    def __call__(self, x: Float[ArrayLike, "in_channels height width"], *, key: PRNGKeyArray | None = None) -> Array:
         """The 1x1 convolution of ``x``; ``key`` is accepted and ignored."""
         del key
-        y = _linear(jnp.moveaxis(x, -3, -1), self.weight[:, :, 0, 0], self.bias)
-        return jnp.moveaxis(y, -1, -3)
+        check_feature_map(x, self.in_channels, batched=False, name="in_channels")
+        return self._apply(None, x)
 
 
-class LayerNorm(eqx.Module):
+class LayerNorm(Adapted):
     """torch's ``nn.LayerNorm(normalized_shape, eps, bias=bias)`` over the last axis, in torch's layout.
 
     ``weight`` starts at ones and ``bias`` at zeros, as torch's; the Transformer
@@ -104,29 +172,30 @@ class LayerNorm(eqx.Module):
 
     weight: Float[Array, " normalized_shape"]
     bias: Float[Array, " normalized_shape"] | None
+    normalized_shape: int = eqx.field(static=True)
     eps: float = eqx.field(static=True)
+    use_bias: bool = eqx.field(static=True)
+    dtype: np.dtype = eqx.field(static=True)
+
+    haiku_module = hkc.LayerNorm
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, bias: bool = True, *, dtype=None):
-        from noxton.functional._checks import check_bool, check_positive_float, check_positive_int
-        from noxton.haiku._common import resolve_dtype
-
-        n = check_positive_int("normalized_shape", normalized_shape)
-        dtype = resolve_dtype(dtype)
+        self.normalized_shape = check_positive_int("normalized_shape", normalized_shape)
         self.eps = check_positive_float("eps", eps)
-        self.weight = jnp.ones((n,), dtype)
-        self.bias = jnp.zeros((n,), dtype) if check_bool("bias", bias) else None
+        self.use_bias = check_bool("bias", bias)
+        self.dtype = hkc.resolve_dtype(dtype)
+        sd = self._initial_state_dict(jax.random.PRNGKey(0))  # ones and zeros: the key draws nothing
+        self.weight, self.bias = sd["weight"], sd.get("bias")
 
     @classmethod
-    def _from_arrays(cls, weight, bias, eps: float) -> LayerNorm:
-        obj = object.__new__(cls)
-        object.__setattr__(obj, "weight", weight)
-        object.__setattr__(obj, "bias", bias)
-        object.__setattr__(obj, "eps", eps)
-        return obj
+    def from_arrays(
+        cls, weight: Float[Array, " E"], bias: Float[Array, " E"] | None = None, eps: float = 1e-5
+    ) -> LayerNorm:
+        """A layer holding ``weight`` ``(E,)`` and ``bias`` ``(E,)`` (or ``None``)."""
+        (n,) = _check_weight(weight, 1, "(E,)")
+        return _from_arrays(cls, (n, eps), weight, bias)
 
-    def __call__(self, x: Float[Array, "*batch normalized_shape"], *, key: jax.Array | None = None) -> Array:
+    def __call__(self, x: Float[ArrayLike, "*batch normalized_shape"], *, key: PRNGKeyArray | None = None) -> Array:
         """torch's ``F.layer_norm`` of ``x`` over its last axis; ``key`` is accepted and ignored."""
-        from noxton.functional import layer_norm
-
         del key
-        return layer_norm(x, self.weight, self.bias, self.eps)
+        return self._apply(None, x)

@@ -1,4 +1,4 @@
-"""``noxton.nn.SqueezeExcitation``: the Equinox front end of the Haiku module."""
+"""``noxton.nn.SqueezeExcitation``: torchvision's block as an Equinox module that calls its ``fc1`` and ``fc2``."""
 
 from __future__ import annotations
 
@@ -9,16 +9,17 @@ import jax
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from noxton.functional import squeeze_excitation
 from noxton.functional._activations import check_activation
-from noxton.functional._checks import check_array, check_positive_int
-from noxton.haiku import SqueezeExcitation as HaikuSqueezeExcitation
+from noxton.functional._checks import check_positive_int, check_prng_key
+from noxton.functional._squeeze_excitation import check_feature_map
 from noxton.haiku._common import resolve_dtype
 from noxton.interop._from_torch import se_config_from_torch
-from noxton.nn._adapter import HaikuLayer, from_torch_weights
+from noxton.nn._adapter import Module, from_torch_weights
 from noxton.nn._linear import PointwiseConv2d
 
 
-class SqueezeExcitation(HaikuLayer):
+class SqueezeExcitation(Module):
     """Squeeze-and-Excitation channel attention (Hu et al., 2018), as torchvision's.
 
     Globally pools the spatial dimensions, passes the result through two 1x1
@@ -62,9 +63,6 @@ class SqueezeExcitation(HaikuLayer):
     scale_activation: Callable[[Array], Array] = eqx.field(static=True)
     dtype: np.dtype = eqx.field(static=True)
 
-    haiku_cls = HaikuSqueezeExcitation
-    haiku_name = "squeeze_excitation"
-
     def __init__(
         self,
         input_channels: int,
@@ -80,9 +78,9 @@ class SqueezeExcitation(HaikuLayer):
         self.activation = check_activation("activation", activation)
         self.scale_activation = check_activation("scale_activation", scale_activation)
         self.dtype = resolve_dtype(dtype)
-        sd = self._initial_state_dict(key)
-        self.fc1 = PointwiseConv2d(sd["fc1.weight"], sd["fc1.bias"])
-        self.fc2 = PointwiseConv2d(sd["fc2.weight"], sd["fc2.bias"])
+        k1, k2 = jax.random.split(check_prng_key("key", key))
+        self.fc1 = PointwiseConv2d(self.input_channels, self.squeeze_channels, key=k1, dtype=self.dtype)
+        self.fc2 = PointwiseConv2d(self.squeeze_channels, self.input_channels, key=k2, dtype=self.dtype)
 
     @classmethod
     def from_torch(cls, module) -> SqueezeExcitation:
@@ -95,15 +93,6 @@ class SqueezeExcitation(HaikuLayer):
         """
         config = se_config_from_torch(module)
         return from_torch_weights(module, lambda key: cls(**config, key=key))
-
-    def _config(self):
-        return (
-            ("input_channels", self.input_channels),
-            ("squeeze_channels", self.squeeze_channels),
-            ("activation", self.activation),
-            ("scale_activation", self.scale_activation),
-            ("dtype", self.dtype),
-        )
 
     def __call__(
         self,
@@ -122,5 +111,11 @@ class SqueezeExcitation(HaikuLayer):
             key: accepted and ignored (no randomness), so the layer works in ``eqx.nn.Sequential``.
         """
         del key
-        check_array("x", x, min_rank=3, max_rank=3, layout="(C, H, W)")
-        return self._apply(None, x, activation, scale_activation)
+        check_feature_map(x, self.input_channels, batched=False)
+        return squeeze_excitation(
+            x,
+            self.fc1,
+            self.fc2,
+            activation=self.activation if activation is None else activation,
+            scale_activation=self.scale_activation if scale_activation is None else scale_activation,
+        )

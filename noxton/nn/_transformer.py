@@ -1,84 +1,42 @@
-"""``noxton.nn`` Transformer layers: the Equinox front ends of the Haiku modules.
+"""``noxton.nn``'s Transformer layers: Equinox modules holding torch's children and calling them.
 
-Each holds its submodules under torch's names (``layer.self_attn``,
-``layer.linear1``, ``layer.norm1``, ``encoder.layers[0]``, ``model.encoder.norm``)
-and runs the corresponding ``noxton.haiku`` module's ``apply`` on them.
+Each inherits torch's forward from ``noxton.functional._transformer``, as the Haiku
+modules do, and holds its children under torch's names (``layer.self_attn``,
+``layer.linear1``, ``layer.norm1``, ``encoder.layers[0]``, ``model.encoder.norm``):
+replace one (``eqx.tree_at``) and the replacement runs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
+import jax
 import numpy as np
-from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
+from noxton.functional import _transformer as F
 from noxton.functional._checks import (
-    check_array,
-    check_dropout_key,
     check_inference,
     check_positive_int,
     check_prng_key,
     check_transformer_config,
     is_hashable,
 )
-from noxton.functional._transformer import square_subsequent_mask
-from noxton.haiku import _transformer as hkt
 from noxton.haiku._common import resolve_dtype
 from noxton.interop._from_torch import (
     transformer_config_from_torch,
     transformer_layer_config_from_torch,
     transformer_stack_config_from_torch,
 )
-from noxton.interop._state_dict import haiku_state_dict
-from noxton.nn._adapter import HaikuLayer, from_torch_weights, transformed
+from noxton.nn._adapter import Module, from_torch_weights
 from noxton.nn._attention import MultiheadAttention
 from noxton.nn._linear import LayerNorm, Linear
 
-Mask = Bool[ArrayLike, "..."] | Float[ArrayLike, "..."] | None
 
-_LAYER_CONFIG = (
-    "d_model",
-    "nhead",
-    "dim_feedforward",
-    "dropout",
-    "activation",
-    "layer_norm_eps",
-    "norm_first",
-    "bias",
-    "dtype",
-)
-
-
-def _sub(sd: dict[str, Any], prefix: str) -> dict[str, Any]:
-    return {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
-
-
-def _check_unbatched(name: str, x, d_model: int, layout: str) -> None:
-    check_array(name, x, min_rank=2, max_rank=2, layout=layout)
-    if x.shape[-1] != d_model:
-        raise ValueError(f"`{name}` must have d_model={d_model} features in its last axis, got shape {tuple(x.shape)}.")
-
-
-def _dropout_key(module, dropout_key):
-    inference = check_inference(module.inference, "equinox")
-    return inference, check_dropout_key(0.0 if inference else module.dropout, dropout_key, "equinox")
-
-
-def _norm_config(norm: LayerNorm | None, dtype) -> tuple | None:
-    if norm is None:
-        return None
-    return (
-        ("normalized_shape", norm.weight.shape[0]),
-        ("eps", norm.eps),
-        ("bias", norm.bias is not None),
-        ("dtype", dtype),
-    )
-
-
-class _Layer(HaikuLayer):
-    """The configuration shared by the encoder and decoder layers, as static fields."""
+class _Layer(Module):
+    """The encoder and decoder layers' configuration (static fields) and constructor."""
 
     d_model: int = eqx.field(static=True)
     nhead: int = eqx.field(static=True)
@@ -90,22 +48,24 @@ class _Layer(HaikuLayer):
     bias: bool = eqx.field(static=True)
     dtype: np.dtype = eqx.field(static=True)
 
-    _attentions = ()
-    _norms = ()
+    _attentions: ClassVar[tuple[str, ...]] = ()
+    _norms: ClassVar[tuple[str, ...]] = ()
+    _decoder: ClassVar[bool] = False
 
-    def _init_layer(
+    def __init__(
         self,
-        d_model,
-        nhead,
-        dim_feedforward,
-        dropout,
-        activation,
-        layer_norm_eps,
-        norm_first,
-        bias,
-        inference,
-        key,
-        dtype,
+        d_model: int,
+        nhead: int,
+        dim_feedforward: int = 2048,
+        dropout: float = 0.1,
+        activation: str | Callable[[Array], Array] = "relu",
+        layer_norm_eps: float = 1e-5,
+        norm_first: bool = False,
+        bias: bool = True,
+        inference: bool = False,
+        *,
+        key: PRNGKeyArray,
+        dtype=None,
     ):
         c = check_transformer_config(
             d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
@@ -117,60 +77,46 @@ class _Layer(HaikuLayer):
             )
         for name, value in c.items():
             setattr(self, name, value)
-        self.dtype = resolve_dtype(dtype)
-        self.inference = check_inference(inference, "equinox")
-        sd = self._initial_state_dict(key)
-        for name, child in self._children(sd, self.layer_config(), self.inference).items():
-            setattr(self, name, child)
+        self.dtype = dt = resolve_dtype(dtype)
+        inference = check_inference(inference, "equinox")
+        self.inference = inference
+        keys = iter(jax.random.split(check_prng_key("key", key), 4))
+        d, f, b = self.d_model, self.dim_feedforward, self.bias
+        for attn in self._attentions:
+            mha = MultiheadAttention(d, self.nhead, self.dropout, b, inference=inference, key=next(keys), dtype=dt)
+            setattr(self, attn, mha)
+        self.linear1 = Linear(d, f, b, key=next(keys), dtype=dt)
+        self.linear2 = Linear(f, d, b, key=next(keys), dtype=dt)
+        for norm in self._norms:
+            setattr(self, norm, LayerNorm(d, self.layer_norm_eps, b, dtype=dt))
 
     @classmethod
-    def _children(cls, sd, config, inference) -> dict[str, Any]:
-        out = {}
-        for attn in cls._attentions:
-            out[attn] = MultiheadAttention._from_state_dict(
-                _sub(sd, attn + "."),
-                embed_dim=config["d_model"],
-                num_heads=config["nhead"],
-                dropout=config["dropout"],
-                bias=config["bias"],
-                inference=inference,
-                dtype=config["dtype"],
-            )
-        for lin in ("linear1", "linear2"):
-            out[lin] = Linear(sd[f"{lin}.weight"], sd.get(f"{lin}.bias"))
-        for norm in cls._norms:
-            out[norm] = LayerNorm._from_arrays(sd[f"{norm}.weight"], sd.get(f"{norm}.bias"), config["layer_norm_eps"])
-        return out
+    def from_torch(cls, module):
+        """A layer with the configuration (activation mapped to its exact JAX function,
+        ``inference = not module.training``) and the weights of the torch layer ``module``.
 
-    @classmethod
-    def _from_state_dict(cls, sd, config, inference):
-        """A layer holding ``sd`` (its torch keys) with ``config``, without a random initialisation."""
-        return cls._from_fields(**config, **cls._children(sd, config, inference), inference=inference)
-
-    def layer_config(self) -> dict[str, Any]:
-        """The constructor's configuration (activation as its JAX function) and dtype."""
-        return {name: getattr(self, name) for name in _LAYER_CONFIG}
-
-    def _config(self) -> tuple[tuple[str, Any], ...]:
-        return tuple(self.layer_config().items())
-
-    @classmethod
-    def _from_torch(cls, module, decoder):
-        config = transformer_layer_config_from_torch(module, decoder)
-        # `cls` is a concrete layer class, whose __init__ pyright cannot see from the base.
-        layer_cls: Any = cls
-        return from_torch_weights(module, lambda key: layer_cls(**config, inference=not module.training, key=key))
+        Example:
+            >>> import torch
+            >>> from noxton.nn import TransformerEncoderLayer
+            >>> torch_layer = torch.nn.TransformerEncoderLayer(16, 4, 32, activation="gelu")
+            >>> layer = TransformerEncoderLayer.from_torch(torch_layer)
+            >>> layer.activation.__name__, layer.linear1.weight.shape, layer.inference
+            ('gelu', (32, 16), False)
+        """
+        config = transformer_layer_config_from_torch(module, cls._decoder)
+        return from_torch_weights(module, lambda key: cls(**config, inference=not module.training, key=key))
 
 
-class TransformerEncoderLayer(_Layer):
+class TransformerEncoderLayer(F.EncoderLayerForward, _Layer):
     """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerEncoderLayer``.
 
     Self-attention then a feed-forward network, each with a residual connection
     and a LayerNorm: post-norm (``norm_first=False``, torch's default)
     ``x = norm1(x + dropout1(self_attn(x))); x = norm2(x + dropout2(ff(x)))``, or
     pre-norm ``x = x + dropout1(self_attn(norm1(x))); x = x + dropout2(ff(norm2(x)))``,
-    where ``ff(x) = linear2(dropout(activation(linear1(x))))``. Inputs are
-    unbatched, as every ``eqx.nn`` layer's: batch with ``jax.vmap``.
+    where ``ff(x) = linear2(dropout(activation(linear1(x))))``. Each of those names is
+    an attribute, called there: replace one (``eqx.tree_at``) with any module of the
+    same call and it runs. Inputs are unbatched, as every ``eqx.nn`` layer's: batch with ``jax.vmap``.
 
     Args:
         d_model: ``E``, the model width.
@@ -178,7 +124,7 @@ class TransformerEncoderLayer(_Layer):
         dim_feedforward: the feed-forward width. Default 2048.
         dropout: the probability of all four dropouts (attention weights,
             ``dropout1``, ``dropout``, ``dropout2``). Default 0.1, as torch's.
-        activation: ``"relu"`` (default), ``"gelu"`` (exact erf, as torch's) or a JAX callable.
+        activation: ``"relu"`` (default), ``"gelu"`` (exact erf, as torch's) or a hashable JAX callable.
         layer_norm_eps: the norms' ``eps``. Default ``1e-5``.
         norm_first: pre-norm instead of post-norm.
         bias: biases in the attention, the linears and the norms.
@@ -193,7 +139,6 @@ class TransformerEncoderLayer(_Layer):
         norm1: a [`LayerNorm`][noxton.nn.LayerNorm].
         norm2: a [`LayerNorm`][noxton.nn.LayerNorm].
 
-
     Shape:
         - src: ``(S, E)``; output: ``(S, E)``.
         - src_mask: ``(S, S)`` or ``(nhead, S, S)``; src_key_padding_mask: ``(S,)``.
@@ -205,6 +150,7 @@ class TransformerEncoderLayer(_Layer):
           layer always computes them as torch's reference path does. Non-padded
           positions agree.
         - ``is_causal=True`` without ``src_mask`` builds the causal mask (torch needs the mask).
+        - The dropout key is the keyword ``dropout_key`` (or ``key``, as ``eqx.nn.Sequential`` passes it).
 
     Example:
         >>> import jax
@@ -225,90 +171,12 @@ class TransformerEncoderLayer(_Layer):
     norm2: LayerNorm
     inference: bool
 
-    haiku_cls = hkt.TransformerEncoderLayer
-    haiku_name = "transformer_encoder_layer"
     _attentions = ("self_attn",)
     _norms = ("norm1", "norm2")
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str | Callable[[Array], Array] = "relu",
-        layer_norm_eps: float = 1e-5,
-        norm_first: bool = False,
-        bias: bool = True,
-        inference: bool = False,
-        *,
-        key: PRNGKeyArray,
-        dtype=None,
-    ):
-        self._init_layer(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation,
-            layer_norm_eps,
-            norm_first,
-            bias,
-            inference,
-            key,
-            dtype,
-        )
-
-    @classmethod
-    def from_torch(cls, module) -> TransformerEncoderLayer:
-        """A layer with the configuration (activation mapped to its exact JAX function,
-        ``inference = not module.training``) and the weights of a torch ``nn.TransformerEncoderLayer``.
-
-        Example:
-            >>> import torch
-            >>> from noxton.nn import TransformerEncoderLayer
-            >>> torch_layer = torch.nn.TransformerEncoderLayer(16, 4, 32, activation="gelu")
-            >>> layer = TransformerEncoderLayer.from_torch(torch_layer)
-            >>> layer.activation.__name__, layer.linear1.weight.shape, layer.inference
-            ('gelu', (32, 16), False)
-        """
-        return cls._from_torch(module, False)
-
-    def __call__(
-        self,
-        src: Float[ArrayLike, "src_len d_model"],
-        src_mask: Mask = None,
-        src_key_padding_mask: Mask = None,
-        is_causal: bool = False,
-        dropout_key: PRNGKeyArray | None = None,
-        *,
-        implementation: str = "auto",
-    ) -> Float[Array, "src_len d_model"]:
-        """Encode ``src``.
-
-        Args:
-            src: ``(S, E)``.
-            src_mask: ``(S, S)`` or ``(nhead, S, S)``, bool (True = not allowed) or float (added).
-            src_key_padding_mask: ``(S,)``, bool (True = padding) or float.
-            is_causal: without ``src_mask``, the causal mask; with it, a hint (the mask is used).
-            dropout_key: PRNG key, needed when ``dropout > 0`` and not ``inference``.
-            implementation: the attention path; ``"auto"`` takes the memory-efficient
-                blockwise path for long sequences (see [`MultiheadAttention`][noxton.nn.MultiheadAttention]).
-        """
-        inference, dropout_key = _dropout_key(self, dropout_key)
-        _check_unbatched("src", src, self.d_model, "(S, E)")
-        return self._apply(
-            dropout_key,
-            src,
-            src_mask,
-            src_key_padding_mask,
-            is_causal,
-            inference=inference,
-            implementation=implementation,
-        )
+    __init__ = _Layer.__init__  # declared, so that type checkers do not synthesise a dataclass one
 
 
-class TransformerDecoderLayer(_Layer):
+class TransformerDecoderLayer(F.DecoderLayerForward, _Layer):
     """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerDecoderLayer``.
 
     Self-attention (``self_attn``, ``dropout1``, ``norm1``), attention to the
@@ -349,149 +217,63 @@ class TransformerDecoderLayer(_Layer):
     norm3: LayerNorm
     inference: bool
 
-    haiku_cls = hkt.TransformerDecoderLayer
-    haiku_name = "transformer_decoder_layer"
     _attentions = ("self_attn", "multihead_attn")
     _norms = ("norm1", "norm2", "norm3")
-
-    def __init__(
-        self,
-        d_model: int,
-        nhead: int,
-        dim_feedforward: int = 2048,
-        dropout: float = 0.1,
-        activation: str | Callable[[Array], Array] = "relu",
-        layer_norm_eps: float = 1e-5,
-        norm_first: bool = False,
-        bias: bool = True,
-        inference: bool = False,
-        *,
-        key: PRNGKeyArray,
-        dtype=None,
-    ):
-        self._init_layer(
-            d_model,
-            nhead,
-            dim_feedforward,
-            dropout,
-            activation,
-            layer_norm_eps,
-            norm_first,
-            bias,
-            inference,
-            key,
-            dtype,
-        )
-
-    @classmethod
-    def from_torch(cls, module) -> TransformerDecoderLayer:
-        """A layer with the configuration and weights of a torch ``nn.TransformerDecoderLayer``."""
-        return cls._from_torch(module, True)
-
-    def __call__(
-        self,
-        tgt: Float[ArrayLike, "tgt_len d_model"],
-        memory: Float[ArrayLike, "src_len d_model"],
-        tgt_mask: Mask = None,
-        memory_mask: Mask = None,
-        tgt_key_padding_mask: Mask = None,
-        memory_key_padding_mask: Mask = None,
-        tgt_is_causal: bool = False,
-        memory_is_causal: bool = False,
-        dropout_key: PRNGKeyArray | None = None,
-        *,
-        implementation: str = "auto",
-    ) -> Float[Array, "tgt_len d_model"]:
-        """Decode ``tgt`` ``(L, E)`` attending to ``memory`` ``(S, E)``; masks and hints as torch's."""
-        inference, dropout_key = _dropout_key(self, dropout_key)
-        _check_unbatched("tgt", tgt, self.d_model, "(L, E)")
-        _check_unbatched("memory", memory, self.d_model, "(S, E)")
-        return self._apply(
-            dropout_key,
-            tgt,
-            memory,
-            tgt_mask,
-            memory_mask,
-            tgt_key_padding_mask,
-            memory_key_padding_mask,
-            tgt_is_causal,
-            memory_is_causal,
-            inference=inference,
-            implementation=implementation,
-        )
+    _decoder = True
+    __init__ = _Layer.__init__
 
 
-class _Stack(HaikuLayer):
-    num_layers: int = eqx.field(static=True)
+class _Stack(Module):
+    """The stacks' constructor: ``num_layers`` copies of the layer (torch's ``_get_clones``), and ``norm``."""
 
-    _layer_cls = _Layer  # the layer class: each stack sets its own
+    layers: list[Any]
+    norm: Any
 
-    def _init_stack(self, layer, num_layers, norm, arg):
+    _layer_cls: ClassVar[type[_Layer]]
+    _layer_arg: ClassVar[str]
+
+    def __init__(self, layer: _Layer, num_layers: int, norm: LayerNorm | None = None):
         if not isinstance(layer, self._layer_cls):
-            raise TypeError(f"`{arg}` must be a noxton.nn.{self._layer_cls.__name__}, got {type(layer).__name__}.")
-        if norm is not None and not isinstance(norm, LayerNorm):
-            raise TypeError(f"`norm` must be a noxton.nn.LayerNorm or None, got {type(norm).__name__}.")
-        self.num_layers = check_positive_int("num_layers", num_layers)
-        # torch's _get_clones: num_layers copies of `layer`, weights included.
-        self.layers = [layer] * self.num_layers
+            raise TypeError(
+                f"`{self._layer_arg}` must be a noxton.nn.{self._layer_cls.__name__}, got {type(layer).__name__}."
+            )
+        if norm is not None and not isinstance(norm, eqx.Module):
+            raise TypeError(
+                f"`norm` must be an Equinox module (a noxton.nn.LayerNorm) or None, got {type(norm).__name__}."
+            )
+        # Arrays are immutable: the same layer num_layers times is torch's deep copies, which train apart.
+        self.layers = [layer] * check_positive_int("num_layers", num_layers)
         self.norm = norm
-        self.inference = layer.inference
 
     @property
-    def dropout(self) -> float:
-        return self.layers[0].dropout
-
-    @property
-    def d_model(self) -> int:
-        return self.layers[0].d_model
-
-    def _config(self) -> tuple[tuple[str, Any], ...]:
-        config = self.layers[0].layer_config()
-        for i, layer in enumerate(self.layers):
-            if not isinstance(layer, self._layer_cls) or layer.layer_config() != config:
-                raise ValueError(
-                    f"`layers[{i}]` must be a {self._layer_cls.__name__} configured as layers[0] ({config}): a "
-                    "stack's layers share one configuration, as torch's copies of one layer."
-                )
-        if len(self.layers) != self.num_layers:
-            raise ValueError(f"`layers` must hold num_layers={self.num_layers} layers, got {len(self.layers)}.")
-        return (
-            ("layer", tuple(config.items())),
-            ("num_layers", self.num_layers),
-            ("norm", _norm_config(self.norm, config["dtype"])),
-        )
+    def num_layers(self) -> int:
+        """``len(self.layers)``."""
+        return len(self.layers)
 
     @classmethod
-    def _from_state_dict(cls, sd, config, num_layers, norm_eps, inference):
-        layers = [
-            cls._layer_cls._from_state_dict(_sub(sd, f"layers.{i}."), config, inference) for i in range(num_layers)
-        ]
-        norm = None
-        if "norm.weight" in sd:
-            norm = LayerNorm._from_arrays(sd["norm.weight"], sd.get("norm.bias"), norm_eps)
-        return cls._from_fields(layers=layers, norm=norm, num_layers=num_layers, inference=inference)
-
-    @classmethod
-    def _from_torch(cls, module, decoder):
-        cfg = transformer_stack_config_from_torch(module, decoder)
-        # `cls` and `cls._layer_cls` are concrete classes, whose __init__ pyright cannot see from the base.
+    def from_torch(cls, module):
+        """A stack with the configuration (its first layer's, its depth, its ``norm``) and the weights
+        of the torch stack ``module``; ``inference = not module.training``."""
+        cfg = transformer_stack_config_from_torch(module, cls._layer_cls._decoder)
         layer_cls: Any = cls._layer_cls
 
         def build(key):
             layer = layer_cls(**cfg["layer"], inference=not module.training, key=key)
             norm = None if cfg["norm"] is None else LayerNorm(**cfg["norm"], dtype=cfg["layer"]["dtype"])
-            return cls(layer, cfg["num_layers"], norm)  # pyright: ignore[reportCallIssue, reportArgumentType]
+            return cls(layer, cfg["num_layers"], norm)
 
         return from_torch_weights(module, build)
 
 
-class TransformerEncoder(_Stack):
-    """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerEncoder``: ``num_layers`` encoder layers, then ``norm``.
+class TransformerEncoder(F.EncoderForward, _Stack):
+    """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerEncoder``: ``num_layers`` encoder layers called in
+    turn, then ``norm``.
 
     As torch's, the layers start as copies of ``encoder_layer`` (its weights
-    included); they train apart. The layers run one after another in one program,
-    each a call of one jitted layer function, so that JAX traces one layer once
-    whatever the depth.
+    included); they train apart. ``layers`` is a list, as torch's ``ModuleList``: replace,
+    add or remove layers (of any configuration, any module with the layer's call) and the
+    stack runs what it holds. Each layer is called through one jitted function, so that
+    JAX traces a layer once whatever the depth (once per configuration in a mixed stack).
 
     Args:
         encoder_layer: a [`TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer].
@@ -499,7 +281,7 @@ class TransformerEncoder(_Stack):
         norm: a [`LayerNorm`][noxton.nn.LayerNorm] applied last, or ``None``.
 
     Attributes:
-        layers: a list of ``num_layers`` [`TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer]s,
+        layers: a list of [`TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer]s,
             keys ``layers.0.self_attn.in_proj_weight`` ...
         norm: the [`LayerNorm`][noxton.nn.LayerNorm] or ``None``.
 
@@ -524,44 +306,14 @@ class TransformerEncoder(_Stack):
         (16,)
     """
 
-    layers: list[TransformerEncoderLayer]
-    norm: LayerNorm | None
-    inference: bool
-
-    haiku_cls = hkt.TransformerEncoder
-    haiku_name = "transformer_encoder"
     _layer_cls = TransformerEncoderLayer
-
-    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: LayerNorm | None = None):
-        self._init_stack(encoder_layer, num_layers, norm, "encoder_layer")
-
-    @classmethod
-    def from_torch(cls, module) -> TransformerEncoder:
-        """An encoder with the configuration (its first layer's, its depth, its ``norm``) and
-        weights of a torch ``nn.TransformerEncoder``."""
-        return cls._from_torch(module, False)
-
-    def __call__(
-        self,
-        src: Float[ArrayLike, "src_len d_model"],
-        mask: Mask = None,
-        src_key_padding_mask: Mask = None,
-        is_causal: bool | None = None,
-        dropout_key: PRNGKeyArray | None = None,
-        *,
-        implementation: str = "auto",
-    ) -> Float[Array, "src_len d_model"]:
-        """Encode ``src`` through every layer, then ``norm``; arguments as
-        [`TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer]'s (``mask`` is its ``src_mask``)."""
-        inference, dropout_key = _dropout_key(self, dropout_key)
-        _check_unbatched("src", src, self.d_model, "(S, E)")
-        return self._apply(
-            dropout_key, src, mask, src_key_padding_mask, is_causal, inference=inference, implementation=implementation
-        )
+    _layer_arg = "encoder_layer"
+    __init__ = _Stack.__init__
 
 
-class TransformerDecoder(_Stack):
-    """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerDecoder``: ``num_layers`` decoder layers, then ``norm``.
+class TransformerDecoder(F.DecoderForward, _Stack):
+    """A 1-to-1 JAX/Equinox port of ``torch.nn.TransformerDecoder``: ``num_layers`` decoder layers called in
+    turn, then ``norm``; as [`TransformerEncoder`][noxton.nn.TransformerEncoder].
 
     Args:
         decoder_layer: a [`TransformerDecoderLayer`][noxton.nn.TransformerDecoderLayer]; the layers start as its copies.
@@ -583,57 +335,12 @@ class TransformerDecoder(_Stack):
         (3, 16)
     """
 
-    layers: list[TransformerDecoderLayer]
-    norm: LayerNorm | None
-    inference: bool
-
-    haiku_cls = hkt.TransformerDecoder
-    haiku_name = "transformer_decoder"
     _layer_cls = TransformerDecoderLayer
-
-    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int, norm: LayerNorm | None = None):
-        self._init_stack(decoder_layer, num_layers, norm, "decoder_layer")
-
-    @classmethod
-    def from_torch(cls, module) -> TransformerDecoder:
-        """A decoder with the configuration and weights of a torch ``nn.TransformerDecoder``."""
-        return cls._from_torch(module, True)
-
-    def __call__(
-        self,
-        tgt: Float[ArrayLike, "tgt_len d_model"],
-        memory: Float[ArrayLike, "src_len d_model"],
-        tgt_mask: Mask = None,
-        memory_mask: Mask = None,
-        tgt_key_padding_mask: Mask = None,
-        memory_key_padding_mask: Mask = None,
-        tgt_is_causal: bool | None = None,
-        memory_is_causal: bool = False,
-        dropout_key: PRNGKeyArray | None = None,
-        *,
-        implementation: str = "auto",
-    ) -> Float[Array, "tgt_len d_model"]:
-        """Decode ``tgt`` through every layer, then ``norm``; arguments as
-        [`TransformerDecoderLayer`][noxton.nn.TransformerDecoderLayer]'s."""
-        inference, dropout_key = _dropout_key(self, dropout_key)
-        _check_unbatched("tgt", tgt, self.d_model, "(L, E)")
-        _check_unbatched("memory", memory, self.d_model, "(S, E)")
-        return self._apply(
-            dropout_key,
-            tgt,
-            memory,
-            tgt_mask,
-            memory_mask,
-            tgt_key_padding_mask,
-            memory_key_padding_mask,
-            tgt_is_causal,
-            memory_is_causal,
-            inference=inference,
-            implementation=implementation,
-        )
+    _layer_arg = "decoder_layer"
+    __init__ = _Stack.__init__
 
 
-class Transformer(HaikuLayer):
+class Transformer(F.TransformerForward, Module):
     """A 1-to-1 JAX/Equinox port of ``torch.nn.Transformer``: an encoder and a decoder, each ending in a LayerNorm.
 
     Initialised as torch's: every parameter of rank > 1 Xavier-uniform
@@ -647,7 +354,7 @@ class Transformer(HaikuLayer):
         num_decoder_layers: Default 6.
         dim_feedforward: Default 2048.
         dropout: Default 0.1.
-        activation: ``"relu"`` (default), ``"gelu"`` (exact) or a JAX callable.
+        activation: ``"relu"`` (default), ``"gelu"`` (exact) or a hashable JAX callable.
         layer_norm_eps: Default ``1e-5``.
         norm_first: pre-norm layers.
         bias: biases in every attention, linear and norm.
@@ -664,10 +371,9 @@ class Transformer(HaikuLayer):
         - src_mask: ``(S, S)``; tgt_mask: ``(L, L)``; memory_mask: ``(L, S)`` (or per head).
         - src_key_padding_mask: ``(S,)``; tgt_key_padding_mask: ``(L,)``; memory_key_padding_mask: ``(S,)``.
 
-    Differences from torch: no ``custom_encoder``/``custom_decoder`` (compose a
-    [`TransformerEncoder`][noxton.nn.TransformerEncoder] and a
-    [`TransformerDecoder`][noxton.nn.TransformerDecoder], or your own modules, instead)
-    and no ``batch_first`` (inputs are unbatched).
+    Differences from torch: no ``custom_encoder``/``custom_decoder`` arguments (replace
+    ``model.encoder`` or ``model.decoder`` with ``eqx.tree_at`` instead: any module with
+    their call) and no ``batch_first`` (inputs are unbatched).
 
     Example:
         >>> import jax
@@ -683,12 +389,6 @@ class Transformer(HaikuLayer):
 
     encoder: TransformerEncoder
     decoder: TransformerDecoder
-    inference: bool
-    d_model: int = eqx.field(static=True)
-    nhead: int = eqx.field(static=True)
-
-    haiku_cls = hkt.Transformer
-    haiku_name = "transformer"
 
     def __init__(
         self,
@@ -707,34 +407,36 @@ class Transformer(HaikuLayer):
         key: PRNGKeyArray,
         dtype=None,
     ):
-        c = check_transformer_config(
-            d_model, nhead, dim_feedforward, dropout, activation, layer_norm_eps, norm_first, bias
+        k_enc, k_dec, k_init = jax.random.split(check_prng_key("key", key), 3)
+        layer: dict[str, Any] = dict(
+            d_model=d_model,
+            nhead=nhead,
+            dim_feedforward=dim_feedforward,
+            dropout=dropout,
+            activation=activation,
+            layer_norm_eps=layer_norm_eps,
+            norm_first=norm_first,
+            bias=bias,
+            inference=inference,
+            dtype=dtype,
         )
+        enc = TransformerEncoderLayer(**layer, key=k_enc)
+
+        def norm():
+            return LayerNorm(enc.d_model, enc.layer_norm_eps, enc.bias, dtype=enc.dtype)
+
         n_enc = check_positive_int("num_encoder_layers", num_encoder_layers)
         n_dec = check_positive_int("num_decoder_layers", num_decoder_layers)
-        self.d_model, self.nhead = c["d_model"], c["nhead"]
-        self.inference = check_inference(inference, "equinox")
-        layer_config = dict(c, dtype=resolve_dtype(dtype))
-        haiku_config = (*layer_config.items(), ("num_encoder_layers", n_enc), ("num_decoder_layers", n_dec))
-        # The Haiku module's init (through the adapter's cached factory): children are built from its state_dict.
-        init = transformed(self.haiku_cls, self.haiku_name, haiku_config).init
-        sd = haiku_state_dict(init(check_prng_key("key", key)), self.haiku_name)
-        eps = c["layer_norm_eps"]
-        self.encoder = TransformerEncoder._from_state_dict(
-            _sub(sd, "encoder."), layer_config, n_enc, eps, self.inference
+        parts = (
+            TransformerEncoder(enc, n_enc, norm()),
+            TransformerDecoder(TransformerDecoderLayer(**layer, key=k_dec), n_dec, norm()),
         )
-        self.decoder = TransformerDecoder._from_state_dict(
-            _sub(sd, "decoder."), layer_config, n_dec, eps, self.inference
-        )
+        self.encoder, self.decoder = _xavier_matrices(parts, k_init)
 
     @staticmethod
     def generate_square_subsequent_mask(sz: int, dtype=None) -> Float[Array, "sz sz"]:
         """The causal mask, as torch's: ``(sz, sz)``, ``-inf`` above the diagonal, ``0.0`` elsewhere."""
-        return square_subsequent_mask(sz, dtype)
-
-    @property
-    def dropout(self) -> float:
-        return self.encoder.dropout
+        return F.square_subsequent_mask(sz, dtype)
 
     @classmethod
     def from_torch(cls, module) -> Transformer:
@@ -745,65 +447,19 @@ class Transformer(HaikuLayer):
             >>> import torch
             >>> from noxton.nn import Transformer
             >>> model = Transformer.from_torch(torch.nn.Transformer(16, 4, 2, 1, 32).eval())
-            >>> len(model.encoder.layers), len(model.decoder.layers), model.inference
+            >>> len(model.encoder.layers), len(model.decoder.layers), model.encoder.layers[0].inference
             (2, 1, True)
         """
         config = transformer_config_from_torch(module)
         return from_torch_weights(module, lambda key: cls(**config, inference=not module.training, key=key))
 
-    def _config(self) -> tuple[tuple[str, Any], ...]:
-        enc, dec = self.encoder._config(), self.decoder._config()
-        layer = dict(dict(enc)["layer"])
-        norm = dict(dict(enc)["norm"] or ())
-        expected_norm = dict(
-            normalized_shape=layer["d_model"], eps=layer["layer_norm_eps"], bias=layer["bias"], dtype=layer["dtype"]
-        )
-        if dict(dict(dec)["layer"]) != layer or norm != expected_norm or dict(dict(dec)["norm"] or ()) != norm:
-            raise ValueError(
-                "`encoder` and `decoder` must share one layer configuration and each end in a LayerNorm(d_model, "
-                "layer_norm_eps, bias), as built by Transformer(...): compose TransformerEncoder and "
-                "TransformerDecoder yourself for other structures."
-            )
-        return (
-            *layer.items(),
-            ("num_encoder_layers", dict(enc)["num_layers"]),
-            ("num_decoder_layers", dict(dec)["num_layers"]),
-        )
 
-    def __call__(
-        self,
-        src: Float[ArrayLike, "src_len d_model"],
-        tgt: Float[ArrayLike, "tgt_len d_model"],
-        src_mask: Mask = None,
-        tgt_mask: Mask = None,
-        memory_mask: Mask = None,
-        src_key_padding_mask: Mask = None,
-        tgt_key_padding_mask: Mask = None,
-        memory_key_padding_mask: Mask = None,
-        src_is_causal: bool | None = None,
-        tgt_is_causal: bool | None = None,
-        memory_is_causal: bool = False,
-        dropout_key: PRNGKeyArray | None = None,
-        *,
-        implementation: str = "auto",
-    ) -> Float[Array, "tgt_len d_model"]:
-        """``decoder(tgt, encoder(src))`` with torch's masks and hints (see the class docstring)."""
-        inference, dropout_key = _dropout_key(self, dropout_key)
-        _check_unbatched("src", src, self.d_model, "(S, E)")
-        _check_unbatched("tgt", tgt, self.d_model, "(L, E)")
-        return self._apply(
-            dropout_key,
-            src,
-            tgt,
-            src_mask,
-            tgt_mask,
-            memory_mask,
-            src_key_padding_mask,
-            tgt_key_padding_mask,
-            memory_key_padding_mask,
-            src_is_causal,
-            tgt_is_causal,
-            memory_is_causal,
-            inference=inference,
-            implementation=implementation,
-        )
+def _xavier_matrices(tree, key):
+    """``tree`` with every array of rank > 1 drawn afresh, Xavier-uniform, each with its own key
+    (``nn.Transformer._reset_parameters``; fans as torch's for ``(out, in)`` weights)."""
+    xavier = jax.nn.initializers.glorot_uniform(in_axis=1, out_axis=0)
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    leaves, treedef = jax.tree.flatten(arrays)
+    keys = jax.random.split(key, len(leaves))
+    leaves = [xavier(k, x.shape, x.dtype) if x.ndim > 1 else x for k, x in zip(keys, leaves, strict=True)]
+    return eqx.combine(jax.tree.unflatten(treedef, leaves), static)
