@@ -75,18 +75,10 @@ class TransformerEncoderLayer(F.EncoderLayerForward, _Layer):
     or pre-norm (``norm_first=True``): ``x = x + dropout1(self_attn(norm1(x)))``, then
     ``x = x + dropout2(ff(norm2(x)))``. Each name is a submodule, called there.
 
-    Args:
-        d_model: ``E``, the model width.
-        nhead: the number of attention heads; ``d_model`` must be divisible by it.
-        dim_feedforward: the feed-forward width. Default 2048.
-        dropout: every dropout of the layer (attention weights, after attention,
-            inside and after the feed-forward). Default 0.1, as torch's.
-        activation: ``"relu"`` (default), ``"gelu"`` (exact erf, torch's ``F.gelu``) or a JAX callable.
-        layer_norm_eps: the norms' ``eps``. Default ``1e-5``.
-        norm_first: pre-norm instead of post-norm.
-        bias: biases in the attention, the linears and the norms (torch's ``bias``).
-        dtype: parameter dtype; ``None`` is float32 (float64 under ``jax_enable_x64``).
-        name: the Haiku module name.
+    Arguments as [`noxton.nn.TransformerEncoderLayer`][noxton.nn.TransformerEncoderLayer]'s (torch's:
+    ``d_model``, ``nhead``, ``dim_feedforward=2048``, ``dropout=0.1``, ``activation="relu"``,
+    ``layer_norm_eps=1e-5``, ``norm_first=False``, ``bias=True``; keyword-only ``dtype``), plus the
+    Haiku module ``name``; no ``inference`` or ``key`` (pass ``inference=True`` to a call).
 
     Submodules, named as torch's: ``self_attn`` (a [`MultiheadAttention`][noxton.haiku.MultiheadAttention]),
     ``linear1`` and ``linear2`` ([`Linear`][noxton.haiku.Linear]s, ``weight`` ``(F, E)`` and ``(E, F)``),
@@ -280,19 +272,10 @@ def _stack_from_torch(cls, module, decoder, name):
 class Transformer(F.TransformerForward, TorchModule):
     """torch's ``nn.Transformer``: an encoder and a decoder, each ending in a LayerNorm, exactly.
 
-    Args:
-        d_model: ``E``. Default 512.
-        nhead: heads. Default 8.
-        num_encoder_layers: Default 6.
-        num_decoder_layers: Default 6.
-        dim_feedforward: Default 2048.
-        dropout: Default 0.1.
-        activation: ``"relu"`` (default), ``"gelu"`` (exact) or a JAX callable.
-        layer_norm_eps: Default ``1e-5``.
-        norm_first: pre-norm layers.
-        bias: biases in every attention, linear and norm.
-        dtype: parameter dtype; ``None`` is float32 (float64 under ``jax_enable_x64``).
-        name: the Haiku module name.
+    Arguments as [`noxton.nn.Transformer`][noxton.nn.Transformer]'s (torch's: ``d_model=512``,
+    ``nhead=8``, ``num_encoder_layers=6``, ``num_decoder_layers=6``, ``dim_feedforward=2048``,
+    ``dropout=0.1``, ``activation="relu"``, ``layer_norm_eps=1e-5``, ``norm_first=False``,
+    ``bias=True``; keyword-only ``dtype``), plus the Haiku module ``name``.
 
     Submodules ``encoder`` and ``decoder``; parameters as ``nn.Transformer``'s ``state_dict``
     (``encoder.layers.{i}.*``, ``encoder.norm.*``, ``decoder.layers.{i}.*``, ``decoder.norm.*``). As
