@@ -16,9 +16,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import trees_equal
+from helpers import torch, trees_equal
 
 import noxton.haiku as nxhk
+import noxton.nn as nx
 from noxton.nn import MultiheadAttention, SqueezeExcitation
 
 # Every row asserts noxton's own message, with the run-time type checks off (conftest.py).
@@ -111,6 +112,48 @@ def _interop(fn):
         return fn(hk.transform(lambda x: nxhk.MultiheadAttention(E, H)(x, x, x)).init(K0, x))
 
     return None, run
+
+
+class _UnhashableRelu:
+    """relu, unfit as a static field of an Equinox module."""
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, x):
+        return jax.nn.relu(x)
+
+
+FF = 16  # the Transformer rows' dim_feedforward (d_model E, nhead H, length S)
+
+
+def _tf_layer(**kw):
+    """A row that builds an Equinox encoder layer with ``kw`` over good settings."""
+    return None, lambda layers: nx.TransformerEncoderLayer(
+        **{"d_model": E, "nhead": H, "dim_feedforward": FF, **kw}, key=K0
+    )
+
+
+def _tf_call(**kw):
+    """A row that calls an Equinox encoder layer (no dropout) with ``kw`` over a good ``src``."""
+
+    def run(layers):
+        return nx.TransformerEncoderLayer(E, H, FF, dropout=0.0, key=K0)(**{"src": jnp.ones((S, E)), **kw})
+
+    return None, run
+
+
+def _tf_haiku(build, x, **kw):
+    """A row that initialises ``build()`` (a Haiku module) and calls it on ``x`` with ``kw``."""
+
+    def run(layers):
+        f = hk.transform(lambda x: build()(x, **kw))
+        return f.apply(f.init(K0, x), None, x)
+
+    return None, run
+
+
+def _good_tf_layer():
+    return nx.TransformerEncoderLayer(E, H, FF, key=K0)
 
 
 CASES = [
@@ -311,6 +354,126 @@ CASES = [
         *_load("se", _reshape("fc1.weight", (2, C))),
         ValueError,
         r"size mismatch for fc1\.weight: expected shape \(2, 6, 1, 1\), got \(2, 6\)",
+    ),
+    # --- the Transformer layers and the building blocks, both front ends ------------
+    ("tf_nhead_divides", *_tf_layer(nhead=3), ValueError, r"`d_model` must be divisible by `nhead`, got d_model=8"),
+    ("tf_nhead_zero", *_tf_layer(nhead=0), ValueError, r"`nhead` must be a positive int, got 0"),
+    ("tf_dim_feedforward", *_tf_layer(dim_feedforward=2.5), TypeError, r"`dim_feedforward` must be a positive int"),
+    ("tf_dropout", *_tf_layer(dropout=1.0), ValueError, r"`dropout` must be in \[0, 1\), got 1.0"),
+    (
+        "tf_activation_name",
+        *_tf_layer(activation="tanh"),
+        ValueError,
+        r"`activation` must be 'relu', 'gelu' or a callable, got 'tanh'",
+    ),
+    *(
+        [
+            (
+                "tf_activation_torch",
+                *_tf_layer(activation=torch.nn.GELU()),
+                TypeError,
+                r"`activation` must be a JAX function, got the torch module GELU: pass noxton.functional.gelu",
+            )
+        ]
+        if torch is not None
+        else []
+    ),
+    (
+        "tf_activation_unhashable",
+        *_tf_layer(activation=_UnhashableRelu()),
+        TypeError,
+        r"`activation` must be hashable, as a static field of an Equinox module is .* got the unhashable "
+        r"_UnhashableRelu",
+    ),
+    ("tf_layer_norm_eps", *_tf_layer(layer_norm_eps=0.0), ValueError, r"`layer_norm_eps` must be a positive float"),
+    ("tf_norm_first", *_tf_layer(norm_first="yes"), TypeError, r"`norm_first` must be a bool, got 'yes'"),
+    ("tf_key", *_construct(nx.TransformerEncoderLayer, E, H, FF, key=None), TypeError, r"`key` must be a PRNG key"),
+    (
+        "tf_num_layers",
+        None,
+        lambda layers: nx.TransformerEncoder(_good_tf_layer(), 0),
+        ValueError,
+        r"`num_layers` must be a positive int, got 0",
+    ),
+    (
+        "tf_encoder_layer_type",
+        None,
+        lambda layers: nx.TransformerEncoder(nx.TransformerDecoderLayer(E, H, FF, key=K0), 2),
+        TypeError,
+        r"`encoder_layer` must be a noxton.nn.TransformerEncoderLayer, got TransformerDecoderLayer",
+    ),
+    (
+        "tf_norm_type",
+        None,
+        lambda layers: nx.TransformerEncoder(_good_tf_layer(), 2, norm="layer_norm"),
+        TypeError,
+        r"`norm` must be an Equinox module \(a noxton.nn.LayerNorm\) or None, got str",
+    ),
+    (
+        "tf_src_batched",
+        *_tf_call(src=jnp.ones((2, S, E))),
+        ValueError,
+        r"`src` must have shape \(S, E\), got shape \(2, 4, 8\) \(rank 3\)\. Batch it with `jax.vmap`",
+    ),
+    (
+        "tf_src_width",
+        *_tf_call(src=jnp.ones((S, E + 1))),
+        ValueError,
+        r"`src` must have d_model=8 features in its last axis, got shape \(4, 9\)",
+    ),
+    ("tf_src_int", *_tf_call(src=jnp.ones((S, E), jnp.int32)), TypeError, r"`src` must have a floating dtype"),
+    ("tf_is_causal", *_tf_call(is_causal="yes"), TypeError, r"`is_causal` must be a bool, got 'yes'"),
+    ("tf_padding_shape", *_tf_call(src_key_padding_mask=jnp.zeros((S + 1,), bool)), ValueError, r"key_padding_mask"),
+    ("tf_option", *_tf_call(inference=True), TypeError, r"unexpected keyword argument 'inference'"),
+    (
+        "tf_dropout_key",
+        None,
+        lambda layers: _good_tf_layer()(jnp.ones((S, E))),
+        ValueError,
+        r"dropout=0.1 is active but no dropout key was given: pass `dropout_key=`",
+    ),
+    (
+        "tf_haiku_dropout_rng",
+        *_tf_haiku(lambda: nxhk.TransformerEncoderLayer(E, H, FF), jnp.ones((2, S, E))),
+        ValueError,
+        r"no dropout key was given: pass a key as `rng` to `apply`",
+    ),
+    (
+        "tf_haiku_template",
+        None,
+        lambda layers: hk.transform(lambda: nxhk.TransformerEncoder(nxhk.LayerNorm(E), 2)).init(K0),
+        TypeError,
+        r"`encoder_layer` must be a noxton.haiku.TransformerEncoderLayer .* got LayerNorm",
+    ),
+    (
+        "tf_haiku_src_width",
+        *_tf_haiku(lambda: nxhk.TransformerEncoderLayer(E, H, FF), jnp.ones((S, E + 1)), inference=True),
+        ValueError,
+        r"`src` must have d_model=8 features",
+    ),
+    ("linear_in_features", *_construct(nx.Linear, 0, 3), ValueError, r"`in_features` must be a positive int, got 0"),
+    ("linear_bias", *_construct(nx.Linear, 2, 3, "yes"), TypeError, r"`bias` must be a bool, got 'yes'"),
+    (
+        "linear_from_arrays_bias",
+        None,
+        lambda layers: nx.Linear.from_arrays(jnp.ones((3, 2)), jnp.ones((2,))),
+        ValueError,
+        r"`bias` must have shape \(3,\), got \(2,\)",
+    ),
+    (
+        "linear_from_arrays_weight",
+        None,
+        lambda layers: nx.Linear.from_arrays(jnp.ones((3,))),
+        ValueError,
+        r"`weight` must be an array of shape \(out_features, in_features\), got \(3,\)",
+    ),
+    ("layer_norm_eps", None, lambda layers: nx.LayerNorm(E, eps=-1.0), ValueError, r"`eps` must be a positive float"),
+    (
+        "conv_channels",
+        None,
+        lambda layers: nx.PointwiseConv2d(C, 2, key=K0)(jnp.ones((C + 1, 3, 3))),
+        ValueError,
+        r"`x` must have in_channels=6 channels at axis -3",
     ),
     (
         "interop_wrong_module",
