@@ -206,6 +206,10 @@ CONTENDERS: dict[str, tuple[str, Callable[..., Callable[[], Any]]]] = {
     "noxton_eqx": ("noxton.nn (Equinox, auto)", noxton_eqx),
     "noxton_eqx_dense": ("noxton.nn implementation='dense'", lambda *a: noxton_eqx(*a, implementation="dense")),
     "noxton_eqx_fused": ("noxton.nn implementation='fused'", lambda *a: noxton_eqx(*a, implementation="fused")),
+    "noxton_eqx_blockwise": (
+        "noxton.nn implementation='blockwise'",
+        lambda *a: noxton_eqx(*a, implementation="blockwise"),
+    ),
     "noxton_haiku": ("noxton.haiku (auto)", noxton_haiku),
     "eqx": ("eqx.nn.MultiheadAttention", eqx_mha),
     "haiku": ("hk.MultiHeadAttention", haiku_mha),
