@@ -20,14 +20,17 @@ def medians(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 1) -> 
     """Median seconds per call, after ``warmup`` calls each (compilation included there).
 
     The repeats are interleaved (round robin over the calls), so that noise from the machine hits
-    every contender alike.
+    every contender alike, and the round robin starts one call later at each repeat: torch's OpenMP
+    threads spin for a while after each call, which slows whichever call comes next (measured: a
+    1.0 ms JAX call took 1.5 ms right after torch's).
     """
     for call in calls.values():
         for _ in range(warmup):
             call()
     times: dict[Any, list[float]] = {k: [] for k in calls}
-    for _ in range(reps):
-        for k, call in calls.items():
+    order = list(calls.items())
+    for rep in range(reps):
+        for k, call in order[rep % len(order) :] + order[: rep % len(order)]:
             t = time.perf_counter()
             call()
             times[k].append(time.perf_counter() - t)
