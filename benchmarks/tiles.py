@@ -56,8 +56,9 @@ def main(argv=None) -> None:
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}
         faulted: dict[str, list[int]] = {n: [] for n in calls}
-        for _ in range(args.reps):
-            for n, call in calls.items():
+        order = list(calls.items())
+        for rep in range(args.reps):  # rotated, as in measure.medians
+            for n, call in order[rep % len(order) :] + order[: rep % len(order)]:
                 f, t = faults(), time.perf_counter()
                 call()
                 times[n].append(time.perf_counter() - t)
