@@ -102,6 +102,12 @@ with that process's peak resident memory. Dense contenders are not started where
 would exceed the memory budget (`--mem-budget-gib`). Which attention path `implementation="auto"`
 takes is described in the [API reference](api/functional.md). It also times the compilation of
 Transformer stacks against their depth.
+
+The same command runs on a CUDA machine: JAX takes its default device, torch takes CUDA when it sees
+it, every call waits for its device, the tables add each contender's peak device memory, and the run
+names its devices below. `python -m benchmarks --gpu-issue` runs the GPU issue's sizes (B=8, L=512,
+E=512, H=8 and B=4, L=4096, E=1024, H=16; long sequences up to the longest each contender fits) in
+float32 and bfloat16.
 """
 
 
