@@ -109,6 +109,10 @@ def eager_table(args, results):
     )
 
 
+#: (N, C, H=W) of the squeeze-excitation grid; the squeeze is C // 4 (torchvision's MobileNetV3 ratio).
+SE_GRID = [(1, 64, 56), (8, 64, 56), (32, 64, 14), (1, 256, 28), (32, 256, 28), (8, 512, 14)]
+
+
 def se_table(args, results):
     import equinox as eqx
     import jax
@@ -117,27 +121,31 @@ def se_table(args, results):
     from benchmarks.reference import TorchSqueezeExcitation
     from noxton.nn import SqueezeExcitation
 
-    N, C, Q, HW = 32, 256, 64, 28
     reps = 10 if args.quick else 30
-    se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
-    x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
     batched = eqx.filter_jit(lambda se, x: jax.vmap(se)(x))
+    results["se"], rows = [], []
+    for N, C, HW in SE_GRID:
+        Q = C // 4
+        se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
+        x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
 
-    def torch_call():
-        with torch.no_grad():
-            return tse(tx)
+        def torch_call(tse=tse, tx=tx):
+            with torch.no_grad():
+                return tse(tx)
 
-    calls = {
-        "torch SqueezeExcitation (eval, no_grad)": torch_call,
-        "noxton.nn SqueezeExcitation (vmap, jit)": lambda: jax.block_until_ready(batched(se, x)),
-    }
-    med = medians(calls, reps, warmup=2)
-    ref = med["torch SqueezeExcitation (eval, no_grad)"]
-    results["se"] = med
-    rows = [[n, f"{t * 1e3:.2f}", f"{t / ref:.2f}x"] for n, t in med.items()]
-    return f"## SqueezeExcitation, (N, C, H, W) = ({N}, {C}, {HW}, {HW}), squeeze {Q}\n\nMedians of {reps}.\n\n" + (
-        report.md_table(["contender", "median ms", "vs torch"], rows)
+        def noxton_call(se=se, x=x):
+            return jax.block_until_ready(batched(se, x))
+
+        med = medians({"torch": torch_call, "noxton": noxton_call}, reps, warmup=2)
+        results["se"].append(dict(N=N, C=C, H=HW, W=HW, squeeze=Q, median_s=med))
+        times = [f"{med['torch'] * 1e3:.2f}", f"{med['noxton'] * 1e3:.2f}", f"{med['noxton'] / med['torch']:.2f}x"]
+        rows.append([f"({N}, {C}, {HW}, {HW})", Q, *times])
+    title = (
+        "## SqueezeExcitation\n\ntorch's block (eval, `no_grad`) against `noxton.nn.SqueezeExcitation` "
+        f"(`jax.vmap` over the batch, jitted), side by side at each shape; medians of {reps}.\n\n"
     )
+    headers = ["(N, C, H, W)", "squeeze", "torch ms", "noxton.nn ms", "noxton / torch"]
+    return title + report.md_table(headers, rows)
 
 
 def long_table(args, results):
