@@ -153,7 +153,7 @@ def heatmap(grid: list[dict], path: str, device: str) -> None:
             if data[i][j] == data[i][j]:  # not NaN
                 ax.text(j, i, f"{data[i][j]:.2f}", ha="center", va="center", fontsize=8)
         ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
-        ax.set_yticks(range(len(rows)), [f"B={b} E={e} H={h}" for b, e, h in rows])
+        ax.set_yticks(range(len(rows)), [f"B={b} E={e} H={h}" for b, e, h in rows] if ax is axes[0] else [])
         ax.set_xlabel("L = S")
         ax.set_title("forward" if mode == "fwd" else "forward+backward")
     assert image is not None  # one panel at least
