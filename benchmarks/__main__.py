@@ -1,8 +1,10 @@
 """noxton against its peers, side by side: ``python -m benchmarks [--quick] ...``.
 
-Prints Markdown tables; writes them, the raw figures (``results.json``) and a plot of time and peak
-memory against sequence length to ``--out`` (``benchmarks/results/``), and the documentation page
-``docs/performance.md`` (``--page``) with its plot. Needs the ``torch`` and ``bench`` extras.
+Prints Markdown tables; writes them, the raw figures (``results.json``), a heat map of the grid and a
+plot of time and peak memory against sequence length to ``--out`` (``benchmarks/results/``), and the
+documentation page ``docs/performance.md`` (``--page``) with its figures. Needs the ``torch`` and
+``bench`` extras. Runs on the default device of each library (a GPU when there is one);
+``--gpu-issue`` runs the sizes of the GPU issue in float32 and bfloat16.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ import sys
 import time
 from typing import Any
 
-from benchmarks import report
-from benchmarks.contenders import THREADS, build, label
+from benchmarks import contenders, grid, report
+from benchmarks.contenders import DTYPES, THREADS, build, label
 from benchmarks.measure import LONG_B, LONG_E, LONG_H, child, long_run, medians
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -107,6 +109,10 @@ def eager_table(args, results):
     )
 
 
+#: (N, C, H=W) of the squeeze-excitation grid; the squeeze is C // 4 (torchvision's MobileNetV3 ratio).
+SE_GRID = [(1, 64, 56), (8, 64, 56), (32, 64, 14), (1, 256, 28), (32, 256, 28), (8, 512, 14)]
+
+
 def se_table(args, results):
     import equinox as eqx
     import jax
@@ -115,27 +121,31 @@ def se_table(args, results):
     from benchmarks.reference import TorchSqueezeExcitation
     from noxton.nn import SqueezeExcitation
 
-    N, C, Q, HW = 32, 256, 64, 28
     reps = 10 if args.quick else 30
-    se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
-    x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
     batched = eqx.filter_jit(lambda se, x: jax.vmap(se)(x))
+    results["se"], rows = [], []
+    for N, C, HW in SE_GRID:
+        Q = C // 4
+        se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
+        x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
 
-    def torch_call():
-        with torch.no_grad():
-            return tse(tx)
+        def torch_call(tse=tse, tx=tx):
+            with torch.no_grad():
+                return tse(tx)
 
-    calls = {
-        "torch SqueezeExcitation (eval, no_grad)": torch_call,
-        "noxton.nn SqueezeExcitation (vmap, jit)": lambda: jax.block_until_ready(batched(se, x)),
-    }
-    med = medians(calls, reps, warmup=2)
-    ref = med["torch SqueezeExcitation (eval, no_grad)"]
-    results["se"] = med
-    rows = [[n, f"{t * 1e3:.2f}", f"{t / ref:.2f}x"] for n, t in med.items()]
-    return f"## SqueezeExcitation, (N, C, H, W) = ({N}, {C}, {HW}, {HW}), squeeze {Q}\n\nMedians of {reps}.\n\n" + (
-        report.md_table(["contender", "median ms", "vs torch"], rows)
+        def noxton_call(se=se, x=x):
+            return jax.block_until_ready(batched(se, x))
+
+        med = medians({"torch": torch_call, "noxton": noxton_call}, reps, warmup=2)
+        results["se"].append(dict(N=N, C=C, H=HW, W=HW, squeeze=Q, median_s=med))
+        times = [f"{med['torch'] * 1e3:.2f}", f"{med['noxton'] * 1e3:.2f}", f"{med['noxton'] / med['torch']:.2f}x"]
+        rows.append([f"({N}, {C}, {HW}, {HW})", Q, *times])
+    title = (
+        "## SqueezeExcitation\n\ntorch's block (eval, `no_grad`) against `noxton.nn.SqueezeExcitation` "
+        f"(`jax.vmap` over the batch, jitted), side by side at each shape; medians of {reps}.\n\n"
     )
+    headers = ["(N, C, H, W)", "squeeze", "torch ms", "noxton.nn ms", "noxton / torch"]
+    return title + report.md_table(headers, rows)
 
 
 def long_table(args, results):
@@ -180,13 +190,24 @@ def long_table(args, results):
         if row[1] is None:
             row[1] = f"{float(row[0]) / torch_s[(mode, L)]:.2f}x" if (mode, L) in torch_s else "-"
         table.append([mode, label(name), L, *row])
+    on_device = any(r.get("device_peak_gib") is not None for r in results["long"])
+    if on_device:
+        device_peak = {(r["mode"], r["name"], r["L"]): r.get("device_peak_gib") for r in results["long"]}
+        for row in table:
+            key = (row[0], next(n for n in LONG_CONTENDERS if label(n) == row[1]), row[2])
+            peak = device_peak.get(key)
+            row.insert(-1, "-" if peak is None else f"{peak:.2f}")
     title = (
-        f"## Long sequences: E={LONG_E}, H={LONG_H}, batch {LONG_B}, need_weights=False\n\n"
+        f"## Long sequences: E={LONG_E}, H={LONG_H}, batch {LONG_B}, need_weights=False, {contenders.DTYPE}\n\n"
         "One process per row, contenders interleaved length by length; median of the runs after a warm-up "
         "(fewer at the longest lengths); peak = that process's peak RSS (VmHWM), library and inputs included; "
-        "base = its RSS before the first call.\n\n"
+        "base = its RSS before the first call"
+        + ("; device peak = torch's `max_memory_allocated`, JAX's `peak_bytes_in_use`" if on_device else "")
+        + ".\n\n"
     )
     headers = ["mode", "contender", "L=S", "median s", "vs torch", "peak GiB", "peak - base GiB", "note"]
+    if on_device:
+        headers.insert(-1, "device peak GiB")
     return title + report.md_table(headers, table)
 
 
@@ -254,6 +275,23 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="fewer repeats and sizes (a few minutes)")
     ap.add_argument("--skip-long", action="store_true", help="skip the long-sequence table")
     ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
+    ap.add_argument("--skip-grid", action="store_true", help="skip the grid")
+    ap.add_argument("--only-grid", action="store_true", help="only the grid (and its heat map)")
+    ap.add_argument("--grid-sizes", help="grid lengths L=S, comma-separated (default: 128 to 8192; --quick: fewer)")
+    ap.add_argument("--grid-batches", help="grid batch sizes, comma-separated (default: 1,8)")
+    ap.add_argument("--grid-widths", help="grid E/H pairs, comma-separated (default: 256/8,512/8,1024/16)")
+    ap.add_argument("--grid-points", help="grid points B,L,E,H separated by ';' (instead of the product of the axes)")
+    ap.add_argument("--grid-max-scores", type=int, help="skip grid points with more scores B*H*L*L than this")
+    ap.add_argument("--grid-repeats", type=int, help="timed runs per grid point (default: 7; --quick: 3)")
+    ap.add_argument(
+        "--dtype", default="float32", help=f"dtypes of the grid and long tables, comma-separated ({', '.join(DTYPES)})"
+    )
+    ap.add_argument(
+        "--gpu-issue",
+        action="store_true",
+        help="the GPU issue's sizes: B8 L512 E512 H8 and B4 L4096 E1024 H16, long sequences to the longest each "
+        "contender fits, float32 and bfloat16 (no compile or eager table)",
+    )
     ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
     ap.add_argument(
@@ -269,6 +307,15 @@ def parse_args(argv=None):
     ap.add_argument("--page", default=os.path.join(ROOT, "docs", "performance.md"), help="the documentation page")
     ap.add_argument("--child", nargs=4, metavar=("NAME", "MODE", "L", "REPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    if args.gpu_issue:
+        args.grid_points = args.grid_points or "8,512,512,8;4,4096,1024,16"
+        args.dtype = "float32,bfloat16"
+        args.sizes = args.sizes or "4096,16384,65536,131072,262144"
+        args.mem_budget_gib = max(args.mem_budget_gib, 64.0)
+    args.dtypes = args.dtype.split(",")
+    unknown = [d for d in args.dtypes if d not in DTYPES]
+    if unknown:
+        ap.error(f"--dtype: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
     args.shape = tuple(int(x) for x in args.shape.split(","))
     if args.long_contenders is not None:
         args.long_contenders = args.long_contenders.split(",")
@@ -280,13 +327,11 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    contenders.DTYPE = args.dtypes[0]
     if args.child:
         name, mode, L, reps = args.child
         child(name, mode, int(L), int(reps))
         return
-    import jax
-
-    jax.config.update("jax_platforms", "cpu")
     import torch
 
     torch.set_num_threads(THREADS)
@@ -297,12 +342,23 @@ def main(argv=None):
     command = shlex.join(["python", "-m", "benchmarks", *argv])
     started, load_start = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), report.load_average()
     print(f"Machine: {report.machine()}.", flush=True)
-    results: dict = {"main": [], "long": []}
+    results: dict = {"main": [], "long": [], "grid": []}
     sections = []
-    tables = [] if args.only_long else [main_table, eager_table, se_table, compile_table]
-    for table in tables + ([] if args.skip_long else [long_table]):
+    tables = [main_table, eager_table, se_table, compile_table]
+    if args.gpu_issue:
+        tables = [se_table]
+    if args.only_long or args.only_grid:
+        tables = []
+    for table in tables:
         sections.append(table(args, results))
         print("\n" + sections[-1], flush=True)
+    for dtype in args.dtypes:  # the grid and the long sequences, once per dtype
+        contenders.DTYPE = dtype
+        per_dtype = [] if args.only_long or args.skip_grid else [grid.grid_table]
+        per_dtype += [] if args.only_grid or args.skip_long else [long_table]
+        for table in per_dtype:
+            sections.append(table(args, results))
+            print("\n" + sections[-1], flush=True)
     conditions = (
         (f"**{args.note}**\n\n" if args.note else "")
         + f"`{command}`, started {started}. Machine: {report.machine()}. Load average (1, 5, 15 min) at the start: "

@@ -5,6 +5,11 @@ backward of ``<output, R>`` for a fixed random ``R``, with respect to the inputs
 Each JAX contender is a pure forward function and its arguments; :func:`jax_call` jits it, or its
 gradient, the same way for all of them. torch runs in eval + ``no_grad`` for the forward modes and
 in train mode for forward+backward.
+
+They run on the default device of each library: JAX's default backend, and CUDA for torch when it
+has a GPU (:func:`torch_device`); each call waits for its device (``block_until_ready``,
+``torch.cuda.synchronize``). ``DTYPE`` (``"float32"`` or ``"bfloat16"``, set by ``--dtype``) is the
+dtype of every input and parameter.
 """
 
 from __future__ import annotations
@@ -14,6 +19,36 @@ from collections.abc import Callable
 from typing import Any
 
 THREADS = os.cpu_count() or 1  # XLA's CPU client uses every core; torch is given as many threads
+DTYPES = ("float32", "bfloat16")
+DTYPE = "float32"  # of every input and parameter; set by --dtype
+
+
+def torch_device() -> str:
+    """``"cuda"`` where torch sees a GPU, else ``"cpu"``."""
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def torch_sync() -> None:
+    """Wait for torch's device (a no-op on the CPU)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _cast(tree):
+    """Every floating array of ``tree`` in ``DTYPE`` (parameters and inputs alike)."""
+    import jax
+    import jax.numpy as jnp
+
+    dtype = jnp.dtype(DTYPE)
+
+    def cast(x):
+        return x.astype(dtype) if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree)
 
 
 def jax_call(forward: Callable[..., Any], args: tuple, mode: str) -> Callable[[], Any]:
@@ -24,9 +59,10 @@ def jax_call(forward: Callable[..., Any], args: tuple, mode: str) -> Callable[[]
     def first(out):
         return out[0] if isinstance(out, tuple) else out
 
+    args = _cast(args)
     if mode == "fwd_bwd":
-        shape = first(eqx.filter_eval_shape(forward, *args)).shape
-        r = jax.random.normal(jax.random.PRNGKey(2), shape)
+        out = first(eqx.filter_eval_shape(forward, *args))
+        r = jax.random.normal(jax.random.PRNGKey(2), out.shape, out.dtype)
         f = eqx.filter_jit(eqx.filter_grad(lambda a: (first(forward(*a)) * r).sum()))
         return lambda: jax.block_until_ready(f(args))
     f = eqx.filter_jit(forward)
@@ -157,14 +193,17 @@ def torch_mha(B, L, E, H, mode, batch_first=False):
 
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
-    m = torch.nn.MultiheadAttention(E, H, batch_first=batch_first)
-    x = torch.randn((B, L, E) if batch_first else (L, B, E))
+    device, dtype = torch_device(), getattr(torch, DTYPE)
+    m = torch.nn.MultiheadAttention(E, H, batch_first=batch_first).to(device, dtype)
+    x = torch.randn((B, L, E) if batch_first else (L, B, E), device=device, dtype=dtype)
     if mode != "fwd_bwd":
         m.eval()
 
         def forward():
             with torch.no_grad():
-                return m(x, x, x, need_weights=mode == "fwd_w")
+                out = m(x, x, x, need_weights=mode == "fwd_w")
+            torch_sync()
+            return out
 
         return forward
     m.train()
@@ -176,6 +215,7 @@ def torch_mha(B, L, E, H, mode, batch_first=False):
         xg.grad = None
         out, _ = m(xg, xg, xg, need_weights=False)
         (out * r).sum().backward()
+        torch_sync()
         return out
 
     return forward_backward
@@ -187,13 +227,17 @@ def torch_matmul_only(B, L, E, H, mode):
 
     torch.set_num_threads(THREADS)
     D = E // H
-    x = torch.randn(B, L, E)
-    w_in, w_out = torch.randn(3 * E, E) / E**0.5, torch.randn(E, E) / E**0.5
+    device, dtype = torch_device(), getattr(torch, DTYPE)
+    x = torch.randn(B, L, E, device=device, dtype=dtype)
+    w_in = torch.randn(3 * E, E, device=device, dtype=dtype) / E**0.5
+    w_out = torch.randn(E, E, device=device, dtype=dtype) / E**0.5
 
     def forward():
         with torch.no_grad():
             q, k, v = (x @ w_in.T).view(B, L, 3, H, D).permute(2, 0, 3, 1, 4)
-            return ((q @ k.transpose(-1, -2)) @ v).transpose(1, 2).reshape(B, L, E) @ w_out.T
+            out = ((q @ k.transpose(-1, -2)) @ v).transpose(1, 2).reshape(B, L, E) @ w_out.T
+        torch_sync()
+        return out
 
     return forward
 
@@ -206,6 +250,10 @@ CONTENDERS: dict[str, tuple[str, Callable[..., Callable[[], Any]]]] = {
     "noxton_eqx": ("noxton.nn (Equinox, auto)", noxton_eqx),
     "noxton_eqx_dense": ("noxton.nn implementation='dense'", lambda *a: noxton_eqx(*a, implementation="dense")),
     "noxton_eqx_fused": ("noxton.nn implementation='fused'", lambda *a: noxton_eqx(*a, implementation="fused")),
+    "noxton_eqx_blockwise": (
+        "noxton.nn implementation='blockwise'",
+        lambda *a: noxton_eqx(*a, implementation="blockwise"),
+    ),
     "noxton_haiku": ("noxton.haiku (auto)", noxton_haiku),
     "eqx": ("eqx.nn.MultiheadAttention", eqx_mha),
     "haiku": ("hk.MultiHeadAttention", haiku_mha),

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from benchmarks import contenders
 from benchmarks.contenders import DENSE, build
 
 
@@ -19,14 +20,17 @@ def medians(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 1) -> 
     """Median seconds per call, after ``warmup`` calls each (compilation included there).
 
     The repeats are interleaved (round robin over the calls), so that noise from the machine hits
-    every contender alike.
+    every contender alike, and the round robin starts one call later at each repeat: torch's OpenMP
+    threads spin for a while after each call, which slows whichever call comes next (measured: a
+    1.0 ms JAX call took 1.5 ms right after torch's).
     """
     for call in calls.values():
         for _ in range(warmup):
             call()
     times: dict[Any, list[float]] = {k: [] for k in calls}
-    for _ in range(reps):
-        for k, call in calls.items():
+    order = list(calls.items())
+    for rep in range(reps):
+        for k, call in order[rep % len(order) :] + order[: rep % len(order)]:
             t = time.perf_counter()
             call()
             times[k].append(time.perf_counter() - t)
@@ -50,22 +54,47 @@ def peak_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
+def reset_device_peak(name: str) -> None:
+    """Start a new peak-memory count on the device of contender ``name`` (torch on CUDA only)."""
+    if name.startswith("torch"):
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+
+def device_peak_gib(name: str) -> float | None:
+    """Peak memory of the accelerator ``name`` ran on, or ``None`` on the CPU (where peak RSS says it).
+
+    torch: ``max_memory_allocated`` since the last reset; JAX: ``peak_bytes_in_use`` of its first
+    device's ``memory_stats()`` (since the process started; there is no reset), which the CPU does not
+    report.
+    """
+    if name.startswith("torch"):
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    import jax
+
+    stats = jax.devices()[0].memory_stats()
+    return stats["peak_bytes_in_use"] / 2**30 if stats and "peak_bytes_in_use" in stats else None
+
+
 LONG_E, LONG_H, LONG_B = 256, 8, 1
 
 
 def child(name: str, mode: str, L: int, reps: int) -> None:
     """In the child process: time one contender at one length, print its figures as one JSON line."""
-    if not name.startswith("torch"):
-        import jax
-
-        jax.config.update("jax_platforms", "cpu")
     call = build(name, LONG_B, L, LONG_E, LONG_H, mode)
+    reset_device_peak(name)
     base = rss_gib()
     t0 = time.perf_counter()
     call()  # warm-up (and compilation)
     first = time.perf_counter() - t0
     median = medians({name: call}, reps, warmup=0)[name]
-    record = dict(name=name, mode=mode, L=L, median_s=median, first_s=first, peak_gib=peak_gib(), base_gib=base)
+    record: dict[str, Any] = dict(name=name, mode=mode, L=L, median_s=median, first_s=first)
+    record.update(peak_gib=peak_gib(), base_gib=base)
+    record["device_peak_gib"] = device_peak_gib(name)
     print(json.dumps(record))
 
 
@@ -75,7 +104,7 @@ def long_run(name: str, mode: str, L: int, reps: int, mem_budget_gib: float, tim
     est = LONG_B * LONG_H * L * L * 4 * (3 if mode == "fwd" else 6) / 2**30
     if name in DENSE and est > mem_budget_gib:
         return {"skipped": f"not run: est. {est:.0f} GiB > budget {mem_budget_gib} GiB"}
-    cmd = [sys.executable, "-m", "benchmarks", "--child", name, mode, str(L), str(reps)]
+    cmd = [sys.executable, "-m", "benchmarks", "--dtype", contenders.DTYPE, "--child", name, mode, str(L), str(reps)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=root)

@@ -20,13 +20,28 @@ def load_average() -> str:
     return ", ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+def device() -> str:
+    """The devices the contenders run on: JAX's default device, and torch's."""
+    import jax
+    import torch
+
+    from benchmarks.contenders import torch_device
+
+    d = jax.devices()[0]
+    jax_dev = f"JAX on {d.platform.upper()} ({d.device_kind})"
+    torch_dev = "torch on CPU"
+    if torch_device() == "cuda":
+        torch_dev = f"torch on CUDA ({torch.cuda.get_device_name(0)})"
+    return f"{jax_dev}, {torch_dev}"
+
+
 def machine() -> str:
     import jax
     import torch
 
     cpu = platform.processor() or platform.machine()
     return (
-        f"{cpu}, {THREADS} CPU cores, Python {platform.python_version()}, jax {jax.__version__}, "
+        f"{device()}; {cpu}, {THREADS} CPU cores, Python {platform.python_version()}, jax {jax.__version__}, "
         f"torch {torch.__version__} with `torch.set_num_threads({THREADS})` (XLA's CPU client uses every core)"
     )
 
@@ -80,11 +95,19 @@ It times noxton's Equinox and Haiku front ends (jitted) side by side, in one pro
 repeats interleaved, against `torch.nn.MultiheadAttention` (eval + `no_grad`; train mode for
 forward+backward), `eqx.nn.MultiheadAttention`, `hk.MultiHeadAttention`,
 `flax.nnx.MultiHeadAttention`, `jax.nn.dot_product_attention` and a matmul-only lower bound (the same
-matrix products, no softmax, no masking); then long sequences, one process per length and contender,
+matrix products, no softmax, no masking); then a grid of batch sizes, widths and sequence lengths,
+forward and forward+backward, with a heat map of noxton's `auto` against the fastest peer at each
+point; then long sequences, one process per length and contender,
 with that process's peak resident memory. Dense contenders are not started where their score matrices
 would exceed the memory budget (`--mem-budget-gib`). Which attention path `implementation="auto"`
 takes is described in the [API reference](api/functional.md). It also times the compilation of
 Transformer stacks against their depth.
+
+The same command runs on a CUDA machine: JAX takes its default device, torch takes CUDA when it sees
+it, every call waits for its device, the tables add each contender's peak device memory, and the run
+names its devices below. `python -m benchmarks --gpu-issue` runs the GPU issue's sizes (B=8, L=512,
+E=512, H=8 and B=4, L=4096, E=1024, H=16; long sequences up to the longest each contender fits) in
+float32 and bfloat16.
 """
 
 
@@ -94,11 +117,21 @@ def write(out_dir: str, page: str, command: str, conditions: str, sections: list
     image = os.path.join(out_dir, "long_sequences.png")
     if results["long"]:
         plot(results["long"], image)
+    heat = os.path.join(out_dir, "grid_heatmap.png")
+    if results["grid"]:
+        from benchmarks.grid import heatmap  # grid imports this module
+
+        heatmap(results["grid"], heat, device())
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write("\n\n".join([conditions, *sections]) + "\n")
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump(results, f, indent=1)
     parts = [PAGE_INTRO.format(command=command).rstrip(), "## The run\n\n" + conditions, *sections]
+    if results["grid"]:
+        page_heat = os.path.splitext(page)[0] + "_grid.png"
+        shutil.copyfile(heat, page_heat)
+        at = next(i for i, p in enumerate(parts) if p.startswith("## The grid")) + 1
+        parts.insert(at, f"![noxton auto against the fastest peer at each grid point]({os.path.basename(page_heat)})")
     if results["long"]:
         page_image = os.path.splitext(page)[0] + "_long_sequences.png"
         shutil.copyfile(image, page_image)

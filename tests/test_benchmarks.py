@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from benchmarks.__main__ import SE_GRID
+from benchmarks.grid import GRID_CONTENDERS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -25,6 +28,12 @@ def test_quick_run_writes_tables_and_page(tmp_path):
         "64",
         "--long-contenders",
         "torch,noxton_eqx",
+        "--grid-sizes",
+        "16",
+        "--grid-batches",
+        "1",
+        "--grid-widths",
+        "16/2",
         "--depths",
         "2",
         "--compile-repeats",
@@ -36,12 +45,13 @@ def test_quick_run_writes_tables_and_page(tmp_path):
     ]
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    headings = ("## B=2, L=S=16, E=16, H=2", "## Eager call", "## SqueezeExcitation", "## Compile time", "## Long")
+    headings = ("## B=2, L=S=16, E=16, H=2", "## Eager call", "## SqueezeExcitation", "## Compile time", "## The grid")
+    headings += ("## Long",)
     for heading in headings:
         assert heading in result.stdout
         assert heading in page.read_text()
     figures = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert len(figures["main"]) == 22 and len(figures["se"]) == 2 and len(figures["eager"]) == 4
+    assert len(figures["main"]) == 22 and len(figures["se"]) == len(SE_GRID) and len(figures["eager"]) == 4
     # one layer, then the encoder at depth 2
     rows = [(r["model"], r["layers"]) for r in figures["compile"]]
     assert rows == [("one TransformerEncoderLayer", 1), ("TransformerEncoder", 2)]
@@ -49,4 +59,12 @@ def test_quick_run_writes_tables_and_page(tmp_path):
     long_rows = {(r["name"], r["mode"]) for r in figures["long"]}
     assert long_rows == {(n, m) for n in ("torch", "noxton_eqx") for m in ("fwd", "fwd_bwd")}
     assert (tmp_path / "performance_long_sequences.png").stat().st_size > 0
+    # the grid: one point per mode, every contender timed there, and its heat map on the page
+    assert [(p["mode"], p["B"], p["E"], p["H"], p["L"]) for p in figures["grid"]] == [
+        ("fwd", 1, 16, 2, 16),
+        ("fwd_bwd", 1, 16, 2, 16),
+    ]
+    assert all(set(p["median_s"]) == set(GRID_CONTENDERS) for p in figures["grid"])
+    assert (tmp_path / "performance_grid.png").stat().st_size > 0
+    assert "![noxton auto against the fastest peer" in page.read_text()
     assert "![time and peak memory" in page.read_text()

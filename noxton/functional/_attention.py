@@ -44,7 +44,16 @@ LARGE_SCORES = 2**26
 #: On CPU, ``auto`` also goes blockwise (need_weights=False, no dropout) from this many
 #: scores per batch element ``H * L * S'``: measured faster than both the dense path and
 #: ``jax.nn.dot_product_attention`` from there (docs/performance.md); below it a
-#: single dense block is cheaper than the kernel's bookkeeping.
+#: single dense block is cheaper than the kernel's bookkeeping. Checked again with
+#: the blockwise tiles of 256 x 512 (2-core x86 CPU, Equinox front end under jax.vmap,
+#: jitted, forward, medians of 31 interleaved runs, the contenders ``noxton_eqx_dense``
+#: and ``noxton_eqx_blockwise`` of ``benchmarks/contenders.py``, as
+#: ``python -m benchmarks --only-grid --grid-sizes 16,32,64,128,256`` times them):
+#: below the boundary the two paths are within 6% either way (B=1, E=256, H=8, L=16-48;
+#: B=8, E=512, H=8, L=16); from it blockwise is faster: 1.1 against 1.4 ms at B=1,
+#: L=64; 2.6 against 3.2 ms at L=128; 5.3 against 7.6 ms at L=256; 11.2 against 14.2 ms
+#: at B=8, E=512, L=64. Dense past L=512 at H=8 also holds 32 MiB or more of scores,
+#: which glibc serves with fresh pages on every call (see ``_blockwise.BLOCK_SCORES``).
 CPU_BLOCKWISE_MIN_SCORES = 2**15
 
 
@@ -96,7 +105,9 @@ def select_implementation(
        composition, which holds the scores too, unless cuDNN is named (see
        ``fused_attention``); no GPU has measured a cuDNN choice yet.
     3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
-       (measured faster than dense and than ``jax.nn.dot_product_attention``).
+       (measured faster than dense and than ``jax.nn.dot_product_attention``),
+       in tiles that ``block_sizes`` keeps under glibc's 32 MiB ``mmap``
+       ceiling at small batch, so that no call faults its scores in afresh.
     4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
     5. Otherwise (dropout, or float64 inputs off the CPU) dense: ``"auto"`` never
        trades precision for speed.

@@ -41,13 +41,33 @@ from noxton.functional._checks import finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
 #: Target number of scores in one block, batch rows and heads together (32 MiB in
-#: float32), with at most ``MAX_BLOCK_Q`` queries and ``MAX_BLOCK_K`` keys. Measured on
-#: a 2-core x86 CPU (docs/performance.md): at B=8, L=512, H=8 this gives 256 x 512
-#: blocks, 20% faster than 128 x 512; at L=4096-16384, H=8 it gives 512 x 1024, up to
-#: 2x faster than the 128 x 512 blocks used before, while 1024 x 1024 is 10-25% slower.
+#: float32), with at most ``MAX_BLOCK_Q`` queries and ``MAX_BLOCK_K`` keys.
+#:
+#: The caps keep one block's temporaries (its scores and their exponentials) under
+#: glibc's 32 MiB ``mmap`` ceiling when the batch is small: XLA's CPU client takes a
+#: program's temporaries from ``malloc``, glibc serves an allocation of 32 MiB or more
+#: with a fresh ``mmap``, and the program then faults its pages in again on every call.
+#: At batch 1, H=8 the former 512 x 1024 blocks held 2 x 16 MiB and faulted 37-48 MiB per
+#: call at L=1024-4096; 256 x 512 blocks fault none. Measured on a 2-core x86 CPU,
+#: ratios to torch's MHA in one process, medians of 5-9 interleaved runs
+#: (``python -m benchmarks.tiles 1,256,8 1024,2048 fwd 23:512:1024,23:256:512``, and the
+#: same with ``fwd_bwd``, ``1,1024,16`` and ``8,512,8``):
+#:
+#: | B, E, H, L, mode      | 512 x 1024 | 256 x 512 | 128 x 1024 | 128 x 512 |
+#: |-----------------------|------------|-----------|------------|-----------|
+#: | 1, 256, 8, 1024 fwd   | 2.03x      | 1.09x     | 1.18x      | 1.51x     |
+#: | 1, 256, 8, 2048 fwd   | 1.73x      | 1.20x     | 1.32x      | 1.62x     |
+#: | 1, 256, 8, 4096 fwd   | 1.47x      | 1.13x     | 1.35x      |           |
+#: | 1, 1024, 16, 2048 fwd | 1.30x      | 1.10x     |            |           |
+#: | 1, 256, 8, 1024 f+b   | 1.50x      | 0.93x     |            | 1.17x     |
+#:
+#: At B=8, E=512, H=8 (64 rows) the budget still gives 256 x 512 at L=512 and 128 x 1024
+#: became 256 x 512 at L >= 1024; there the program's other temporaries (projections,
+#: transposes) pass 32 MiB whatever the blocks, and thinner blocks (64 or 32 queries)
+#: measured 15-45% slower, so the budget stays at 2**23.
 BLOCK_SCORES = 2**23
-MAX_BLOCK_Q = 512
-MAX_BLOCK_K = 1024
+MAX_BLOCK_Q = 256
+MAX_BLOCK_K = 512
 #: Fixed block sizes for every call (tests shrink them); ``None``: chosen per call by
 #: ``block_sizes``.
 DEFAULT_BLOCK_Q: int | None = None
