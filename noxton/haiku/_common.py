@@ -168,7 +168,8 @@ class Linear(TorchModule):
         >>> from noxton.haiku import Linear
         >>> f = hk.transform(lambda x: Linear(4, 3)(x))
         >>> params = f.init(jax.random.PRNGKey(0), jax.numpy.ones((2, 4)))
-        >>> params["linear"]["weight"].shape
+        >>> linear = params["linear"]
+        >>> linear["weight"].shape
         (3, 4)
     """
 

@@ -225,6 +225,9 @@ class TransformerEncoder(F.EncoderForward, _Stack):
     _layer_arg = "encoder_layer"
     __call__ = F.EncoderForward.__call__
 
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm=None, *, name=None):
+        super().__init__(encoder_layer, num_layers, norm, name=name)
+
     @classmethod
     def from_torch(cls, module, *, name: str | None = None) -> TransformerEncoder:
         """An encoder with the configuration (its first layer's, its depth and its ``norm``) and
@@ -254,6 +257,9 @@ class TransformerDecoder(F.DecoderForward, _Stack):
     _layer_cls = TransformerDecoderLayer
     _layer_arg = "decoder_layer"
     __call__ = F.DecoderForward.__call__
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int, norm=None, *, name=None):
+        super().__init__(decoder_layer, num_layers, norm, name=name)
 
     @classmethod
     def from_torch(cls, module, *, name: str | None = None) -> TransformerDecoder:

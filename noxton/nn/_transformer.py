@@ -308,7 +308,9 @@ class TransformerEncoder(F.EncoderForward, _Stack):
 
     _layer_cls = TransformerEncoderLayer
     _layer_arg = "encoder_layer"
-    __init__ = _Stack.__init__
+
+    def __init__(self, encoder_layer: TransformerEncoderLayer, num_layers: int, norm: LayerNorm | None = None):
+        super().__init__(encoder_layer, num_layers, norm)
 
 
 class TransformerDecoder(F.DecoderForward, _Stack):
@@ -337,7 +339,9 @@ class TransformerDecoder(F.DecoderForward, _Stack):
 
     _layer_cls = TransformerDecoderLayer
     _layer_arg = "decoder_layer"
-    __init__ = _Stack.__init__
+
+    def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int, norm: LayerNorm | None = None):
+        super().__init__(decoder_layer, num_layers, norm)
 
 
 class Transformer(F.TransformerForward, Module):
