@@ -167,8 +167,7 @@ class TransformerLayerForward:
 
     def _feed_forward(self, run: Run, x):
         """torch's ``_ff_block``: ``dropout2(linear2(dropout(activation(linear1(x)))))``."""
-        linear1, linear2 = self.linear1, self.linear2
-        return run.dropout(linear2(run.dropout(self.activation(linear1(x)))))
+        return run.dropout(self.linear2(run.dropout(self.activation(self.linear1(x)))))
 
 
 class EncoderLayerForward(TransformerLayerForward):
