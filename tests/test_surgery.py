@@ -262,3 +262,35 @@ def test_a_stack_traces_each_configuration_once(kind):
     other = layer_cls(E, H, 2 * FF, activation=relu, inference=True, key=jax.random.PRNGKey(1))
     eqx.filter_jit(lambda m, *a: m(*a))(eqx.tree_at(lambda m: m.layers[3], stack, other), *args)
     assert CountingRelu.traces == 2
+
+
+def test_haiku_squeeze_excitation_calls_its_children_and_custom_getters_see_their_parameters():
+    """In Haiku, an ``fc1`` replaced before the call runs (torch running the same LoRA), and a
+    ``hk.custom_getter`` sees every parameter the block's children read."""
+    C, Q = 6, 3
+    tm = _randomised(TorchSqueezeExcitation(C, Q))
+    base = TorchSqueezeExcitation(C, Q)
+    base.load_state_dict(tm.state_dict())
+    tm.fc1 = TorchLoRA(tm.fc1, 2, seed=2, conv=True)
+    a, b = (jnp.asarray(p.detach().numpy()) for p in (tm.fc1.a, tm.fc1.b))
+    read = []
+
+    def getter(next_getter, value, context):
+        read.append(context.full_name)
+        return next_getter(value)
+
+    def forward(x):
+        se = nxhk.SqueezeExcitation.from_torch(base)
+        fc1 = se.fc1
+        se.fc1 = lambda h: fc1(h) + jnp.einsum("nchw,rc,or->nohw", h, a, b)
+        with hk.custom_getter(getter):
+            return se(x)
+
+    f = hk.transform(forward)
+    x, _ = _inputs((2, C, 4, 4))
+    params = f.init(None, jnp.asarray(x))
+    read.clear()
+    out = f.apply(params, None, jnp.asarray(x))
+    with torch.no_grad():
+        assert_close(out, tm(torch.from_numpy(x)).numpy(), 1e-5, "haiku SE LoRA")
+    assert sorted(read) == sorted(f"squeeze_excitation/~/{fc}/{p}" for fc in ("fc1", "fc2") for p in ("weight", "bias"))
