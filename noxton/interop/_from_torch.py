@@ -11,7 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from noxton.functional._activations import activation_from_torch, transformer_activation_from_torch
+from noxton.functional._activations import activation_from_torch as _activation_module
+from noxton.functional._activations import transformer_activation_from_torch
 from noxton.interop._keys import to_numpy
 
 
@@ -21,6 +22,21 @@ def _require(module: Any, attrs: tuple[str, ...], what: str) -> None:
         raise TypeError(
             f"`module` must be {what}, got {type(module).__name__}, which has no attribute(s) {', '.join(missing)}."
         )
+
+
+def activation_from_torch(activation: Any):
+    """The exact JAX function of a torch activation: a module (``nn.ReLU()``, ``nn.GELU(approximate="tanh")``,
+    ``nn.Hardswish()``, ...) or a function (``F.relu``, ``F.gelu``, ...), as ``from_torch`` maps them.
+
+    Raises ``ValueError`` naming the supported ones for an activation without an exact counterpart.
+
+    Example:
+        >>> import torch
+        >>> from noxton.interop import activation_from_torch
+        >>> activation_from_torch(torch.nn.ReLU6()).__name__, activation_from_torch(torch.nn.GELU()).__name__
+        ('relu6', 'gelu')
+    """
+    return transformer_activation_from_torch("activation", activation)
 
 
 def torch_dtype(tensor: Any):
@@ -96,8 +112,8 @@ def se_config_from_torch(module: Any) -> dict[str, Any]:
     return dict(
         input_channels=channels,
         squeeze_channels=squeeze,
-        activation=activation_from_torch("activation", module.activation),
-        scale_activation=activation_from_torch("scale_activation", module.scale_activation),
+        activation=_activation_module("activation", module.activation),
+        scale_activation=_activation_module("scale_activation", module.scale_activation),
         dtype=torch_dtype(module.fc1.weight),
     )
 
