@@ -124,7 +124,10 @@ def se_table(args, results):
     reps = 10 if args.quick else 30
     batched = eqx.filter_jit(lambda se, x: jax.vmap(se)(x))
     results["se"], rows = [], []
-    for N, C, HW in SE_GRID:
+    shapes = (
+        SE_GRID if args.se_shapes is None else [tuple(int(v) for v in p.split(",")) for p in args.se_shapes.split(";")]
+    )
+    for N, C, HW in shapes:
         Q = C // 4
         se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
         x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
@@ -277,6 +280,7 @@ def parse_args(argv=None):
     ap.add_argument("--only-long", action="store_true", help="only the long-sequence table")
     ap.add_argument("--skip-grid", action="store_true", help="skip the grid")
     ap.add_argument("--only-grid", action="store_true", help="only the grid (and its heat map)")
+    ap.add_argument("--se-shapes", help="squeeze-excitation shapes N,C,H separated by ';' (default: SE_GRID)")
     ap.add_argument("--grid-sizes", help="grid lengths L=S, comma-separated (default: 128 to 8192; --quick: fewer)")
     ap.add_argument("--grid-batches", help="grid batch sizes, comma-separated (default: 1,8)")
     ap.add_argument("--grid-widths", help="grid E/H pairs, comma-separated (default: 256/8,512/8,1024/16)")

@@ -7,7 +7,6 @@ import sys
 
 import pytest
 
-from benchmarks.__main__ import SE_GRID
 from benchmarks.grid import GRID_CONTENDERS
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -28,6 +27,8 @@ def test_quick_run_writes_tables_and_page(tmp_path):
         "64",
         "--long-contenders",
         "torch,noxton_eqx",
+        "--se-shapes",
+        "1,8,4;2,8,4",
         "--grid-sizes",
         "16",
         "--grid-batches",
@@ -51,7 +52,7 @@ def test_quick_run_writes_tables_and_page(tmp_path):
         assert heading in result.stdout
         assert heading in page.read_text()
     figures = json.loads((tmp_path / "results" / "results.json").read_text())
-    assert len(figures["main"]) == 22 and len(figures["se"]) == len(SE_GRID) and len(figures["eager"]) == 4
+    assert len(figures["main"]) == 22 and len(figures["se"]) == 2 and len(figures["eager"]) == 4
     # one layer, then the encoder at depth 2
     rows = [(r["model"], r["layers"]) for r in figures["compile"]]
     assert rows == [("one TransformerEncoderLayer", 1), ("TransformerEncoder", 2)]
