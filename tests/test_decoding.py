@@ -260,6 +260,29 @@ def test_cache_reordered_for_beam_search(x64):
         history = np.concatenate([tgt[1, :6], tgt[b, 6:]])
         assert_close(out[b], decoder(history, memory, tgt_mask=mask)[6:], 1e-12, name=f"beam {b}")
 
+    # Haiku: the state's leaves have the batch axis, but for the position written (``index``), shared by the batch
+    memory2 = np.broadcast_to(memory, (2, S, E))
+    template = hk.transform(lambda t, m: _haiku_decoder()(t, m, inference=True))
+    params = nxhk.state_dict_to_params(
+        template.init(jax.random.PRNGKey(0), tgt, memory2), decoder.state_dict(), "transformer_decoder"
+    )
+
+    def prefill(t, m):
+        module = _haiku_decoder()
+        module.init_cache(m, 10)
+        return module.decode(t)
+
+    step = hk.transform_with_state(lambda t: _haiku_decoder().decode(t))
+    _, state = hk.transform_with_state(prefill).apply(params, {}, None, tgt[:, :6], memory2)
+    state = jax.tree.map(lambda a: a[beams] if a.ndim else a, state)
+    out_hk, _ = step.apply(params, state, None, tgt[:, 6:])
+    assert_close(out_hk, out, 1e-12)
+
+
+def _haiku_decoder():
+    layer = nxhk.TransformerDecoderLayer(E, H, F, dtype=jnp.float64)
+    return nxhk.TransformerDecoder(layer, 2, nxhk.LayerNorm(E, dtype=jnp.float64))
+
 
 @pytest.mark.parametrize("front_end", ["equinox", "haiku"])
 def test_causal_self_attention_sees_every_earlier_position(front_end):

@@ -20,7 +20,7 @@ passes it in and returns it. ``*B`` are leading batch dimensions (none in
 - attention to a memory ([`memory_cache`][noxton.functional._decoding.memory_cache]):
   ``key``, ``value`` ``[*B, S, E]``; ``padding`` ``[*B, S]``; ``mask``, the rows of
   ``memory_mask`` for every target position, ``(T, S)``, ``(H, T, S)`` or ``[*B, H, T, S]``
-  (shape ``(0,)`` when there is none), added to the scores; ``index``.
+  (shape ``[*B, 0]`` when there is none), added to the scores; ``index``.
 
 Going past ``max_len`` raises ``ValueError`` where the position is known (outside
 ``jit``); under ``jit`` it cannot be checked, and every output at a position past
@@ -89,7 +89,7 @@ def memory_cache(
         "key": _linear(memory, wk, bk),
         "value": _linear(memory, wv, bv),
         "padding": jnp.zeros((*batch_shape, src_len), sdtype) if masks.key_padding is None else masks.key_padding,
-        "mask": jnp.zeros((0,), sdtype) if masks.attn is None else masks.attn,
+        "mask": jnp.zeros((*batch_shape, 0), sdtype) if masks.attn is None else masks.attn,
         "index": jnp.zeros((), jnp.int32),
     }
 
