@@ -10,6 +10,8 @@ from noxton.functional._attention import multi_head_attention as multi_head_atte
 from noxton.functional._attention import select_implementation as select_implementation
 from noxton.functional._blockwise import blockwise_attention as blockwise_attention
 from noxton.functional._fused import fused_attention as fused_attention
+from noxton.functional._layers import batch_norm as batch_norm
+from noxton.functional._layers import conv as conv
 from noxton.functional._masks import Masks as Masks
 from noxton.functional._masks import canonical_masks as canonical_masks
 from noxton.functional._squeeze_excitation import squeeze_excitation as squeeze_excitation
@@ -19,8 +21,10 @@ from noxton.functional._transformer import square_subsequent_mask as square_subs
 
 __all__ = [
     "Masks",
+    "batch_norm",
     "blockwise_attention",
     "canonical_masks",
+    "conv",
     "dense_attention",
     "dropout",
     "fused_attention",
