@@ -222,7 +222,8 @@ def _images(n=4, seed=0):
 def test_mobilenet_equinox_one_load_eval_and_train():
     tm = torch_mobilenet()
     x = _images()
-    model, state = eqx.nn.make_with_state(MobileNetV3)(jax.random.PRNGKey(0))
+    # built abstractly (no initialiser runs), then loaded, parameters and running statistics, in one call
+    model, state = eqx.filter_eval_shape(eqx.nn.make_with_state(MobileNetV3), jax.random.PRNGKey(0))
     model, state = load_torch_state_dict(model, tm.state_dict(), state=state)
     assert torch_state_dict(model, state=state).keys() == tm.state_dict().keys()
 
@@ -255,7 +256,7 @@ def test_mobilenet_haiku_one_load_eval_and_train():
     tm = torch_mobilenet()
     x = _images()
     f = hk.transform_with_state(lambda x, inference: HkMobileNetV3(dropout=0.0)(x, inference=inference))
-    params, state = f.init(jax.random.PRNGKey(0), x, True)
+    params, state = jax.eval_shape(functools.partial(f.init, inference=True), jax.random.PRNGKey(0), x)
     params, state = nxhk.state_dict_to_params(params, tm.state_dict(), "mobile_net", state=state)
     assert "mobile_net/~/features/~/_1/~/block/~/_0/~/_1" in state  # features.1.block.0.1: torch's path, indices as _N
     apply = jax.jit(f.apply, static_argnums=4)
@@ -452,7 +453,7 @@ def test_vit_equinox_named_children_in_order_and_gradients_by_torch_name():
 def test_vit_haiku_reaches_torch_paths_and_gradients_by_torch_name():
     tm, x, expected, t_grads = _vit_data()
     f = hk.transform(lambda x: HkViT(name="vit")(x))
-    params = f.init(jax.random.PRNGKey(0), x)
+    params = jax.eval_shape(f.init, jax.random.PRNGKey(0), x)
     assert "vit/encoder/layers/~/encoder_layer_1/~/mlp/~/_3" in params  # torch: encoder.layers.encoder_layer_1.mlp.3
     params = nxhk.state_dict_to_params(params, tm.state_dict(), "vit")
 

@@ -206,10 +206,13 @@ def load_torch_state_dict(
         )
     if state is None:
         return model
+    layers: dict[int, tuple[Any, dict[str, Any]]] = {}  # one State.set per layer: all its buffers at once
     for e in entries:
         if e.index is not None:
-            stats = state.get(e.index)
-            state = state.set(e.index, {**stats, ROOT: {**stats[ROOT], e.buffer: values[e.key]}})
+            layers.setdefault(id(e.index), (e.index, {}))[1][e.buffer] = values[e.key]
+    for index, buffers in layers.values():
+        stats = state.get(index)
+        state = state.set(index, {**stats, ROOT: {**stats[ROOT], **buffers}})
     return model, state
 
 

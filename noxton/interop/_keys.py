@@ -101,10 +101,10 @@ def _naming_hint(missing: list[str], unexpected: list[str]) -> str:
             if len(diff) == 1 and mp[diff[0]].isdigit() != up[diff[0]].isdigit():
                 i = diff[0]
                 where = ".".join(mp[:i]) or "the model"
-                model_kind, sd_kind = ("index", "name") if mp[i].isdigit() else ("name", "index")
+                model_kind, sd_kind = ("an index", "a name") if mp[i].isdigit() else ("a name", "an index")
                 return (
-                    f" The model's child {mp[i]!r} of {where} is the state_dict's {up[i]!r}: an {model_kind} where "
-                    f"torch has a{'n' if sd_kind == 'index' else ''} {sd_kind}. torch's nn.Sequential names its "
+                    f" The model's child {mp[i]!r} of {where} is the state_dict's {up[i]!r}: {model_kind} where "
+                    f"torch has {sd_kind}. torch's nn.Sequential names its "
                     f"children 0, 1, ... or by an OrderedDict: build noxton's Sequential the same way "
                     f"(a list, or a mapping of torch's names to layers)."
                 )
