@@ -135,3 +135,30 @@ def test_construction_errors_name_the_argument():
 
     with pytest.raises(TypeError, match=r"`layers\['0'\]` is a Linear instance, built outside this Sequential"):
         hk.transform(built_outside).init(None)
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_batch_first_is_carried_by_from_torch(batch_first):
+    """torch's layout as the torch module takes it; (L, N, E) with L == N, where a wrong axis runs silently."""
+    torch.manual_seed(0)
+    tm = torch.nn.MultiheadAttention(8, 2, batch_first=batch_first).eval()
+    x = np.random.default_rng(0).normal(size=(4, 4, 8)).astype(np.float32)
+    t_out, t_w = (t.detach().numpy() for t in tm(*(torch.from_numpy(x),) * 3))
+    mha = nxn.MultiheadAttention.from_torch(tm)
+    assert mha.batch_first is batch_first and mha.batch_axis == (0 if batch_first else 1)
+    out, w = jax.vmap(lambda x: mha(x, x, x), in_axes=mha.batch_axis, out_axes=(mha.batch_axis, 0))(x)
+    assert_close(out, t_out, 1e-5, "equinox output")
+    assert_close(w, t_w, 1e-6, "equinox weights")
+    f = hk.transform(lambda x: nxhk.MultiheadAttention.from_torch(tm)(x, x, x, inference=True))
+    out, w = f.apply(f.init(None, x), None, x)
+    assert_close(out, t_out, 1e-5, "haiku output")
+    assert_close(w, t_w, 1e-6, "haiku weights")
+
+
+@pytest.mark.own_errors
+def test_batch_first_errors():
+    with pytest.raises(TypeError, match=r"`batch_first` must be None, True or False"):
+        nxn.MultiheadAttention(8, 2, batch_first=1, key=jax.random.PRNGKey(0))
+    f = hk.transform(lambda x: nxhk.MultiheadAttention(8, 2, batch_first=False)(x, x, x))
+    with pytest.raises(ValueError, match=r"With batch_first=False, query, key and value must be torch's \(L, N, E\)"):
+        f.init(jax.random.PRNGKey(0), jnp.ones((2, 3, 4, 8)))

@@ -65,6 +65,7 @@ def mha_config_from_torch(module: Any) -> dict[str, Any]:
         add_zero_attn=bool(module.add_zero_attn),
         kdim=module.kdim,
         vdim=module.vdim,
+        batch_first=bool(getattr(module, "batch_first", False)),
         dtype=torch_dtype(module.out_proj.weight),
     )
 
