@@ -104,7 +104,8 @@ class Conv1d(_ConvNd):
         >>> from noxton.haiku import Conv1d
         >>> f = hk.transform(lambda x: Conv1d(3, 4, 3, padding=1)(x))
         >>> params = f.init(jax.random.PRNGKey(0), jax.numpy.ones((2, 3, 8)))
-        >>> params["conv1d"]["weight"].shape
+        >>> conv = params["conv1d"]
+        >>> conv["weight"].shape
         (4, 3, 3)
     """
 
@@ -126,7 +127,8 @@ class Conv2d(_ConvNd):
         >>> f = hk.transform(lambda x: Conv2d(3, 8, 3, stride=2, padding=1)(x))
         >>> x = jax.numpy.ones((2, 3, 16, 16))
         >>> params = f.init(jax.random.PRNGKey(0), x)
-        >>> params["conv2d"]["weight"].shape, f.apply(params, None, x).shape
+        >>> conv = params["conv2d"]
+        >>> conv["weight"].shape, f.apply(params, None, x).shape
         ((8, 3, 3, 3), (2, 8, 8, 8))
     """
 
@@ -235,10 +237,9 @@ class BatchNorm2d(_BatchNorm):
         >>> x = jnp.ones((2, 3, 4, 4))
         >>> params, state = f.init(None, x, False)
         >>> _, state = f.apply(params, state, None, x, False)
-        >>> [round(v, 4) for v in state["batch_norm2d"]["running_mean"].tolist()]
-        [0.01, 0.01, 0.01]
-        >>> int(state["batch_norm2d"]["num_batches_tracked"])
-        1
+        >>> stats = state["batch_norm2d"]
+        >>> tuple(round(v, 4) for v in stats["running_mean"].tolist()), int(stats["num_batches_tracked"])
+        ((0.01, 0.01, 0.01), 1)
     """
 
     _ranks, _layout = (4, 4), "(N, C, H, W)"

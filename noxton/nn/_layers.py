@@ -94,8 +94,14 @@ class Conv1d(_ConvNd):
     """torch's ``nn.Conv1d`` (``padding_mode="zeros"``), parameters in torch's layout.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as torch's
-            (``padding`` an int, a tuple, ``"same"`` or ``"valid"``).
+        in_channels: ``C_in``.
+        out_channels: ``C_out``.
+        kernel_size: an int or one per spatial axis.
+        stride: an int or one per spatial axis. Default 1.
+        padding: an int, one per spatial axis, ``"same"`` or ``"valid"``. Default 0.
+        dilation: an int or one per spatial axis. Default 1.
+        groups: torch's ``groups`` (``in_channels`` for a depthwise convolution). Default 1.
+        bias: a learnable ``bias``. Default ``True``.
         key: PRNG key for the initialisation (torch's).
         dtype: parameter dtype; ``None`` is float32.
 
@@ -115,8 +121,14 @@ class Conv2d(_ConvNd):
     """torch's ``nn.Conv2d`` (``padding_mode="zeros"``), parameters in torch's layout.
 
     Args:
-        in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias: as torch's
-            (``groups=in_channels`` is a depthwise convolution).
+        in_channels: ``C_in``.
+        out_channels: ``C_out``.
+        kernel_size: an int or one per spatial axis.
+        stride: an int or one per spatial axis. Default 1.
+        padding: an int, one per spatial axis, ``"same"`` or ``"valid"``. Default 0.
+        dilation: an int or one per spatial axis. Default 1.
+        groups: torch's ``groups`` (``in_channels`` for a depthwise convolution). Default 1.
+        bias: a learnable ``bias``. Default ``True``.
         key: PRNG key for the initialisation (torch's).
         dtype: parameter dtype; ``None`` is float32.
 
@@ -263,8 +275,9 @@ class BatchNorm2d(_BatchNorm):
         >>> x = jnp.ones((2, 3, 4, 4))
         >>> train = jax.vmap(bn, axis_name="batch", in_axes=(0, None), out_axes=(0, None))
         >>> _, state = train(x, state)
-        >>> [round(v, 4) for v in state.get(bn.state_index)["module"]["running_mean"].tolist()]
-        [0.01, 0.01, 0.01]
+        >>> stats = state.get(bn.state_index)["module"]
+        >>> tuple(round(v, 4) for v in stats["running_mean"].tolist())
+        (0.01, 0.01, 0.01)
     """
 
     haiku_module = hkl.BatchNorm2d
