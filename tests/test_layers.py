@@ -20,8 +20,9 @@ from noxton.interop import load_torch_state_dict, torch_state_dict
 pytestmark = requires_torch
 
 
-@pytest.mark.parametrize("momentum", [0.1, None], ids=["momentum=0.1", "momentum=None"])
-@pytest.mark.parametrize("shape", [(5, 3), (4, 3, 6)], ids=["NC", "NCL"])
+@pytest.mark.parametrize(
+    ("shape", "momentum"), [((5, 3), 0.1), ((4, 3, 6), None)], ids=["NC-momentum=0.1", "NCL-momentum=None"]
+)
 def test_batch_norm1d_trains_and_evaluates_as_torch(shape, momentum):
     """Two training steps (running statistics with the unbiased variance, the counter), then evaluation."""
     torch.manual_seed(0)
@@ -162,3 +163,23 @@ def test_batch_first_errors():
     f = hk.transform(lambda x: nxhk.MultiheadAttention(8, 2, batch_first=False)(x, x, x))
     with pytest.raises(ValueError, match=r"With batch_first=False, query, key and value must be torch's \(L, N, E\)"):
         f.init(jax.random.PRNGKey(0), jnp.ones((2, 3, 4, 8)))
+
+
+class QuickGELU(torch.nn.Module if torch is not None else object):  # open_clip's (OpenAI CLIP's), by name
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+def test_open_clip_mlp_from_torch_in_both_front_ends():
+    """open_clip's ``mlp``: an ``nn.Sequential(OrderedDict(c_fc=..., gelu=QuickGELU(), c_proj=...))``."""
+    torch.manual_seed(0)
+    tm = torch.nn.Sequential(
+        collections.OrderedDict(c_fc=torch.nn.Linear(4, 16), gelu=QuickGELU(), c_proj=torch.nn.Linear(16, 4))
+    )
+    x = np.random.default_rng(0).normal(size=(3, 4)).astype(np.float32)
+    expected = tm(torch.from_numpy(x)).detach().numpy()
+    assert_close(nxn.from_torch(tm)(x), expected, 1e-6, "equinox")
+    f = hk.transform(lambda x: nxhk.Sequential.from_torch(tm, name="mlp")(x))
+    params = f.init(None, x)
+    assert sorted(params) == ["mlp/~/c_fc", "mlp/~/c_proj"]
+    assert_close(f.apply(params, None, x), expected, 1e-6, "haiku")

@@ -4,6 +4,7 @@ no parameters, no Haiku, no Equinox."""
 from noxton.functional._activations import gelu as gelu
 from noxton.functional._activations import gelu_tanh as gelu_tanh
 from noxton.functional._activations import identity as identity
+from noxton.functional._activations import quick_gelu as quick_gelu
 from noxton.functional._attention import dense_attention as dense_attention
 from noxton.functional._attention import masked_softmax as masked_softmax
 from noxton.functional._attention import multi_head_attention as multi_head_attention
@@ -34,6 +35,7 @@ __all__ = [
     "layer_norm",
     "masked_softmax",
     "multi_head_attention",
+    "quick_gelu",
     "select_implementation",
     "square_subsequent_mask",
     "squeeze_excitation",
