@@ -7,7 +7,7 @@ import pytest
 from helpers import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PAGES = ("README.md", "docs/changing_models.md")
+PAGES = ("README.md", "docs/changing_models.md", "docs/decoding.md")
 BLOCKS = [
     (page, i, code)
     for page in PAGES

@@ -156,23 +156,23 @@ def _linear(x, weight, bias):
     return y.astype(x.dtype)
 
 
-def _in_projection(query, key, value, params):
-    if "in_proj_weight" in params:
-        w = params["in_proj_weight"]
-        b = params.get("in_proj_bias")
-        if query is key and key is value:
-            # Self-attention: one (E, 3E) matmul instead of three.
-            return tuple(jnp.split(_linear(query, w, b), 3, axis=-1))
-        ws = jnp.split(w, 3, axis=0)
-        bs = jnp.split(b, 3, axis=0) if b is not None else (None, None, None)
-        return _linear(query, ws[0], bs[0]), _linear(key, ws[1], bs[1]), _linear(value, ws[2], bs[2])
+def _split_in_proj(params):
+    """The query, key and value projections' ``(weight, bias)`` pairs (biases ``None`` without ``in_proj_bias``)."""
     b = params.get("in_proj_bias")
     bs = jnp.split(b, 3, axis=0) if b is not None else (None, None, None)
-    return (
-        _linear(query, params["q_proj_weight"], bs[0]),
-        _linear(key, params["k_proj_weight"], bs[1]),
-        _linear(value, params["v_proj_weight"], bs[2]),
-    )
+    if "in_proj_weight" in params:
+        ws = jnp.split(params["in_proj_weight"], 3, axis=0)
+    else:
+        ws = params["q_proj_weight"], params["k_proj_weight"], params["v_proj_weight"]
+    return tuple(zip(ws, bs, strict=True))
+
+
+def _in_projection(query, key, value, params):
+    if "in_proj_weight" in params and query is key and key is value:
+        # Self-attention: one (E, 3E) matmul instead of three.
+        return tuple(jnp.split(_linear(query, params["in_proj_weight"], params.get("in_proj_bias")), 3, axis=-1))
+    (wq, bq), (wk, bk), (wv, bv) = _split_in_proj(params)
+    return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
 
 
 def masked_softmax(scores, axis: int = -1):
@@ -303,12 +303,51 @@ def multi_head_attention(
         )
     check_heads(embed_dim, num_heads)
 
-    tgt_len, src_len = query.shape[-2], key.shape[-2]
-    head_dim = embed_dim // num_heads
-    dtype = query.dtype
-    sdtype = softmax_dtype(dtype)
-
     q, k, v = _in_projection(query, key, value, params)
+    return attend_projected(
+        q,
+        k,
+        v,
+        params,
+        num_heads=num_heads,
+        add_zero_attn=add_zero_attn,
+        key_padding_mask=key_padding_mask,
+        need_weights=need_weights,
+        attn_mask=attn_mask,
+        average_attn_weights=average_attn_weights,
+        is_causal=is_causal,
+        dropout_p=dropout_p,
+        dropout_key=dropout_key,
+        implementation=implementation,
+    )
+
+
+def attend_projected(
+    q,
+    k,
+    v,
+    params: Mapping[str, jax.Array],
+    *,
+    num_heads: int,
+    add_zero_attn: bool,
+    key_padding_mask,
+    need_weights: bool,
+    attn_mask,
+    average_attn_weights: bool,
+    is_causal: bool,
+    dropout_p: float,
+    dropout_key,
+    implementation: str,
+):
+    """The rest of ``multi_head_attention`` from the projected ``q`` ``[*B, L, E]``, ``k`` and ``v``
+    ``[*B, S, E]`` on (validated options): the appended keys, the masks, the attention path and the
+    output projection. The cached decoding of ``noxton.functional._decoding`` runs it too."""
+    batch_shape, embed_dim = q.shape[:-2], q.shape[-1]
+    tgt_len, src_len = q.shape[-2], k.shape[-2]
+    head_dim = embed_dim // num_heads
+    dtype = q.dtype
+    sdtype = softmax_dtype(dtype)
+    out_w = params["out_proj.weight"]
     extra = 0
     if "bias_k" in params:
         bk = jnp.broadcast_to(params["bias_k"].reshape(embed_dim).astype(dtype), (*batch_shape, 1, embed_dim))

@@ -135,6 +135,33 @@ class Run(abc.ABC):
         """Call a layer of a stack (a front end may jit it, so that a stack traces one layer once)."""
         return layer(*args, **kwargs, **self.options())
 
+    # Decoding with a cache. A Haiku child keeps its cache in its Haiku state, so a Haiku run just
+    # calls it; an Equinox run passes each child its part of the cache and collects the new parts.
+
+    def init_cache(self, name: str | int, child: Any, method: str, *args, **kwargs) -> None:
+        """``child.method(*args, **kwargs)``, making the cache of the child ``name``."""
+        getattr(child, method)(*args, **kwargs)
+
+    def decode(self, name: str | int, child: Any, method: str, *args, **kwargs) -> Any:
+        """``child.method(*args, **kwargs)``, a decoding step of the child ``name`` through its cache."""
+        return getattr(child, method)(*args, **kwargs)
+
+    def decoded(self, out: Any) -> Any:
+        """What a decoding step returns: Haiku ``out``, Equinox ``(out, the new cache)``."""
+        return out
+
+    def made_cache(self) -> Any:
+        """What ``init_cache`` returns: Haiku nothing (the cache is in Haiku state), Equinox the cache."""
+        return None
+
+    def decoding_options(self) -> dict[str, Any]:
+        """The options of a child's decoding step: the attention path."""
+        return {} if self.implementation == "auto" else {"implementation": self.implementation}
+
+    @abc.abstractmethod
+    def in_inference(self, child: Any, *args, **kwargs) -> Any:
+        """Call ``child`` in inference mode (no dropout): the encoder under ``init_cache``."""
+
 
 def _attend(run: Run, attention, q, kv, mask, padding, is_causal: bool):
     """torch's ``self.dropout1(self.self_attn(q, kv, kv, ..., need_weights=False)[0])`` (``_sa_block``)."""
@@ -259,6 +286,80 @@ class DecoderLayerForward(TransformerLayerForward):
         norms = self.norm1, self.norm2, self.norm3
         return _sublayers(tgt, self.norm_first, (sa, norms[0]), (mha, norms[1]), (ff, norms[2]))
 
+    _decoding_run: Callable[..., Run]  # the front end's Run of a decoding call (no dropout; the cache)
+
+    def init_cache(
+        self,
+        memory: Float[ArrayLike, "*batch src_len d_model"],
+        max_len: int,
+        memory_mask: Mask = None,
+        memory_key_padding_mask: Mask = None,
+    ) -> Any:
+        """The cache for [`decode`][noxton.nn.TransformerDecoderLayer.decode] of up to ``max_len`` target
+        positions against ``memory``: ``self_attn``'s keys and values (empty) and ``multihead_attn``'s
+        projection of ``memory``, with ``memory_mask`` ``(max_len, S)`` (torch's ``(L, S)`` for every
+        target position; or per head) and ``memory_key_padding_mask`` ``(S,)`` (Haiku: ``[..., S]``).
+
+        ``noxton.nn`` returns the cache (a pytree of fixed shapes: ``{"self_attn": ...,
+        "multihead_attn": ...}``); ``noxton.haiku`` keeps it in the attention modules' Haiku state.
+        """
+        run = self._decoding_run()
+        run.check("memory", memory, self.d_model)
+        memory = jnp.asarray(memory)
+        batch_shape = tuple(memory.shape[:-2])
+        run.init_cache("self_attn", self.self_attn, "init_cache", max_len, batch_shape=batch_shape, dtype=memory.dtype)
+        run.init_cache(
+            "multihead_attn",
+            self.multihead_attn,
+            "init_memory_cache",
+            memory,
+            max_len,
+            attn_mask=memory_mask,
+            key_padding_mask=memory_key_padding_mask,
+        )
+        return run.made_cache()
+
+    def decode(
+        self,
+        tgt: Float[ArrayLike, "*batch n d_model"],
+        cache: Any = None,
+        tgt_key_padding_mask: Mask = None,
+        *,
+        implementation: str = "auto",
+    ) -> Any:
+        """Decode the next ``n >= 1`` target positions ``tgt`` ``(n, E)`` (Haiku: ``[..., n, E]``): exactly
+        what the layer's forward over every position so far with the causal ``tgt_mask`` (and the masks given
+        to ``init_cache``) returns at them. Dropout is off: decoding is inference.
+
+        Args:
+            tgt: the next positions.
+            cache: ``noxton.nn``: the cache from ``init_cache`` or the last ``decode``; ``noxton.haiku``:
+                none (the cache is in Haiku state).
+            tgt_key_padding_mask: ``(n,)`` (Haiku ``[..., n]``): padded positions among ``tgt``, hidden
+                from every later position, as torch's ``tgt_key_padding_mask``.
+            implementation: the attention path (see ``MultiheadAttention``).
+
+        Returns:
+            ``noxton.nn``: ``(output (n, E), cache)``; ``noxton.haiku``: the output.
+        """
+        run = self._decoding_run(cache, implementation)
+        run.check("tgt", tgt, self.d_model)
+        options = run.decoding_options()
+
+        def sa(x):
+            return run.decode(
+                "self_attn", self.self_attn, "decode", x, key_padding_mask=tgt_key_padding_mask, **options
+            )
+
+        def mha(x):
+            return run.decode("multihead_attn", self.multihead_attn, "decode_memory", x, **options)
+
+        def ff(x):
+            return self._feed_forward(run, x)
+
+        norms = self.norm1, self.norm2, self.norm3
+        return run.decoded(_sublayers(tgt, self.norm_first, (sa, norms[0]), (mha, norms[1]), (ff, norms[2])))
+
 
 class StackForward:
     """What the encoder and decoder stacks share: ``layers`` called in turn, then ``norm`` when there is one."""
@@ -322,6 +423,38 @@ class DecoderForward(StackForward):
             memory_is_causal=check_is_causal("memory_is_causal", memory_is_causal),
         )
 
+    _decoding_run: Callable[..., Run]
+
+    def init_cache(
+        self,
+        memory: Float[ArrayLike, "*batch src_len d_model"],
+        max_len: int,
+        memory_mask: Mask = None,
+        memory_key_padding_mask: Mask = None,
+    ) -> Any:
+        """The cache of every layer for [`decode`][noxton.nn.TransformerDecoder.decode]; arguments as the
+        decoder layer's ``init_cache``. ``noxton.nn`` returns it (a list, a layer's cache each)."""
+        run = self._decoding_run()
+        for i, layer in enumerate(self.layers):
+            run.init_cache(i, layer, "init_cache", memory, max_len, memory_mask, memory_key_padding_mask)
+        return run.made_cache()
+
+    def decode(
+        self,
+        tgt: Float[ArrayLike, "*batch n d_model"],
+        cache: Any = None,
+        tgt_key_padding_mask: Mask = None,
+        *,
+        implementation: str = "auto",
+    ) -> Any:
+        """Decode the next ``n`` positions through every layer, then ``norm``: exactly the stack's forward
+        with the causal ``tgt_mask`` at those positions; arguments and returns as the decoder layer's ``decode``."""
+        run = self._decoding_run(cache, implementation)
+        x = tgt
+        for i, layer in enumerate(self.layers):
+            x = run.decode(i, layer, "decode", x, tgt_key_padding_mask=tgt_key_padding_mask, **run.decoding_options())
+        return run.decoded(x if self.norm is None else self.norm(x))
+
 
 class TransformerForward:
     """torch's ``nn.Transformer.forward``: ``self.decoder(tgt, self.encoder(src))``."""
@@ -362,6 +495,38 @@ class TransformerForward:
             memory_is_causal=memory_is_causal,
             **run.options(),
         )
+
+    _decoding_run: Callable[..., Run]
+
+    def init_cache(
+        self,
+        src: Float[ArrayLike, "*batch src_len d_model"],
+        max_len: int,
+        src_mask: Mask = None,
+        src_key_padding_mask: Mask = None,
+        memory_mask: Mask = None,
+        memory_key_padding_mask: Mask = None,
+        src_is_causal: bool | None = None,
+    ) -> Any:
+        """Encode ``src`` once (in inference mode) and make the decoder's cache for
+        [`decode`][noxton.nn.Transformer.decode] of up to ``max_len`` target positions; masks as the call's."""
+        run = self._decoding_run()
+        memory = run.in_inference(
+            self.encoder, src, mask=src_mask, src_key_padding_mask=src_key_padding_mask, is_causal=src_is_causal
+        )
+        return self.decoder.init_cache(memory, max_len, memory_mask, memory_key_padding_mask)
+
+    def decode(
+        self,
+        tgt: Float[ArrayLike, "*batch n d_model"],
+        cache: Any = None,
+        tgt_key_padding_mask: Mask = None,
+        *,
+        implementation: str = "auto",
+    ) -> Any:
+        """The decoder's [`decode`][noxton.nn.TransformerDecoder.decode]: the next positions of the target,
+        exactly as the full forward with the causal ``tgt_mask`` returns them."""
+        return self.decoder.decode(tgt, cache, tgt_key_padding_mask, implementation=implementation)
 
 
 #: The sequence axis of each input of the Transformer layers, as their docstrings name it.

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from noxton.functional import _decoding as D
 from noxton.functional import multi_head_attention
 from noxton.functional._checks import check_dropout_key, check_inference, check_mha_config
 from noxton.haiku import _initializers as init
@@ -105,6 +106,10 @@ class MultiheadAttention(TorchModule):
             p["bias_v"] = self.param("bias_v", (1, 1, E), dt, init.xavier_normal)
         return p
 
+    def _all_params(self) -> dict[str, jax.Array]:
+        # As torch's F.multi_head_attention_forward, the output projection's weights are read, not called.
+        return {**self.params(), **{f"out_proj.{k}": v for k, v in self.out_proj.params().items()}}
+
     def __call__(
         self,
         query: ArrayLike,
@@ -148,8 +153,7 @@ class MultiheadAttention(TorchModule):
         seq_first = self.batch_first is False and _seq_first(query, key, value)
         if seq_first:  # torch's default layout (L, N, E): run as (N, L, E), return the output as (L, N, E)
             query, key, value = (jnp.swapaxes(jnp.asarray(a), 0, 1) for a in (query, key, value))
-        # As torch's F.multi_head_attention_forward, the output projection's weights are read, not called.
-        params = {**self.params(), **{f"out_proj.{k}": v for k, v in self.out_proj.params().items()}}
+        params = self._all_params()
         dropout_p = 0.0 if inference else self.dropout
         dropout_key = check_dropout_key(dropout_p, hk.maybe_next_rng_key() if dropout_p > 0.0 else None, "haiku")
         out, weights = multi_head_attention(
@@ -169,6 +173,103 @@ class MultiheadAttention(TorchModule):
             implementation=implementation,
         )
         return (jnp.swapaxes(out, 0, 1) if seq_first else out), weights
+
+    # Decoding with a key/value cache, kept in this module's Haiku state (``hk.transform_with_state``):
+    # ``key``, ``value``, ``padding``, ``index`` (and ``mask`` for a memory), as noxton.functional._decoding.
+
+    def init_cache(self, max_len: int, *, batch_shape: tuple[int, ...] = (), dtype=None) -> None:
+        """Make an empty cache of ``max_len`` positions for causal self-attention
+        ([`decode`][noxton.haiku.MultiheadAttention.decode]), in this module's Haiku state: keys and
+        values ``[*batch_shape, max_len, E]`` of ``dtype`` (the parameters' by default), the padding of
+        each position and the number written."""
+        dtype = self.dtype if dtype is None else resolve_dtype(dtype)
+        self.params()  # the parameters exist before the first decode, also when init only makes the cache
+        _set_state(D.self_attention_cache(max_len, self.embed_dim, batch_shape=batch_shape, dtype=dtype))
+
+    def decode(
+        self, x: ArrayLike, cache=None, key_padding_mask: ArrayLike | None = None, *, implementation: str = "auto"
+    ) -> jax.Array:
+        """Causal self-attention of the next ``n`` positions ``x`` ``[..., n, E]``: exactly what
+        ``self(x_all, x_all, x_all, is_causal=True)`` over every position so far returns at them.
+
+        The earlier positions' keys and values come from the cache in this module's Haiku state (made by
+        [`init_cache`][noxton.haiku.MultiheadAttention.init_cache]), which this call extends. ``key_padding_mask``
+        ``[..., n]`` marks padded positions among the new ones. Dropout is off (decoding is inference).
+        """
+        _no_cache(cache)
+        out, new = D.decode_self_attention(
+            x,
+            self._all_params(),
+            _get_state(self.module_name, D.SELF_ATTENTION_CACHE),
+            num_heads=self.num_heads,
+            add_zero_attn=self.add_zero_attn,
+            key_padding_mask=key_padding_mask,
+            implementation=implementation,
+        )
+        _set_state(new)
+        return out
+
+    def init_memory_cache(
+        self,
+        memory: ArrayLike,
+        max_len: int,
+        attn_mask: ArrayLike | None = None,
+        key_padding_mask: ArrayLike | None = None,
+    ) -> None:
+        """Project ``memory`` ``[..., S, kdim]``'s keys and values once, into this module's Haiku state, for
+        [`decode_memory`][noxton.haiku.MultiheadAttention.decode_memory] of up to ``max_len`` target
+        positions; ``attn_mask`` ``(max_len, S)`` (or per head/batch) and ``key_padding_mask`` ``[..., S]``
+        as torch's ``memory_mask`` and ``memory_key_padding_mask``."""
+        _set_state(
+            D.memory_cache(
+                memory,
+                self._all_params(),
+                max_len,
+                num_heads=self.num_heads,
+                attn_mask=attn_mask,
+                key_padding_mask=key_padding_mask,
+            )
+        )
+
+    def decode_memory(self, x: ArrayLike, cache=None, *, implementation: str = "auto") -> jax.Array:
+        """Attention of the next ``n`` target positions ``x`` ``[..., n, E]`` to the memory that
+        [`init_memory_cache`][noxton.haiku.MultiheadAttention.init_memory_cache] projected: exactly
+        ``self(x, memory, memory, attn_mask=..., key_padding_mask=...)`` at those positions."""
+        _no_cache(cache)
+        out, new = D.decode_memory_attention(
+            x,
+            self._all_params(),
+            _get_state(self.module_name, D.MEMORY_CACHE),
+            num_heads=self.num_heads,
+            add_zero_attn=self.add_zero_attn,
+            implementation=implementation,
+        )
+        _set_state(new)
+        return out
+
+
+def _no_cache(cache) -> None:
+    if cache is not None:
+        raise TypeError(
+            "`cache` must be None in noxton.haiku: a Haiku module keeps its cache in Haiku state "
+            f"(hk.transform_with_state), got {type(cache).__name__}."
+        )
+
+
+def _set_state(cache) -> None:
+    for name, value in cache.items():
+        hk.set_state(name, value)
+
+
+def _get_state(module: str, names) -> dict[str, jax.Array]:
+    try:
+        return {name: hk.get_state(name) for name in names}
+    except Exception as e:  # Haiku's own error for a missing entry names neither the cause nor the fix
+        raise ValueError(
+            f"{module} has no cache in its Haiku state: call init_cache (or, for a "
+            "memory, init_memory_cache) first, in the same hk.transform_with_state function or one whose state "
+            "is passed in."
+        ) from e
 
 
 def _check_batch_first(batch_first):

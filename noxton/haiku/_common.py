@@ -52,6 +52,9 @@ class HaikuRun(Run):
         extra = {} if self.implementation == "auto" else {"implementation": self.implementation}
         return {"inference": self.inference, **extra}
 
+    def in_inference(self, child, *args, **kwargs):
+        return child(*args, **kwargs, inference=True)
+
 
 class TorchModule(hk.Module):
     """A Haiku module whose parameters are named as a torch module's ``state_dict``.
@@ -147,6 +150,15 @@ class TorchModule(hk.Module):
 
     def _run(self, *, inference: bool = False, implementation: str = "auto") -> HaikuRun:
         return HaikuRun(getattr(self, "dropout", 0.0), inference, implementation)
+
+    def _decoding_run(self, cache: Any = None, implementation: str = "auto") -> HaikuRun:
+        """A decoding call's run: inference, the cache in the children's Haiku state."""
+        if cache is not None:
+            raise TypeError(
+                "`cache` must be None in noxton.haiku: its modules keep their cache in Haiku state "
+                f"(hk.transform_with_state), got {type(cache).__name__}."
+            )
+        return HaikuRun(0.0, True, implementation)
 
 
 def clone(module: TorchModule, name: str) -> TorchModule:

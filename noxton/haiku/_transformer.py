@@ -137,6 +137,8 @@ class TransformerDecoderLayer(F.DecoderLayerForward, _Layer):
     _attentions = ("self_attn", "multihead_attn")
     _norms = ("norm1", "norm2", "norm3")
     __call__ = F.DecoderLayerForward.__call__
+    init_cache = F.DecoderLayerForward.init_cache
+    decode = F.DecoderLayerForward.decode
 
     @staticmethod
     def _config_from_torch(module):
@@ -257,6 +259,8 @@ class TransformerDecoder(F.DecoderForward, _Stack):
     _layer_cls = TransformerDecoderLayer
     _layer_arg = "decoder_layer"
     __call__ = F.DecoderForward.__call__
+    init_cache = F.DecoderForward.init_cache
+    decode = F.DecoderForward.decode
 
     def __init__(self, decoder_layer: TransformerDecoderLayer, num_layers: int, norm=None, *, name=None):
         super().__init__(decoder_layer, num_layers, norm, name=name)
@@ -309,6 +313,8 @@ class Transformer(F.TransformerForward, TorchModule):
 
     _config_from_torch = staticmethod(transformer_config_from_torch)
     __call__ = F.TransformerForward.__call__
+    init_cache = F.TransformerForward.init_cache
+    decode = F.TransformerForward.decode
 
     def __init__(
         self,

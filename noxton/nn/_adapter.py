@@ -52,12 +52,11 @@ def transformed(haiku_cls: type[hk.Module], config: tuple[tuple[str, Any], ...])
 
     ``init(key)`` creates the parameters and the state without running the module (through
     its ``state_dict_params``, which also creates its state); ``apply(params, state, rng,
-    *args, **kwargs)`` calls it.
+    method, *args, **kwargs)`` runs its method named ``method`` (``"__call__"``, ``"decode"`` ...).
     """
 
-    def forward(*args, **kwargs):
-        module = haiku_cls(**dict(config), name=ROOT)
-        return module(*args, **kwargs) if args else module.state_dict_params()  # pyright: ignore[reportCallIssue]
+    def forward(method: str = "state_dict_params", *args, **kwargs):
+        return getattr(haiku_cls(**dict(config), name=ROOT), method)(*args, **kwargs)
 
     return hk.transform_with_state(forward)
 
@@ -68,10 +67,12 @@ class EquinoxRun(Run):
 
     frontend = "equinox"
 
-    def __init__(self, module: Any, dropout_key: Any, key: Any, implementation: str):
-        inference = check_inference(getattr(module, "inference", False), "equinox")
+    def __init__(self, module: Any, dropout_key: Any, key: Any, implementation: str, *, decoding: bool = False):
+        inference = decoding or check_inference(getattr(module, "inference", False), "equinox")
         p = 0.0 if inference else getattr(module, "dropout", 0.0)
         super().__init__(p, dropout_key if dropout_key is not None else key, implementation)
+        self.cache: Any = None  # a decoding call's cache: a layer's dict or a stack's list, by child
+        self.new_cache: dict[str | int, Any] = {}
 
     def check(self, name, x, d_model):
         check_input(name, x, d_model, batched=False)
@@ -83,6 +84,34 @@ class EquinoxRun(Run):
 
     def layer(self, layer, *args, **kwargs):
         return _jitted_call(layer, *args, **kwargs, **self.options())
+
+    def in_inference(self, child, *args, **kwargs):
+        return eqx.nn.inference_mode(child)(*args, **kwargs)
+
+    def init_cache(self, name, child, method, *args, **kwargs):
+        self.new_cache[name] = getattr(child, method)(*args, **kwargs)
+
+    def decode(self, name, child, method, *args, **kwargs):
+        try:
+            part = self.cache[name]
+        except (KeyError, IndexError, TypeError):
+            raise TypeError(
+                f"`cache` must be the cache that this module's init_cache made, got one without a part for {name!r}: "
+                f"{_structure(self.cache)}."
+            ) from None
+        out, self.new_cache[name] = getattr(child, method)(*args, part, **kwargs)
+        return out
+
+    def made_cache(self):
+        parts = self.new_cache
+        return [parts[i] for i in range(len(parts))] if all(isinstance(k, int) for k in parts) else dict(parts)
+
+    def decoded(self, out):
+        return out, self.made_cache()
+
+
+def _structure(cache) -> str:
+    return str(jax.tree.map(lambda a: getattr(a, "shape", a), cache))
 
 
 # Every layer of a stack is called through one jitted function. Layers of one configuration share its
@@ -121,6 +150,12 @@ class Module(eqx.Module):
 
     def _run(self, dropout_key: Any = None, *, key: Any = None, implementation: str = "auto") -> "EquinoxRun":
         return EquinoxRun(self, dropout_key, key, implementation)
+
+    def _decoding_run(self, cache: Any = None, implementation: str = "auto") -> "EquinoxRun":
+        """A decoding call's run: inference (dropout off), each child's part of ``cache`` passed to it."""
+        run = EquinoxRun(self, None, None, implementation, decoding=True)
+        run.cache = cache
+        return run
 
 
 @functools.cache
@@ -174,11 +209,20 @@ class Adapted(Module):
         if index is None:
             if state is not None:
                 raise TypeError(f"`state` must be None: {type(self).__name__} holds no state, got {state!r}.")
-            return f.apply(params, {}, rng, *args, **kwargs)[0]
+            return f.apply(params, {}, rng, "__call__", *args, **kwargs)[0]
         if not isinstance(state, eqx.nn.State):
             raise TypeError(
                 "`state` must be the eqx.nn.State of the model (from eqx.nn.make_with_state), got "
                 f"{type(state).__name__}."
             )
-        out, new = f.apply(params, state.get(index), rng, *args, **kwargs)
+        out, new = f.apply(params, state.get(index), rng, "__call__", *args, **kwargs)
         return out, state.set(index, new)
+
+    def _apply_method(self, method: str, state: Mapping[str, Any] | None, *args, **kwargs) -> tuple[Any, Any]:
+        """The Haiku module's method ``method`` on this layer's parameters and on ``state``, the module's
+        own Haiku state (a decoding cache): ``(output, the module's new state)``."""
+        f = self._transformed()
+        out, new = f.apply(
+            haiku_params(self, ROOT), {} if state is None else {ROOT: state}, None, method, *args, **kwargs
+        )
+        return out, new.get(ROOT, {})

@@ -7,6 +7,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 
 from noxton.functional._checks import check_array, check_dropout_key, check_inference, check_mha_config
+from noxton.functional._decoding import MEMORY_CACHE, SELF_ATTENTION_CACHE, check_cache
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
 from noxton.haiku._attention import _check_batch_first
 from noxton.haiku._common import resolve_dtype
@@ -229,3 +230,79 @@ class MultiheadAttention(Adapted):
             inference=inference,
             implementation=implementation,
         )
+
+    # Decoding with a key/value cache: the Haiku module's methods, on the cache passed in (its Haiku state).
+
+    def init_cache(self, max_len: int, *, batch_shape: tuple[int, ...] = (), dtype=None) -> dict[str, Array]:
+        """An empty cache of ``max_len`` positions for [`decode`][noxton.nn.MultiheadAttention.decode]
+        (causal self-attention): a dict of arrays of fixed shapes, keys and values ``(max_len, E)``
+        (``[*batch_shape, max_len, E]``) of ``dtype`` (the parameters' by default). Batch it as the
+        inputs: ``jax.vmap`` over ``decode`` with the cache mapped too (``batch_shape=(B,)``, or
+        ``jax.vmap`` of the function that makes it); reorder a batched cache for beam search with
+        ``jax.tree.map(lambda a: a[beams], cache)``.
+
+        Example:
+            >>> import jax
+            >>> from noxton.nn import MultiheadAttention
+            >>> mha = MultiheadAttention(16, 4, key=jax.random.PRNGKey(0))
+            >>> cache = mha.init_cache(8)
+            >>> x = jax.numpy.ones((3, 16))
+            >>> out, cache = mha.decode(x[:2], cache)   # prefill two positions
+            >>> out, cache = mha.decode(x[2:], cache)   # then one more
+            >>> full, _ = mha(x, x, x, is_causal=True, need_weights=False)
+            >>> bool(jax.numpy.allclose(out, full[2:], atol=1e-6)), int(cache["index"])
+            (True, 3)
+        """
+        return self._apply_method("init_cache", None, max_len, batch_shape=batch_shape, dtype=dtype)[1]
+
+    def decode(
+        self,
+        x: Float[ArrayLike, "n embed_dim"],
+        cache: dict[str, Array],
+        key_padding_mask: Bool[ArrayLike, " n"] | Float[ArrayLike, " n"] | None = None,
+        *,
+        implementation: str = "auto",
+    ) -> tuple[Float[Array, "n embed_dim"], dict[str, Array]]:
+        """Causal self-attention of the next ``n`` positions ``x`` ``(n, E)``, through ``cache``.
+
+        Returns ``(out (n, E), cache)``: ``out`` is exactly what ``self(x_all, x_all, x_all,
+        is_causal=True)`` over every position decoded so far returns at these positions, and the
+        cache holds them too. ``key_padding_mask`` ``(n,)`` marks padded positions among them,
+        hidden from every later query (torch's ``key_padding_mask`` over the whole sequence). Dropout
+        is off: decoding is inference. Past ``max_len``: ``ValueError`` outside ``jit``; under ``jit``
+        those positions come out NaN.
+        """
+        check_array("x", x, min_rank=2, max_rank=2, layout="(n, E)")
+        return self._apply_method(
+            "decode",
+            check_cache("cache", cache, SELF_ATTENTION_CACHE),
+            x,
+            key_padding_mask=key_padding_mask,
+            implementation=implementation,
+        )
+
+    def init_memory_cache(
+        self,
+        memory: Float[ArrayLike, "src_len kdim"],
+        max_len: int,
+        attn_mask: Bool[ArrayLike, "*heads max_len src_len"] | Float[ArrayLike, "*heads max_len src_len"] | None = None,
+        key_padding_mask: Bool[ArrayLike, " src_len"] | Float[ArrayLike, " src_len"] | None = None,
+    ) -> dict[str, Array]:
+        """The cache of attention to ``memory`` ``(S, kdim)`` for
+        [`decode_memory`][noxton.nn.MultiheadAttention.decode_memory] of up to ``max_len`` target
+        positions: its keys and values, projected once, and the masks (``attn_mask`` ``(max_len, S)`` or
+        ``(H, max_len, S)``, ``key_padding_mask`` ``(S,)``, as a call's)."""
+        check_array("memory", memory, min_rank=2, max_rank=2, layout="(S, kdim)")
+        return self._apply_method(
+            "init_memory_cache", None, memory, max_len, attn_mask=attn_mask, key_padding_mask=key_padding_mask
+        )[1]
+
+    def decode_memory(
+        self, x: Float[ArrayLike, "n embed_dim"], cache: dict[str, Array], *, implementation: str = "auto"
+    ) -> tuple[Float[Array, "n embed_dim"], dict[str, Array]]:
+        """Attention of the next ``n`` target positions ``x`` ``(n, E)`` to the memory in ``cache``:
+        exactly ``self(x, memory, memory, attn_mask=..., key_padding_mask=...)`` at those positions.
+        Returns ``(out (n, E), cache)``."""
+        check_array("x", x, min_rank=2, max_rank=2, layout="(n, E)")
+        cache = check_cache("cache", cache, MEMORY_CACHE)
+        return self._apply_method("decode_memory", cache, x, implementation=implementation)
