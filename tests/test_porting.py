@@ -323,7 +323,11 @@ def test_prefix_hint_in_the_other_direction():
 
 def test_batchnorm_is_named_in_a_clear_error():
     model, _ = eqx.nn.make_with_state(eqx.nn.BatchNorm)(4, "batch", mode="batch")
-    with pytest.raises(ValueError, match=r"BatchNorm: its running statistics live in `eqx.nn.State`"):
+    with pytest.raises(
+        ValueError,
+        match=r"bn is an eqx.nn.BatchNorm, whose running statistics are not torch's.*"
+        r"noxton.nn.BatchNorm1d/BatchNorm2d",
+    ):
         torch_state_dict({"bn": model})
 
 

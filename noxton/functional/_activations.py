@@ -25,6 +25,11 @@ def gelu_tanh(x):
     return jax.nn.gelu(x, approximate=True)
 
 
+def quick_gelu(x):
+    """open_clip's (OpenAI CLIP's) ``QuickGELU``: ``x * sigmoid(1.702 * x)``."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
 def identity(x):
     """torch's ``nn.Identity()``."""
     return x
@@ -41,6 +46,7 @@ TORCH_ACTIVATIONS: dict[str, tuple[Callable, str]] = {
     "Sigmoid": (jax.nn.sigmoid, "jax.nn.sigmoid"),
     "Tanh": (jnp.tanh, "jnp.tanh"),
     "Identity": (identity, "noxton.functional.identity"),
+    "QuickGELU": (quick_gelu, "noxton.functional.quick_gelu (open_clip's, OpenAI CLIP's)"),
 }
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import haiku as hk
 import jax
+import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from noxton.functional import _decoding as D
@@ -34,6 +35,11 @@ class MultiheadAttention(TorchModule):
         - output: ``[..., L, E]``; weights: ``[..., L, S']`` averaged or ``[..., H, L, S']``,
           where ``S'`` counts the keys appended by ``add_bias_kv``/``add_zero_attn``.
 
+    ``batch_first`` is torch's: ``False`` (torch's default, and what ``from_torch`` carries from such a
+    module) takes and returns torch's ``(L, N, E)`` (``(S, N, kdim)`` for ``key``; masks as torch's,
+    ``key_padding_mask`` ``(N, S)``, weights ``(N, L, S)``); ``True`` and ``None`` (the default, noxton's
+    own) take leading batch axes ``[..., L, E]``.
+
     Dropout on the attention weights draws its key from ``hk.next_rng_key()``
     when ``dropout > 0`` and ``inference`` is ``False``; pass ``inference=True``
     (Haiku's ``is_training=False``) to switch it off.
@@ -60,10 +66,12 @@ class MultiheadAttention(TorchModule):
         kdim: int | None = None,
         vdim: int | None = None,
         *,
+        batch_first: bool | None = None,
         dtype=None,
         name: str | None = None,
     ):
         super().__init__(name=name)
+        self.batch_first = _check_batch_first(batch_first)
         config = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
         self.embed_dim = config["embed_dim"]
         self.num_heads = config["num_heads"]
@@ -142,10 +150,13 @@ class MultiheadAttention(TorchModule):
             ``need_weights=False``.
         """
         inference = check_inference(inference, "haiku")
+        seq_first = self.batch_first is False and _seq_first(query, key, value)
+        if seq_first:  # torch's default layout (L, N, E): run as (N, L, E), return the output as (L, N, E)
+            query, key, value = (jnp.swapaxes(jnp.asarray(a), 0, 1) for a in (query, key, value))
         params = self._all_params()
         dropout_p = 0.0 if inference else self.dropout
         dropout_key = check_dropout_key(dropout_p, hk.maybe_next_rng_key() if dropout_p > 0.0 else None, "haiku")
-        return multi_head_attention(
+        out, weights = multi_head_attention(
             query,
             key,
             value,
@@ -161,6 +172,7 @@ class MultiheadAttention(TorchModule):
             dropout_key=dropout_key,
             implementation=implementation,
         )
+        return (jnp.swapaxes(out, 0, 1) if seq_first else out), weights
 
     # Decoding with a key/value cache, kept in this module's Haiku state (``hk.transform_with_state``):
     # ``key``, ``value``, ``padding``, ``index`` (and ``mask`` for a memory), as noxton.functional._decoding.
@@ -258,3 +270,20 @@ def _get_state(module: str, names) -> dict[str, jax.Array]:
             "memory, init_memory_cache) first, in the same hk.transform_with_state function or one whose state "
             "is passed in."
         ) from e
+
+
+def _check_batch_first(batch_first):
+    if batch_first is not None and not isinstance(batch_first, bool):
+        raise TypeError(f"`batch_first` must be None, True or False (torch's), got {batch_first!r}.")
+    return batch_first
+
+
+def _seq_first(query, key, value) -> bool:
+    """``batch_first=False``: 3-D inputs are torch's ``(L, N, E)``; 2-D ones unbatched, as in torch."""
+    ranks = [jnp.ndim(a) for a in (query, key, value)]
+    if any(r not in (2, 3) for r in ranks) or len(set(ranks)) != 1:
+        raise ValueError(
+            "With batch_first=False, query, key and value must be torch's (L, N, E) (or unbatched (L, E)), "
+            f"got ranks {ranks}; pass batch_first=None for leading batch axes [..., L, E]."
+        )
+    return ranks[0] == 3

@@ -26,7 +26,7 @@ from noxton.functional._checks import (
 from noxton.functional._squeeze_excitation import check_feature_map
 from noxton.functional._transformer import Run, check_input, layer_norm
 from noxton.haiku import _initializers as init
-from noxton.interop._from_torch import state_dict_from_torch
+from noxton.interop._from_torch import layer_norm_config_from_torch, linear_config_from_torch, state_dict_from_torch
 
 
 def resolve_dtype(dtype):
@@ -126,6 +126,16 @@ class TorchModule(hk.Module):
 
         return hk.get_parameter(name, shape, dtype, init=from_state_dict)
 
+    def buffer(self, name: str, shape: tuple[int, ...], dtype, initializer):
+        """``hk.get_state`` of a torch buffer (BatchNorm's ``running_mean``): its value in
+        ``initial_state_dict`` when that holds ``name``, else ``initializer``'s."""
+        if name in self.initial_state_dict:
+            value = self.initial_state_dict[name]
+            if tuple(value.shape) != tuple(shape):
+                raise ValueError(f"`{name}` must have shape {tuple(shape)}, got {tuple(value.shape)}.")
+            return hk.get_state(name, shape, dtype, init=lambda shape, dtype: jnp.asarray(value, dtype))
+        return hk.get_state(name, shape, dtype, init=initializer)
+
     def params(self) -> dict[str, jax.Array]:
         """This module's own parameters (creating them on first use), by torch name; none for a composite."""
         return {}
@@ -186,6 +196,8 @@ class Linear(TorchModule):
         >>> linear["weight"].shape
         (3, 4)
     """
+
+    _config_from_torch = staticmethod(linear_config_from_torch)
 
     def __init__(
         self,
@@ -264,6 +276,8 @@ class LayerNorm(TorchModule):
     Shape:
         - x: ``[..., E]``; output: ``[..., E]``.
     """
+
+    _config_from_torch = staticmethod(layer_norm_config_from_torch)
 
     def __init__(self, normalized_shape: int, eps: float = 1e-5, *, bias: bool = True, dtype=None, name=None):
         super().__init__(name=name)

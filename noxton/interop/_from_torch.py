@@ -65,6 +65,7 @@ def mha_config_from_torch(module: Any) -> dict[str, Any]:
         add_zero_attn=bool(module.add_zero_attn),
         kdim=module.kdim,
         vdim=module.vdim,
+        batch_first=bool(getattr(module, "batch_first", False)),
         dtype=torch_dtype(module.out_proj.weight),
     )
 
@@ -177,3 +178,89 @@ def transformer_config_from_torch(module: Any) -> dict[str, Any]:
             "TransformerEncoder.from_torch and TransformerDecoder.from_torch instead."
         )
     return dict(layer, num_encoder_layers=enc["num_layers"], num_decoder_layers=dec["num_layers"])
+
+
+def linear_config_from_torch(module: Any) -> dict[str, Any]:
+    """Constructor kwargs of ``Linear`` from a torch ``nn.Linear``."""
+    _require(module, ("in_features", "out_features", "weight", "bias"), "a torch.nn.Linear")
+    return dict(
+        in_features=module.in_features,
+        out_features=module.out_features,
+        bias=module.bias is not None,
+        dtype=torch_dtype(module.weight),
+    )
+
+
+def layer_norm_config_from_torch(module: Any) -> dict[str, Any]:
+    """Constructor kwargs of ``LayerNorm`` from a torch ``nn.LayerNorm`` over the last axis."""
+    config = _norm_config(module, "`module`")
+    assert config is not None
+    return dict(config, dtype=torch_dtype(module.weight))
+
+
+def conv_config_from_torch(module: Any) -> dict[str, Any]:
+    """Constructor kwargs of ``Conv1d``/``Conv2d`` from the torch convolution (``padding_mode="zeros"`` only)."""
+    attrs = ("in_channels", "out_channels", "kernel_size", "stride", "padding", "dilation", "groups", "padding_mode")
+    _require(module, (*attrs, "weight", "bias"), "a torch.nn.Conv1d or Conv2d")
+    if module.padding_mode != "zeros":
+        raise ValueError(f"`module.padding_mode` must be 'zeros', got {module.padding_mode!r}.")
+    padding = module.padding if isinstance(module.padding, str) else tuple(module.padding)
+    return dict(
+        in_channels=module.in_channels,
+        out_channels=module.out_channels,
+        kernel_size=tuple(module.kernel_size),
+        stride=tuple(module.stride),
+        padding=padding,
+        dilation=tuple(module.dilation),
+        groups=module.groups,
+        bias=module.bias is not None,
+        dtype=torch_dtype(module.weight),
+    )
+
+
+def batch_norm_config_from_torch(module: Any) -> dict[str, Any]:
+    """Constructor kwargs of ``BatchNorm1d``/``BatchNorm2d`` from the torch BatchNorm (with running statistics)."""
+    _require(module, ("num_features", "eps", "momentum", "affine", "track_running_stats"), "a torch BatchNorm")
+    if not module.track_running_stats:
+        raise ValueError("`module.track_running_stats` must be True (noxton's BatchNorm keeps running statistics).")
+    return dict(
+        num_features=module.num_features,
+        eps=float(module.eps),
+        momentum=None if module.momentum is None else float(module.momentum),
+        affine=bool(module.affine),
+        dtype=torch_dtype(module.running_mean),
+    )
+
+
+def dropout_config_from_torch(module: Any) -> dict[str, Any]:
+    """Constructor kwargs of ``Dropout`` from a torch ``nn.Dropout``."""
+    _require(module, ("p",), "a torch.nn.Dropout")
+    return dict(p=float(module.p))
+
+
+def sequential_children(module: Any) -> dict[str, Any]:
+    """The named children of a torch ``nn.Sequential`` (or subclass, as torchvision's ``Conv2dNormActivation``)."""
+    _require(module, ("named_children",), "a torch.nn.Sequential")
+    if "Sequential" not in [c.__name__ for c in type(module).__mro__]:
+        raise TypeError(f"`module` must be a torch.nn.Sequential (or a subclass), got {type(module).__name__}.")
+    return dict(module.named_children())
+
+
+def torch_kind(module: Any, classes: Any) -> str:
+    """Which noxton layer a torch module becomes: a name of ``classes`` (the nearest of its torch classes),
+    ``"activation"`` or ``"SqueezeExcitation"`` (recognised by structure); a ``TypeError`` listing them else."""
+    from noxton.functional._activations import TORCH_ACTIVATIONS, _torch_module_class
+
+    if _torch_module_class(module) is not None and not isinstance(module, type):
+        if type(module).__name__ in TORCH_ACTIVATIONS:
+            return "activation"
+        if all(hasattr(module, a) for a in ("fc1", "fc2", "activation", "scale_activation")):
+            return "SqueezeExcitation"
+        for base in type(module).__mro__:
+            if base.__name__ in classes and base.__module__.startswith("torch"):
+                return base.__name__
+    raise TypeError(
+        f"`module` must be a torch module that noxton converts ({', '.join(classes)}, torchvision's "
+        f"SqueezeExcitation or an activation: {', '.join(TORCH_ACTIVATIONS)}), got {type(module).__name__}. "
+        "Write that part of the model by hand (with noxton's layers) and load it with load_torch_state_dict."
+    )

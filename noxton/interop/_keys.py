@@ -21,6 +21,8 @@ import numpy as np
 #: Joins a ``ModuleList`` attribute and an index into one Haiku module name: ``layers.0`` <-> ``layers__0``.
 INDEX_SEPARATOR = "__"
 _INDEXED = re.compile(r"(.+)__(\d+)")
+#: A child of a Haiku ``Sequential`` at torch index ``0`` is named ``_0`` (a Haiku name is an identifier).
+_SEQUENTIAL_INDEX = re.compile(r"_(\d+)")
 
 
 def haiku_module_name(attr: str, index: int) -> str:
@@ -49,6 +51,7 @@ def torch_key(root: str, module_path: str, name: str) -> str | None:
         return None
     parts = [p for p in module_path[len(root) + 1 :].split("/") if p and p != "~"]
     parts = [(lambda m: f"{m[1]}.{m[2]}" if m else p)(_INDEXED.fullmatch(p)) for p in parts]
+    parts = [(lambda m: m[1] if m else p)(_SEQUENTIAL_INDEX.fullmatch(p)) for p in parts]
     return ".".join([*parts, name])
 
 
@@ -81,12 +84,40 @@ def _prefix_hint(expected: list[str], given: list[str]) -> str:
     return ""
 
 
+#: The buffers of torch's BatchNorm, kept in each front end's state (Haiku state, ``eqx.nn.State``).
+TORCH_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+def _naming_hint(missing: list[str], unexpected: list[str]) -> str:
+    """A sentence for keys that differ in one part, an index on one side and a name on the other
+    (``mlp.0.weight`` against ``mlp.c_fc.weight``): a ``Sequential`` named or indexed unlike torch's."""
+    for m in missing:
+        mp = m.split(".")
+        for u in unexpected:
+            up = u.split(".")
+            if len(mp) != len(up):
+                continue
+            diff = [i for i, (a, b) in enumerate(zip(mp, up, strict=True)) if a != b]
+            if len(diff) == 1 and mp[diff[0]].isdigit() != up[diff[0]].isdigit():
+                i = diff[0]
+                where = ".".join(mp[:i]) or "the model"
+                model_kind, sd_kind = ("an index", "a name") if mp[i].isdigit() else ("a name", "an index")
+                return (
+                    f" The model's child {mp[i]!r} of {where} is the state_dict's {up[i]!r}: {model_kind} where "
+                    f"torch has {sd_kind}. torch's nn.Sequential names its "
+                    f"children 0, 1, ... or by an OrderedDict: build noxton's Sequential the same way "
+                    f"(a list, or a mapping of torch's names to layers)."
+                )
+    return ""
+
+
 def match_state_dict(
     expected: Mapping[str, tuple[tuple[int, ...], Any]],
     state_dict: Any,
     *,
     prefix: str = "",
     what: str,
+    buffers_in: str = "",
 ) -> dict[str, Any]:
     """Strictly match a torch ``state_dict`` against ``expected`` ``{key: (shape, dtype)}``.
 
@@ -118,6 +149,13 @@ def match_state_dict(
         problems.insert(1 if missing else 0, "unexpected keys: " + ", ".join(prefix + k for k in unexpected))
     if problems:
         hint = _prefix_hint(list(expected), list(state_dict)) if missing else ""
+        hint += _naming_hint([prefix + k for k in missing], [prefix + k for k in unexpected])
+        buffers = [k for k in unexpected if k.rsplit(".", 1)[-1] in TORCH_BUFFERS]
+        if buffers and buffers_in:
+            hint += (
+                f" {prefix}{buffers[0]}{' and the like' if len(buffers) > 1 else ''} are torch buffers (BatchNorm's "
+                f"running statistics), which the model keeps in its {buffers_in}."
+            )
         raise ValueError(
             f"Error(s) in loading `state_dict` into {what} ({len(expected)} expected keys):\n  "
             + "\n  ".join(problems)

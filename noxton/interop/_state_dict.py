@@ -27,19 +27,38 @@ def haiku_state_dict(params: Mapping[str, Mapping[str, Any]], module: str) -> di
     return {k: params[path][name] for k, (path, name) in _entries(params, module).items()}
 
 
-def params_to_state_dict(params: Mapping[str, Mapping[str, Any]], module: str) -> dict[str, np.ndarray]:
+def params_to_state_dict(
+    params: Mapping[str, Mapping[str, Any]], module: str, *, state: Mapping[str, Mapping[str, Any]] | None = None
+) -> dict[str, np.ndarray]:
     """The torch ``state_dict`` of the noxton module at Haiku path ``module``.
 
     Args:
         params: a Haiku params tree (from ``init``) or a gradient of one.
         module: the Haiku module path, e.g. ``"multihead_attention"`` or
             ``"encoder/multihead_attention"``.
+        state: the Haiku state (``hk.transform_with_state``): its torch buffers (BatchNorm's
+            ``running_mean``, ``running_var``, ``num_batches_tracked``) are exported too, as in torch's
+            ``state_dict``. Without it, the parameters only (torch's ``named_parameters``).
 
     Returns:
-        ``{torch key: np.ndarray}`` for every parameter of ``module`` and its submodules.
+        ``{torch key: np.ndarray}`` for every parameter (and buffer) of ``module`` and its submodules.
     """
-    # np.array copies: torch.from_numpy takes the result as is, writable.
-    return {k: np.array(v) for k, v in haiku_state_dict(params, module).items()}
+    tree = _merged(params, state)
+    # np.array copies: torch.from_numpy takes the result as is, writable; counters as torch's int64.
+    out = {k: np.array(v) for k, v in haiku_state_dict(tree, module).items()}
+    return {k: v.astype(np.int64) if k.endswith("num_batches_tracked") else v for k, v in out.items()}
+
+
+def _merged(params, state):
+    if state is None:
+        return params
+    merged = {path: dict(v) for path, v in params.items()}
+    for path, entries in state.items():
+        clash = set(entries) & set(merged.get(path, {}))
+        if clash:
+            raise ValueError(f"`state` and `params` both hold {sorted(clash)} of Haiku module {path!r}.")
+        merged.setdefault(path, {}).update(entries)
+    return merged
 
 
 def state_dict_to_params(
@@ -48,7 +67,8 @@ def state_dict_to_params(
     module: str,
     *,
     prefix: str = "",
-) -> dict[str, dict[str, Any]]:
+    state: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Any:
     """Load a torch ``state_dict`` into the noxton module at Haiku path ``module``.
 
     Strict as ``torch.nn.Module.load_state_dict``: missing keys, unexpected keys
@@ -63,15 +83,24 @@ def state_dict_to_params(
         prefix: read the keys ``prefix + key`` of ``state_dict`` and ignore the
             others, e.g. ``"encoder.layers.0.self_attn."`` for one layer of a
             whole model's ``state_dict``.
+        state: the Haiku state from ``init`` (``hk.transform_with_state``) of a model with torch buffers
+            (BatchNorm's ``running_mean``, ``running_var``, ``num_batches_tracked``): they are loaded into it.
 
     Returns:
-        A new params tree; ``params`` itself is not modified.
+        A new params tree, or ``(params, state)`` when ``state`` is given; the inputs are not modified.
     """
-    entries = _entries(params, module)
-    expected = {k: (params[p][n].shape, params[p][n].dtype) for k, (p, n) in entries.items()}
-    values = match_state_dict(expected, state_dict, prefix=prefix, what=f"Haiku module {module!r}")
+    tree = _merged(params, state)
+    entries = _entries(tree, module)
+    expected = {k: (tree[p][n].shape, tree[p][n].dtype) for k, (p, n) in entries.items()}
+    values = match_state_dict(
+        expected, state_dict, prefix=prefix, what=f"Haiku module {module!r}", buffers_in="Haiku state: pass state="
+    )
     new = {path: dict(e) for path, e in params.items()}
+    new_state = None if state is None else {path: dict(e) for path, e in state.items()}
     for k, value in values.items():
         path, name = entries[k]
-        new[path][name] = value
-    return new
+        if new_state is not None and name in new_state.get(path, {}):
+            new_state[path][name] = value
+        else:
+            new[path][name] = value
+    return new if new_state is None else (new, new_state)

@@ -21,7 +21,7 @@ import dataclasses
 import functools
 import inspect
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import haiku as hk
@@ -177,9 +177,16 @@ class Adapted(Module):
     """
 
     haiku_module: AbstractClassVar[type[hk.Module]]
+    #: Static fields that are not the Haiku module's configuration (``batch_first``: the layer's call is
+    #: unbatched, the field only says which axis to ``jax.vmap``).
+    equinox_only: ClassVar[tuple[str, ...]] = ()
 
     def _transformed(self) -> hk.TransformedWithState:
-        static = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("static")}
+        static = {
+            f.name: getattr(self, f.name)
+            for f in dataclasses.fields(self)
+            if f.metadata.get("static") and f.name not in self.equinox_only
+        }
         if "use_bias" in static:
             static["bias"] = static.pop("use_bias")
         config = tuple((name, static[name]) for name in _haiku_arguments(self.haiku_module) if name in static)

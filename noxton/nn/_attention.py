@@ -9,6 +9,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, PRNGKeyArray
 from noxton.functional._checks import check_array, check_dropout_key, check_inference, check_mha_config
 from noxton.functional._decoding import MEMORY_CACHE, SELF_ATTENTION_CACHE, check_cache
 from noxton.haiku import MultiheadAttention as HaikuMultiheadAttention
+from noxton.haiku._attention import _check_batch_first
 from noxton.haiku._common import resolve_dtype
 from noxton.interop._from_torch import mha_config_from_torch
 from noxton.nn._adapter import Adapted, from_torch_weights
@@ -61,7 +62,9 @@ class MultiheadAttention(Adapted):
           ``S' = S + add_bias_kv + add_zero_attn``.
 
     Differences from torch:
-        - Inputs are unbatched ``(L, E)`` (use ``jax.vmap``); there is no ``batch_first``.
+        - Inputs are unbatched ``(L, E)`` (use ``jax.vmap``). ``batch_first`` (torch's, which
+          ``from_torch`` carries) only records the batch axis of torch's layout, ``batch_axis``:
+          ``jax.vmap(f, in_axes=mha.batch_axis, out_axes=mha.batch_axis)`` maps torch's batches.
         - A query whose keys are all masked gets a zero attention result (its output
           is ``out_proj.bias``) and zero weights, with finite gradients. torch gives
           NaN there when ``need_weights=True`` and zeros when it is ``False``.
@@ -100,8 +103,10 @@ class MultiheadAttention(Adapted):
     kdim: int = eqx.field(static=True)
     vdim: int = eqx.field(static=True)
     dtype: np.dtype = eqx.field(static=True)
+    batch_first: bool | None = eqx.field(static=True, default=None)
 
     haiku_module = HaikuMultiheadAttention
+    equinox_only = ("batch_first",)
 
     def __init__(
         self,
@@ -117,7 +122,9 @@ class MultiheadAttention(Adapted):
         *,
         key: PRNGKeyArray,
         dtype=None,
+        batch_first: bool | None = None,
     ):
+        self.batch_first = _check_batch_first(batch_first)
         config = check_mha_config(embed_dim, num_heads, dropout, bias, add_bias_kv, add_zero_attn, kdim, vdim)
         self.embed_dim = config["embed_dim"]
         self.num_heads = config["num_heads"]
@@ -139,6 +146,12 @@ class MultiheadAttention(Adapted):
         self.bias_v = sd.get("bias_v")
         self.out_proj = Linear.from_arrays(sd["out_proj.weight"], sd.get("out_proj.bias"))
 
+    @property
+    def batch_axis(self) -> int:
+        """The batch axis of torch's layout for this layer: 1 with ``batch_first=False`` (torch's ``(L, N, E)``),
+        else 0. Map a torch batch with ``jax.vmap(f, in_axes=mha.batch_axis, out_axes=mha.batch_axis)``."""
+        return 1 if self.batch_first is False else 0
+
     @classmethod
     def from_torch(cls, module) -> MultiheadAttention:
         """A layer with the whole configuration and the weights of a torch ``nn.MultiheadAttention``.
@@ -146,7 +159,8 @@ class MultiheadAttention(Adapted):
         Takes ``embed_dim``, ``num_heads``, ``dropout``, ``bias``, ``add_bias_kv``,
         ``add_zero_attn``, ``kdim``, ``vdim``, the parameter dtype and ``inference``
         (``not module.training``), so nothing is restated by hand. torch's
-        ``batch_first`` has no counterpart: inputs here are unbatched ``(L, E)``.
+        ``batch_first`` is recorded (inputs here are unbatched ``(L, E)``): ``batch_axis`` is the axis
+        to ``jax.vmap`` over in torch's layout, 1 for torch's default ``(L, N, E)``.
 
         Example:
             >>> import torch

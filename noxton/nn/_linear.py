@@ -11,7 +11,8 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from noxton.functional._checks import check_bool, check_positive_float, check_positive_int
 from noxton.functional._squeeze_excitation import check_feature_map
 from noxton.haiku import _common as hkc
-from noxton.nn._adapter import Adapted
+from noxton.interop._from_torch import layer_norm_config_from_torch, linear_config_from_torch
+from noxton.nn._adapter import Adapted, from_torch_weights
 
 
 def _from_arrays(cls, args: tuple, weight, bias, **kwargs):
@@ -77,6 +78,12 @@ class Linear(Adapted):
         self.dtype = hkc.resolve_dtype(dtype)
         sd = self._initial_state_dict(key)
         self.weight, self.bias = sd["weight"], sd.get("bias")
+
+    @classmethod
+    def from_torch(cls, module) -> Linear:
+        """A layer with the configuration (sizes, bias, dtype) and weights of a torch ``nn.Linear``."""
+        config = linear_config_from_torch(module)
+        return from_torch_weights(module, lambda key: cls(**config, key=key))
 
     @classmethod
     def from_arrays(cls, weight: Float[Array, "out in"], bias: Float[Array, " out"] | None = None) -> Linear:
@@ -186,6 +193,13 @@ class LayerNorm(Adapted):
         self.dtype = hkc.resolve_dtype(dtype)
         sd = self._initial_state_dict(jax.random.PRNGKey(0))  # ones and zeros: the key draws nothing
         self.weight, self.bias = sd["weight"], sd.get("bias")
+
+    @classmethod
+    def from_torch(cls, module) -> LayerNorm:
+        """A layer with the configuration (``normalized_shape``, ``eps``, bias, dtype) and weights of a torch
+        ``nn.LayerNorm`` over the last axis."""
+        config = layer_norm_config_from_torch(module)
+        return from_torch_weights(module, lambda key: cls(**config))
 
     @classmethod
     def from_arrays(
