@@ -46,7 +46,7 @@ warnings.filterwarnings("ignore", message=".*jax.*deprecated.*", category=Deprec
 
 
 # Hypothesis profiles for the property-based suites (tests/test_hypothesis_parity.py).
-# "ci" is the default: 300 derandomised examples (the same ones on every run, so a
+# "ci" is the default: 150 derandomised examples (the same ones on every run, so a
 # failure reproduces), no deadline (the first example of a shape compiles). "smoke"
 # (40) is for the older-JAX tox envs, "long" for long runs: --hypothesis-profile=long.
 from hypothesis import HealthCheck as _HealthCheck  # noqa: E402
@@ -55,7 +55,7 @@ from hypothesis import settings as _hypothesis_settings  # noqa: E402
 _common = dict(
     deadline=None, print_blob=True, suppress_health_check=[_HealthCheck.too_slow, _HealthCheck.data_too_large]
 )
-_hypothesis_settings.register_profile("ci", max_examples=300, derandomize=True, **_common)
+_hypothesis_settings.register_profile("ci", max_examples=150, derandomize=True, **_common)
 _hypothesis_settings.register_profile("smoke", max_examples=40, derandomize=True, **_common)  # older-JAX tox envs
 _hypothesis_settings.register_profile("long", max_examples=5000, **_common)
 

@@ -22,7 +22,7 @@ per-head weights with the fully masked rows left out of the loss for the
 weights term. Everything else must match torch, so the suite has zero
 tolerated mismatches beyond that one difference.
 
-Profiles (registered in ``conftest.py``): ``ci`` (default, 300 examples,
+Profiles (registered in ``conftest.py``): ``ci`` (default, 150 examples,
 derandomised, shapes drawn from a fixed handful so that eager JAX reuses its
 compiled primitives) and ``long`` (``--hypothesis-profile=long``: 5000 examples).
 Any profile of more than 1000 examples draws every length from 1 to 64, batch
