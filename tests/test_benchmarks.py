@@ -81,7 +81,14 @@ def test_decoding_quick_run_prints_its_table_and_writes_its_section(tmp_path):
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "## Decoding with a key/value cache" in result.stdout
-    names = ("noxton_cached", "noxton_recompute", "torch_recompute", "flax_nnx_cached", "flax_nnx_cached_memkv")
+    names = (
+        "noxton_cached",
+        "noxton_cached_shared_index",
+        "noxton_recompute",
+        "torch_recompute",
+        "flax_nnx_cached",
+        "flax_nnx_cached_memkv",
+    )
     for name in names:
         assert f"| `{name}` |" in result.stdout
     assert "| 8 | 3,184 (0.0 MiB) |" in result.stdout  # the cache at max_len = steps, then 2 * steps
