@@ -111,6 +111,34 @@ float32 and bfloat16.
 """
 
 
+#: Sections another benchmark writes into the page (``python -m benchmarks.decoding --page``): a run of
+#: ``python -m benchmarks`` keeps them, as they stand on the page it replaces, after its own.
+KEPT_SECTIONS = ("## Decoding with a key/value cache",)
+
+
+def section(text: str, heading: str) -> str | None:
+    """The section of the Markdown ``text`` that starts with the line ``heading``, to the next ``## `` heading."""
+    lines = text.splitlines()
+    starts = [i for i, line in enumerate(lines) if line.strip() == heading]
+    if not starts:
+        return None
+    end = next((i for i in range(starts[0] + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return "\n".join(lines[starts[0] : end]).strip()
+
+
+def splice(page: str, heading: str, body: str) -> None:
+    """Write the section ``heading`` + ``body`` into ``page``: in place of that section, or at its end."""
+    text = ""
+    if os.path.exists(page):
+        with open(page) as f:
+            text = f.read()
+    new = f"{heading}\n\n{body.strip()}"
+    old = section(text, heading)
+    text = text.replace(old, new) if old is not None else (text.rstrip() + "\n\n" if text.strip() else "") + new
+    with open(page, "w") as f:
+        f.write(text.rstrip() + "\n")
+
+
 def write(out_dir: str, page: str, command: str, conditions: str, sections: list[str], results: dict) -> None:
     """Write ``results.md``, ``results.json`` and the plot to ``out_dir``; the page and its plot next to ``page``."""
     os.makedirs(out_dir, exist_ok=True)
@@ -136,5 +164,9 @@ def write(out_dir: str, page: str, command: str, conditions: str, sections: list
         page_image = os.path.splitext(page)[0] + "_long_sequences.png"
         shutil.copyfile(image, page_image)
         parts.append(f"![time and peak memory against sequence length]({os.path.basename(page_image)})")
+    if os.path.exists(page):
+        with open(page) as f:
+            old = f.read()
+        parts += [s for s in (section(old, h) for h in KEPT_SECTIONS) if s is not None]
     with open(page, "w") as f:
         f.write("\n\n".join(parts) + "\n")

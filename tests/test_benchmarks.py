@@ -69,3 +69,45 @@ def test_quick_run_writes_tables_and_page(tmp_path):
     assert (tmp_path / "performance_grid.png").stat().st_size > 0
     assert "![noxton auto against the fastest peer" in page.read_text()
     assert "![time and peak memory" in page.read_text()
+
+
+def test_decoding_quick_run_prints_its_table_and_writes_its_section(tmp_path):
+    for module in ("torch", "flax"):
+        pytest.importorskip(module, reason=f"the decoding benchmark needs {module} (the torch and bench extras)")
+    page = tmp_path / "performance.md"
+    page.write_text("# Performance\n\n## The run\n\nbefore\n\n## Decoding with a key/value cache\n\nold figures\n")
+    sizes = "--layers 1 --d-model 16 --nhead 2 --ff 32 --memory 4 --batch 2 --steps 8 --repeats 1".split()
+    cmd = [sys.executable, "-m", "benchmarks.decoding", "--quick", *sizes, "--out", str(tmp_path), "--page", str(page)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "## Decoding with a key/value cache" in result.stdout
+    names = (
+        "noxton_cached",
+        "noxton_cached_shared_index",
+        "noxton_recompute",
+        "torch_recompute",
+        "flax_nnx_cached",
+        "flax_nnx_cached_memkv",
+    )
+    for name in names:
+        assert f"| `{name}` |" in result.stdout
+    assert "| 8 | 3,184 (0.0 MiB) |" in result.stdout  # the cache at max_len = steps, then 2 * steps
+    assert "| 16 | 5,296 (0.0 MiB) |" in result.stdout
+    figures = json.loads((tmp_path / "decoding.json").read_text())
+    assert set(figures["per_token_s"]) == set(names) and all(v > 0 for v in figures["per_token_s"].values())
+    assert all(d <= 1e-4 for d in figures["max_abs_diff"].values())
+    # the section replaced the old one, once, after what came before it
+    text = page.read_text()
+    assert text.startswith("# Performance\n\n## The run\n\nbefore\n\n## Decoding with a key/value cache\n\n")
+    assert "old figures" not in text and text.count("## Decoding") == 1 and "| `noxton_cached` |" in text
+
+
+def test_page_rewrite_keeps_the_decoding_section(tmp_path):
+    from benchmarks import report
+
+    page = tmp_path / "performance.md"
+    page.write_text("# old\n\n## Long\n\nold table\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
+    report.write(str(tmp_path / "out"), str(page), "cmd", "conditions", ["## Main\n\nnew"], {"long": [], "grid": []})
+    text = page.read_text()
+    assert "old table" not in text and "## Main\n\nnew" in text
+    assert text.endswith("## Main\n\nnew\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
