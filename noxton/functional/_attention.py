@@ -184,22 +184,36 @@ def masked_softmax(scores, axis: int = -1):
     return e / jnp.where(d == 0, 1.0, d).astype(e.dtype)
 
 
-def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, need_weights: bool, scale: float = 1.0):
+def dense_attention(
+    q,
+    k,
+    v,
+    masks: Masks,
+    *,
+    dropout_p: float,
+    dropout_key,
+    need_weights: bool,
+    scale: float = 1.0,
+    kv_heads_first: bool = False,
+):
     """Scaled dot-product attention over heads, materialising ``[*B, H, L, S']`` scores.
 
     Args:
         q: ``[*B, L, H, D]``.
-        k: ``[*B, S', H, D]``.
-        v: ``[*B, S', H, D]``.
+        k: ``[*B, S', H, D]`` (``[*B, H, S', D]`` with ``kv_heads_first``).
+        v: likewise.
         masks: canonical masks for ``S'`` keys.
         scale: multiplies ``q @ k^T`` in the scores' dtype, before the masks are added
             (``1/sqrt(D)`` for scaled dot-product attention).
+        kv_heads_first: ``k`` and ``v`` are laid out heads first, as a decoding cache keeps them, so that
+            the contractions read them in place.
 
     Returns:
         ``([*B, L, H, D] in the scores' dtype, [*B, H, L, S'] weights or None)``.
     """
     sdtype = softmax_dtype(q.dtype)
-    scores = jnp.einsum("...lhd,...shd->...hls", q, k, preferred_element_type=sdtype)
+    kv = "...hsd" if kv_heads_first else "...shd"
+    scores = jnp.einsum(f"...lhd,{kv}->...hls", q, k, preferred_element_type=sdtype)
     if scale != 1.0:
         scores = scores * jnp.asarray(scale, sdtype)
     mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
@@ -209,7 +223,7 @@ def dense_attention(q, k, v, masks: Masks, *, dropout_p: float, dropout_key, nee
     if dropout_p > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
-    out = jnp.einsum("...hls,...shd->...lhd", weights, v.astype(sdtype))
+    out = jnp.einsum(f"...hls,{kv}->...lhd", weights, v.astype(sdtype))
     return out, (weights if need_weights else None)
 
 
@@ -338,25 +352,32 @@ def attend_projected(
     dropout_p: float,
     dropout_key,
     implementation: str,
+    kv_heads_first: bool = False,
 ):
     """The rest of ``multi_head_attention`` from the projected ``q`` ``[*B, L, E]``, ``k`` and ``v``
-    ``[*B, S, E]`` on (validated options): the appended keys, the masks, the attention path and the
-    output projection. The cached decoding of ``noxton.functional._decoding`` runs it too."""
+    ``[*B, S, E]`` (``[*B, H, S, D]`` with ``kv_heads_first``, as a decoding cache keeps them) on validated
+    options: the appended keys, the masks, the attention path and the output projection. The cached
+    decoding of ``noxton.functional._decoding`` runs it too."""
     batch_shape, embed_dim = q.shape[:-2], q.shape[-1]
     tgt_len, src_len = q.shape[-2], k.shape[-2]
     head_dim = embed_dim // num_heads
     dtype = q.dtype
     sdtype = softmax_dtype(dtype)
     out_w = params["out_proj.weight"]
+    # one appended key (bias_k/bias_v, or zeros) in the keys' layout
+    one = (*batch_shape, num_heads, 1, head_dim) if kv_heads_first else (*batch_shape, 1, embed_dim)
+
+    def appended(x):
+        x = x.reshape(num_heads, 1, head_dim) if kv_heads_first else x.reshape(1, embed_dim)
+        return jnp.broadcast_to(x.astype(dtype), one)
+
     extra = 0
     if "bias_k" in params:
-        bk = jnp.broadcast_to(params["bias_k"].reshape(embed_dim).astype(dtype), (*batch_shape, 1, embed_dim))
-        bv = jnp.broadcast_to(params["bias_v"].reshape(embed_dim).astype(dtype), (*batch_shape, 1, embed_dim))
-        k = jnp.concatenate([k, bk], axis=-2)
-        v = jnp.concatenate([v, bv], axis=-2)
+        k = jnp.concatenate([k, appended(params["bias_k"])], axis=-2)
+        v = jnp.concatenate([v, appended(params["bias_v"])], axis=-2)
         extra += 1
     if add_zero_attn:
-        zeros = jnp.zeros((*batch_shape, 1, embed_dim), dtype)
+        zeros = jnp.zeros(one, dtype)
         k = jnp.concatenate([k, zeros], axis=-2)
         v = jnp.concatenate([v, zeros], axis=-2)
         extra += 1
@@ -372,8 +393,11 @@ def attend_projected(
         dtype=sdtype,
     )
 
-    def heads(x):
+    def heads(x):  # [*B, S, E] -> [*B, S, H, D]
         return x.reshape(*x.shape[:-1], num_heads, head_dim)
+
+    def kv_heads(x):  # the keys or values as [*B, S', H, D]
+        return jnp.swapaxes(x, -3, -2) if kv_heads_first else heads(x)
 
     batch = math.prod(batch_shape)
     if implementation == "auto" and not need_weights:
@@ -397,20 +421,21 @@ def attend_projected(
     weights = None
     if path == "blockwise":
         attn = blockwise_attention(
-            q, heads(k), heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, scale=scale
+            q, kv_heads(k), kv_heads(v), masks, dropout_p=dropout_p, dropout_key=dropout_key, scale=scale
         )
     elif path == "fused":
-        attn = fused_attention(q, heads(k), heads(v), masks, scale=scale)
+        attn = fused_attention(q, kv_heads(k), kv_heads(v), masks, scale=scale)
     else:
         attn, weights = dense_attention(
             q,
-            heads(k),
-            heads(v),
+            k if kv_heads_first else heads(k),
+            v if kv_heads_first else heads(v),
             masks,
             dropout_p=dropout_p,
             dropout_key=dropout_key,
             need_weights=need_weights,
             scale=scale,
+            kv_heads_first=kv_heads_first,
         )
     attn = attn.astype(dtype).reshape(*batch_shape, tgt_len, embed_dim)
     out = _linear(attn, out_w, params.get("out_proj.bias"))

@@ -11,14 +11,15 @@ decoder's cross-attention) projects the memory's keys and values once.
 A cache is a ``dict`` of arrays of fixed shapes (so a jitted step compiles once for
 every position), the Haiku state of the attention module that owns it; ``noxton.nn``
 passes it in and returns it. ``*B`` are leading batch dimensions (none in
-``noxton.nn``, whose caches ``jax.vmap`` batches), ``T = max_len``, ``E = embed_dim``:
+``noxton.nn``, whose caches ``jax.vmap`` batches), ``T = max_len``, ``H`` heads of ``D = E / H`` features.
+Keys and values are kept heads first, the layout the attention reads, so that a step reads them in place:
 
 - self-attention ([`self_attention_cache`][noxton.functional._decoding.self_attention_cache]):
-  ``key``, ``value`` ``[*B, T, E]`` (zeros where not written yet); ``padding``
+  ``key``, ``value`` ``[*B, H, T, D]`` (zeros where not written yet); ``padding``
   ``[*B, T]``, added to the scores (``-inf`` at a padded position); ``index``, the number
   of positions written (int32).
 - attention to a memory ([`memory_cache`][noxton.functional._decoding.memory_cache]):
-  ``key``, ``value`` ``[*B, S, E]``; ``padding`` ``[*B, S]``; ``mask``, the rows of
+  ``key``, ``value`` ``[*B, H, S, D]``; ``padding`` ``[*B, S]``; ``mask``, the rows of
   ``memory_mask`` for every target position, ``(T, S)``, ``(H, T, S)`` or ``[*B, H, T, S]``
   (shape ``[*B, 0]`` when there is none), added to the scores; ``index``.
 
@@ -44,14 +45,18 @@ SELF_ATTENTION_CACHE = ("index", "key", "padding", "value")
 MEMORY_CACHE = ("index", "key", "mask", "padding", "value")
 
 
-def self_attention_cache(max_len: int, embed_dim: int, *, batch_shape=(), dtype=jnp.float32) -> dict[str, jax.Array]:
+def self_attention_cache(
+    max_len: int, embed_dim: int, num_heads: int, *, batch_shape=(), dtype=jnp.float32
+) -> dict[str, jax.Array]:
     """An empty cache of ``max_len`` positions for causal self-attention (see the module docstring)."""
     max_len = check_positive_int("max_len", max_len)
     batch_shape = _check_batch_shape(batch_shape)
+    check_heads(embed_dim, num_heads)
     dtype = jnp.dtype(dtype)
+    shape = (*batch_shape, num_heads, max_len, embed_dim // num_heads)
     return {
-        "key": jnp.zeros((*batch_shape, max_len, embed_dim), dtype),
-        "value": jnp.zeros((*batch_shape, max_len, embed_dim), dtype),
+        "key": jnp.zeros(shape, dtype),
+        "value": jnp.zeros(shape, dtype),
         "padding": jnp.zeros((*batch_shape, max_len), softmax_dtype(dtype)),
         "index": jnp.zeros((), jnp.int32),
     }
@@ -86,8 +91,8 @@ def memory_cache(
         dtype=sdtype,
     )
     return {
-        "key": _linear(memory, wk, bk),
-        "value": _linear(memory, wv, bv),
+        "key": _heads_first(_linear(memory, wk, bk), num_heads),
+        "value": _heads_first(_linear(memory, wv, bv), num_heads),
         "padding": jnp.zeros((*batch_shape, src_len), sdtype) if masks.key_padding is None else masks.key_padding,
         "mask": jnp.zeros((*batch_shape, 0), sdtype) if masks.attn is None else masks.attn,
         "index": jnp.zeros((), jnp.int32),
@@ -128,8 +133,8 @@ def decode_self_attention(
     )
     q, k, v = _in_projection(x, x, x, params)
     cache = {
-        "key": lax.dynamic_update_slice_in_dim(cache["key"], k, index, axis=-2),
-        "value": lax.dynamic_update_slice_in_dim(cache["value"], v, index, axis=-2),
+        "key": lax.dynamic_update_slice_in_dim(cache["key"], _heads_first(k, num_heads), index, axis=-2),
+        "value": lax.dynamic_update_slice_in_dim(cache["value"], _heads_first(v, num_heads), index, axis=-2),
         "padding": cache["padding"]
         if masks.key_padding is None
         else lax.dynamic_update_slice_in_dim(cache["padding"], masks.key_padding, index, axis=-1),
@@ -185,8 +190,14 @@ def _attend(q, cache, params, num_heads, add_zero_attn, attn_mask, implementatio
         dropout_p=0.0,
         dropout_key=None,
         implementation=implementation,
+        kv_heads_first=True,
     )
     return out
+
+
+def _heads_first(x, num_heads: int):
+    """``[*B, S, E]`` as ``[*B, H, S, D]``."""
+    return jnp.swapaxes(x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads), -3, -2)
 
 
 def _past_end(out, positions, max_len: int):
@@ -221,10 +232,11 @@ def check_cache(name: str, cache: Any, keys: tuple[str, ...]) -> dict[str, Any]:
 
 def _check_step(x, cache):
     x = check_array("x", x, min_rank=2, layout="(..., n, E)")
-    k = cache["key"]
-    if x.shape[:-2] != k.shape[:-2] or x.shape[-1] != k.shape[-1]:
+    k = cache["key"]  # [*B, H, T, D]
+    embed_dim = k.shape[-3] * k.shape[-1]
+    if x.shape[:-2] != k.shape[:-3] or x.shape[-1] != embed_dim:
         raise ValueError(
-            f"`x` must have shape (*batch, n, E) = {(*k.shape[:-2], 'n', k.shape[-1])} to match its cache, got "
+            f"`x` must have shape (*batch, n, E) = {(*k.shape[:-3], 'n', embed_dim)} to match its cache, got "
             f"{tuple(x.shape)}."
         )
     if x.dtype != k.dtype:

@@ -180,11 +180,13 @@ class MultiheadAttention(TorchModule):
     def init_cache(self, max_len: int, *, batch_shape: tuple[int, ...] = (), dtype=None) -> None:
         """Make an empty cache of ``max_len`` positions for causal self-attention
         ([`decode`][noxton.haiku.MultiheadAttention.decode]), in this module's Haiku state: keys and
-        values ``[*batch_shape, max_len, E]`` of ``dtype`` (the parameters' by default), the padding of
+        values ``[*batch_shape, H, max_len, E / H]`` of ``dtype`` (the parameters' by default), the padding of
         each position and the number written."""
         dtype = self.dtype if dtype is None else resolve_dtype(dtype)
         self.params()  # the parameters exist before the first decode, also when init only makes the cache
-        _set_state(D.self_attention_cache(max_len, self.embed_dim, batch_shape=batch_shape, dtype=dtype))
+        _set_state(
+            D.self_attention_cache(max_len, self.embed_dim, self.num_heads, batch_shape=batch_shape, dtype=dtype)
+        )
 
     def decode(
         self, x: ArrayLike, cache=None, key_padding_mask: ArrayLike | None = None, *, implementation: str = "auto"

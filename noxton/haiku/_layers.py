@@ -70,8 +70,9 @@ class _ConvNd(TorchModule):
             p["bias"] = self.param("bias", shape[:1], self.dtype, init.torch_default_bias(fan_in))
         return p
 
-    def __call__(self, x: Float[ArrayLike, "*batch channels *spatial"]) -> Float[Array, "*batch out *spatial_out"]:
-        """torch's convolution of ``x``."""
+    def __call__(self, x: Float[ArrayLike, "*batch_c_spatial"]) -> Float[Array, "*batch_out_spatial"]:
+        """torch's convolution of ``x`` ``[..., C, *spatial]`` (annotated with one variadic axis: jaxtyping 0.2
+        allows no more)."""
         n = self._spatial
         x = jnp.asarray(check_array("x", x, min_rank=n + 1, layout=f"(..., C, {'L' if n == 1 else 'H, W'})"))
         if x.shape[-n - 1] != self.in_channels:

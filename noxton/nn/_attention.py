@@ -235,8 +235,8 @@ class MultiheadAttention(Adapted):
 
     def init_cache(self, max_len: int, *, batch_shape: tuple[int, ...] = (), dtype=None) -> dict[str, Array]:
         """An empty cache of ``max_len`` positions for [`decode`][noxton.nn.MultiheadAttention.decode]
-        (causal self-attention): a dict of arrays of fixed shapes, keys and values ``(max_len, E)``
-        (``[*batch_shape, max_len, E]``) of ``dtype`` (the parameters' by default). Batch it as the
+        (causal self-attention): a dict of arrays of fixed shapes, keys and values ``(H, max_len, E / H)``
+        (``[*batch_shape, H, max_len, E / H]``) of ``dtype`` (the parameters' by default). Batch it as the
         inputs: ``jax.vmap`` over ``decode`` with the cache mapped too (``batch_shape=(B,)``, or
         ``jax.vmap`` of the function that makes it); reorder a batched cache for beam search with
         ``jax.tree.map(lambda a: a[beams], cache)``.
