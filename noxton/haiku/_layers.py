@@ -389,24 +389,6 @@ def from_torch(module: Any, *, name: str | None = None) -> Any:
     """The noxton Haiku module (or JAX function, for an activation) of a torch module, with its configuration
     and, through ``init``, its weights: how [`Sequential.from_torch`][noxton.haiku.Sequential.from_torch]
     converts each child."""
-    from noxton.haiku._attention import MultiheadAttention
-    from noxton.haiku._common import LayerNorm, Linear
-    from noxton.haiku._squeeze_excitation import SqueezeExcitation
+    import noxton.haiku
 
-    classes: dict[str, Any] = {
-        "Linear": Linear,
-        "Conv1d": Conv1d,
-        "Conv2d": Conv2d,
-        "BatchNorm1d": BatchNorm1d,
-        "BatchNorm2d": BatchNorm2d,
-        "LayerNorm": LayerNorm,
-        "Dropout": Dropout,
-        "MultiheadAttention": MultiheadAttention,
-        "Sequential": Sequential,
-    }
-    kind = cfg.torch_kind(module, classes)
-    if kind == "activation":
-        return cfg.activation_from_torch(module)
-    if kind == "SqueezeExcitation":
-        return SqueezeExcitation.from_torch(module, name=name)
-    return classes[kind].from_torch(module, name=name)  # pyright: ignore[reportAttributeAccessIssue]
+    return cfg.layer_from_torch(module, noxton.haiku, name=name)

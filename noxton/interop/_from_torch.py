@@ -246,6 +246,31 @@ def sequential_children(module: Any) -> dict[str, Any]:
     return dict(module.named_children())
 
 
+#: The torch module classes that noxton converts, each to the noxton layer of the same name in either front end
+#: (besides torchvision's SqueezeExcitation and the activations).
+TORCH_LAYERS = (
+    "Linear",
+    "Conv1d",
+    "Conv2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "LayerNorm",
+    "Dropout",
+    "MultiheadAttention",
+    "Sequential",
+)
+
+
+def layer_from_torch(module: Any, namespace: Any, **kwargs: Any) -> Any:
+    """The layer of ``namespace`` (``noxton.nn`` or ``noxton.haiku``) that converts the torch ``module``
+    (its ``from_torch(module, **kwargs)``), or an activation's exact JAX function: both front ends'
+    ``from_torch``."""
+    kind = torch_kind(module, TORCH_LAYERS)
+    if kind == "activation":
+        return activation_from_torch(module)
+    return getattr(namespace, kind).from_torch(module, **kwargs)
+
+
 def torch_kind(module: Any, classes: Any) -> str:
     """Which noxton layer a torch module becomes: a name of ``classes`` (the nearest of its torch classes),
     ``"activation"`` or ``"SqueezeExcitation"`` (recognised by structure); a ``TypeError`` listing them else."""

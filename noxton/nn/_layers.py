@@ -433,24 +433,6 @@ def from_torch(module: Any) -> Any:
         >>> [type(layer).__name__ for layer in block.layers], block[1].inference
         (['Conv2d', 'BatchNorm2d', 'PjitFunction'], True)
     """
-    from noxton.nn._attention import MultiheadAttention
-    from noxton.nn._linear import LayerNorm, Linear
-    from noxton.nn._squeeze_excitation import SqueezeExcitation
+    import noxton.nn
 
-    classes: dict[str, Any] = {
-        "Linear": Linear,
-        "Conv1d": Conv1d,
-        "Conv2d": Conv2d,
-        "BatchNorm1d": BatchNorm1d,
-        "BatchNorm2d": BatchNorm2d,
-        "LayerNorm": LayerNorm,
-        "Dropout": Dropout,
-        "MultiheadAttention": MultiheadAttention,
-        "Sequential": Sequential,
-    }
-    kind = cfg.torch_kind(module, classes)
-    if kind == "activation":
-        return cfg.activation_from_torch(module)
-    if kind == "SqueezeExcitation":
-        return SqueezeExcitation.from_torch(module)
-    return classes[kind].from_torch(module)
+    return cfg.layer_from_torch(module, noxton.nn)
