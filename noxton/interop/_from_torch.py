@@ -193,9 +193,9 @@ def linear_config_from_torch(module: Any) -> dict[str, Any]:
 
 def layer_norm_config_from_torch(module: Any) -> dict[str, Any]:
     """Constructor kwargs of ``LayerNorm`` from a torch ``nn.LayerNorm`` over the last axis."""
-    config = _norm_config(module, "`module`")
-    assert config is not None
-    return dict(config, dtype=torch_dtype(module.weight))
+    if module is None:
+        raise TypeError("`module` must be a torch.nn.LayerNorm, got None.")
+    return dict(_norm_config(module, "`module`") or {}, dtype=torch_dtype(module.weight))
 
 
 def conv_config_from_torch(module: Any) -> dict[str, Any]:

@@ -32,12 +32,9 @@ from equinox import AbstractClassVar
 from noxton.functional._checks import check_inference, check_prng_key
 from noxton.functional._transformer import Run, check_input
 from noxton.interop import load_torch_state_dict, torch_state_dict
-from noxton.interop._equinox import haiku_params
+from noxton.interop._equinox import ROOT, haiku_params
 from noxton.interop._from_torch import state_dict_from_torch
 from noxton.interop._state_dict import haiku_state_dict
-
-#: The Haiku name of an adapted layer's module inside its transformed pair.
-ROOT = "module"
 
 
 def from_torch_weights(module: Any, build: Callable[[jax.Array], Any]) -> Any:
