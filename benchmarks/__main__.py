@@ -285,6 +285,10 @@ def parse_args(argv=None):
     ap.add_argument("--grid-batches", help="grid batch sizes, comma-separated (default: 1,8)")
     ap.add_argument("--grid-widths", help="grid E/H pairs, comma-separated (default: 256/8,512/8,1024/16)")
     ap.add_argument("--grid-points", help="grid points B,L,E,H separated by ';' (instead of the product of the axes)")
+    ap.add_argument(
+        "--grid-contenders",
+        help="grid contenders, comma-separated (default: all; torch and noxton_eqx are always timed)",
+    )
     ap.add_argument("--grid-max-scores", type=int, help="skip grid points with more scores B*H*L*L than this")
     ap.add_argument("--grid-repeats", type=int, help="timed runs per grid point (default: 7; --quick: 3)")
     ap.add_argument(

@@ -73,15 +73,27 @@ def _fits(name: str, mode: str, B: int, H: int, L: int, budget_gib: float) -> bo
     return name not in GRID_DENSE or est <= budget_gib
 
 
+def grid_contenders(args) -> list[str]:
+    """``--grid-contenders`` in the grid's order, torch and ``SUBJECT`` always among them (every contender without it)."""
+    if not args.grid_contenders:
+        return list(GRID_CONTENDERS)
+    asked = set(args.grid_contenders.split(","))
+    unknown = sorted(asked - set(GRID_CONTENDERS))
+    if unknown:
+        raise SystemExit(f"--grid-contenders: unknown {unknown}; choose from {', '.join(GRID_CONTENDERS)}")
+    return [n for n in GRID_CONTENDERS if n in asked | {"torch", SUBJECT}]
+
+
 def grid_table(args, results) -> str:
     """Time every contender at every grid point; a Markdown table of ratios to torch, and the figures."""
     from benchmarks import contenders
 
     reps = args.grid_repeats or (3 if args.quick else 7)
     dtype = contenders.DTYPE
+    chosen = grid_contenders(args)
     rows = []
     for mode, B, E, H, L in points(args):
-        names = [n for n in GRID_CONTENDERS if _fits(n, mode, B, H, L, args.mem_budget_gib)]
+        names = [n for n in chosen if _fits(n, mode, B, H, L, args.mem_budget_gib)]
         calls = {}
         peaks = {}
         for n in names:
@@ -102,12 +114,12 @@ def grid_table(args, results) -> str:
             flush=True,
         )
         row = [mode, B, f"{E}/{H}", L, f"{torch_s * 1e3:.1f}"]
-        row += [f"{med[n] / torch_s:.2f}" if n in med else "-" for n in GRID_CONTENDERS[1:]]
+        row += [f"{med[n] / torch_s:.2f}" if n in med else "-" for n in chosen[1:]]
         row += [f"{med[SUBJECT] / med[fastest]:.2f}", SHORT[fastest]]
         if any(v is not None for v in peaks.values()):
             row.append(" ".join(f"{SHORT[n]} {v:.2f}" for n, v in peaks.items() if v is not None))
         rows.append(row)
-    headers = ["mode", "B", "E/H", "L=S", "torch ms", *(SHORT[n] for n in GRID_CONTENDERS[1:])]
+    headers = ["mode", "B", "E/H", "L=S", "torch ms", *(SHORT[n] for n in chosen[1:])]
     headers += ["auto / fastest", "fastest"]
     if any(len(r) > len(headers) for r in rows):
         headers.append("device peak GiB")

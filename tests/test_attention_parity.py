@@ -178,6 +178,7 @@ def test_parity_float64(front, struct, mask_case, x64):
     check_case(front, struct, mask_case, np.float64, torch.float64, 1e-10, 1e-10)
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize("implementation", ["blockwise", "fused"])
 @pytest.mark.parametrize("mask_case", ["both_float", "heads_bool", "causal_kpm"])
 @pytest.mark.parametrize("struct", STRUCTS, ids=struct_id)

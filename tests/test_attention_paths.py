@@ -167,6 +167,7 @@ CASES = [("kv-biaskv-zeroattn", m) for m in MASKS] + [
 ]
 
 
+@pytest.mark.cross_product
 @pytest.mark.parametrize(("struct", "mask_case"), CASES, ids=[f"{s}-{m}" for s, m in CASES])
 def test_paths_match_dense(struct, mask_case):
     results = run(struct, mask_case)
