@@ -74,7 +74,7 @@ def _fits(name: str, mode: str, B: int, H: int, L: int, budget_gib: float) -> bo
 
 
 def grid_contenders(args) -> list[str]:
-    """``--grid-contenders`` in the grid's order, torch and ``SUBJECT`` always among them (every contender without it)."""
+    """``--grid-contenders`` in the grid's order, torch and ``SUBJECT`` always among them (all without it)."""
     if not args.grid_contenders:
         return list(GRID_CONTENDERS)
     asked = set(args.grid_contenders.split(","))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import resource
 import statistics
 import subprocess
@@ -19,18 +20,22 @@ from benchmarks.contenders import DENSE, build
 def medians(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 1) -> dict[Any, float]:
     """Median seconds per call, after ``warmup`` calls each (compilation included there).
 
-    The repeats are interleaved (round robin over the calls), so that noise from the machine hits
-    every contender alike, and the round robin starts one call later at each repeat: torch's OpenMP
-    threads spin for a while after each call, which slows whichever call comes next (measured: a
-    1.0 ms JAX call took 1.5 ms right after torch's).
+    The repeats are interleaved, so that noise from the machine hits every contender alike, and each
+    repeat runs the calls in a new order (shuffled, with a fixed seed): torch's OpenMP threads spin
+    for a while after each call, which slows whichever call comes next (measured: a 1.0 ms JAX call
+    took 1.5 ms right after torch's). A rotation of one order would keep the same call after torch's
+    in every repeat (a rotation keeps the cyclic order): measured, two compilations of the same
+    program gave 1.28x and 1.00x torch's time, the slower one always run right after torch.
     """
     for call in calls.values():
         for _ in range(warmup):
             call()
     times: dict[Any, list[float]] = {k: [] for k in calls}
     order = list(calls.items())
-    for rep in range(reps):
-        for k, call in order[rep % len(order) :] + order[: rep % len(order)]:
+    rng = random.Random(0)
+    for _ in range(reps):
+        rng.shuffle(order)
+        for k, call in order:
             t = time.perf_counter()
             call()
             times[k].append(time.perf_counter() - t)
