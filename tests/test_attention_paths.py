@@ -184,6 +184,38 @@ def test_paths_match_dense(struct, mask_case):
             assert_close(gx, gd, ATOL, name)
 
 
+# The blockwise forward with every key at once (``_forward_whole_keys``, what the CPU runs for up to
+# WHOLE_KEYS_MAX keys) in chunks made small enough to split examples (200 scores: 2 of the 4 rows),
+# heads (81: one row of 9 x 9) and a row's queries (40: 5 of 9, the last chunk padded).
+WHOLE_KEY_CASES = [
+    ("kv-biaskv-zeroattn", m, budget)
+    for budget in (81, 40)
+    for m in ("none", "kpm_bool", "heads_float", "batch_heads_float", "causal_kpm", "rows_masked", "all_masked")
+] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200)]
+
+
+@pytest.mark.cross_product
+@pytest.mark.parametrize(
+    ("struct", "mask_case", "budget"), WHOLE_KEY_CASES, ids=[f"{s}-{m}-{b}" for s, m, b in WHOLE_KEY_CASES]
+)
+def test_whole_key_chunks_match_dense(struct, mask_case, budget, monkeypatch):
+    monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_Q", None)
+    monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_K", None)
+    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", budget)
+    keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
+    nb, hb, c = blockwise_module.whole_key_chunks(N, H, L, keys)
+    assert (nb * hb, c) != (N * H, L), "the case must split the call into chunks"
+    results = run(struct, mask_case)
+    out_d, g_d = results["dense"]
+    out_b, g_b = results["blockwise"]
+    assert np.all(np.isfinite(np.asarray(out_b)))
+    assert_close(out_b, out_d, ATOL, "blockwise output")
+    for (path, gd), (_, gb) in zip(
+        jax.tree_util.tree_flatten_with_path(g_d)[0], jax.tree_util.tree_flatten_with_path(g_b)[0], strict=True
+    ):
+        assert_close(gb, gd, ATOL, f"blockwise {jax.tree_util.keystr(path)}")
+
+
 def _raw(shape_q, shape_kv, seed):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
     return (

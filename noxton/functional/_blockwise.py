@@ -258,8 +258,8 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
 #: online softmax's running maximum and sum across key blocks keeps it from fusing. Measured on a
 #: 2-core x86 CPU (AMD EPYC), the attention core against torch's
 #: ``F.scaled_dot_product_attention`` in one process, medians of 11 interleaved runs
-#: (``/tmp``-free: ``python -m benchmarks.tiles B,E,H L fwd 23:256:512 --peers torch,eqx``
-#: times the same through the layer):
+#: (the layer, with its projections, against torch's MHA and ``eqx.nn``:
+#: ``python -m benchmarks --only-grid --grid-points 8,512,256,8 --grid-contenders eqx``):
 #:
 #: | N x H, L = S, D | key blocks of 512 (before) | whole keys, chunks of 2**21 scores |
 #: |-----------------|----------------------------|------------------------------------|
@@ -267,7 +267,9 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
 #: | 1 x 8, 1024, 32 | 16-20 ms (1.5-1.9x)        | 14.1 ms (1.06x)                    |
 #: | 1 x 16, 512, 64 | 17-18 ms (1.7x)            | 13.3 ms (1.35x)                    |
 #:
-#: Past 1024 keys XLA no longer fuses the chunk, and the key blocks are as fast.
+#: The layer at B=8, E=256, H=8, L=512 went from 1.74x to 1.03x torch's time (eqx.nn: 1.14x), at
+#: E=512 from 1.20x to 1.06x. Past 1024 keys XLA no longer fuses the chunk (measured at 2048: 1.1-1.5x
+#: torch for every chunking, against 1.05x for the key blocks), so longer keys keep the key loop.
 WHOLE_KEYS_MAX = 1024
 #: Scores per chunk of ``_forward_whole_keys``: whole rows (an example's heads first) while they fit,
 #: else a row's queries split (measured at 8 x 8 x 512: 8 rows of 512 queries, 24.6 ms, against 64
@@ -500,9 +502,11 @@ def _fold_vmapped_rows(impl, *, am_index: int, key_index: int, need_dam: bool = 
 
 
 def _whole_keys(static: _Static, dropout, total_len: int) -> bool:
-    """The forward runs ``_forward_whole_keys``: no dropout, at most ``WHOLE_KEYS_MAX`` keys, no forced blocks."""
+    """The forward runs ``_forward_whole_keys``: on the CPU (where it was measured, and where its chunks
+    are sized for the caches), no dropout, at most ``WHOLE_KEYS_MAX`` keys, no forced block sizes."""
     forced = (static.block_q, static.block_k, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K) != (None,) * 4
-    return dropout is None and not forced and total_len <= WHOLE_KEYS_MAX
+    on_cpu = jax.default_backend() == "cpu"
+    return on_cpu and dropout is None and not forced and total_len <= WHOLE_KEYS_MAX
 
 
 def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
@@ -602,7 +606,9 @@ def blockwise_attention(
         block_q: queries per block (clipped to ``L``); ``None``: chosen by ``block_sizes``
             (about ``BLOCK_SCORES`` scores per block, over every batch row and head,
             those of a ``jax.vmap`` included).
-        block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``.
+        block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``. With neither
+            given, no dropout and at most ``WHOLE_KEYS_MAX`` keys, the forward on the CPU takes all keys at
+            once, in chunks of whole rows (``whole_key_chunks``); the backward keeps the blocks.
         scale: multiplies ``q @ k^T`` in the softmax dtype, before the masks are added.
 
     Returns:
