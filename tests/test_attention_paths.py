@@ -184,14 +184,15 @@ def test_paths_match_dense(struct, mask_case):
             assert_close(gx, gd, ATOL, name)
 
 
-# The blockwise forward with every key at once (``_forward_whole_keys``, what the CPU runs for up to
-# WHOLE_KEYS_MAX keys) in chunks made small enough to split examples (200 scores: 2 of the 4 rows),
-# heads (81: one row of 9 x 9) and a row's queries (40: 5 of 9, the last chunk padded).
+# The blockwise forward with every key at once (``_forward_whole_keys``, what the CPU runs) in chunks
+# made small enough to split examples (200 scores: 2 of the 4 rows), heads (81: one row of 9 x 9) and a
+# row's queries (40: 5 of 9, the last chunk padded); "long": past FUSED_KEYS_MAX keys, where a chunk
+# takes at most LONG_CHUNK_Q queries (here 4 x 3 of 9 queries).
 WHOLE_KEY_CASES = [
     ("kv-biaskv-zeroattn", m, budget)
     for budget in (81, 40)
     for m in ("none", "kpm_bool", "heads_float", "batch_heads_float", "causal_kpm", "rows_masked", "all_masked")
-] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200)]
+] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200), ("self", "causal_kpm", "long")]
 
 
 @pytest.mark.cross_product
@@ -201,6 +202,10 @@ WHOLE_KEY_CASES = [
 def test_whole_key_chunks_match_dense(struct, mask_case, budget, monkeypatch):
     monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_Q", None)
     monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_K", None)
+    if budget == "long":
+        budget = 200
+        monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 4)
+        monkeypatch.setattr(blockwise_module, "LONG_CHUNK_Q", 4)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", budget)
     keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
     nb, hb, c = blockwise_module.whole_key_chunks(N, H, L, keys)

@@ -106,11 +106,12 @@ def select_implementation(
        ``fused_attention``); no GPU has measured a cuDNN choice yet.
     3. CPU, no dropout, ``H * L * S' >= CPU_BLOCKWISE_MIN_SCORES``: blockwise
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
-       With at most ``WHOLE_KEYS_MAX`` (1024) keys it makes one pass over all
-       keys in chunks of whole rows, which XLA fuses into one kernel per chunk;
-       with more, it loops over key blocks in tiles that ``block_sizes`` keeps
-       under glibc's 32 MiB ``mmap`` ceiling at small batch, so that no call
-       faults its scores in afresh.
+       Its forward makes one pass over all keys in chunks of rows and queries
+       of about 8 MiB of scores, which XLA fuses into one kernel per chunk up
+       to 1024 keys (``_blockwise.FUSED_KEYS_MAX``); its backward loops over
+       key blocks in tiles that ``block_sizes`` keeps under glibc's 32 MiB
+       ``mmap`` ceiling at small batch, so that no call faults its scores in
+       afresh.
     4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
     5. Otherwise (dropout, or float64 inputs off the CPU) dense: ``"auto"`` never
        trades precision for speed.

@@ -251,30 +251,35 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
     return out, lse
 
 
-#: The forward without a key loop (``_forward_whole_keys``) when every key fits one block of at most
-#: this many keys, with no dropout. It runs chunks of ``(examples, heads, queries)`` against all keys:
-#: one matrix product, the softmax and the second product, which XLA's CPU backend (jaxlib 0.10:
-#: its YNNPACK fusions) runs as one fused kernel that never writes the chunk's scores out, where the
-#: online softmax's running maximum and sum across key blocks keeps it from fusing. Measured on a
-#: 2-core x86 CPU (AMD EPYC), the attention core against torch's
-#: ``F.scaled_dot_product_attention`` in one process, medians of 11 interleaved runs
-#: (the layer, with its projections, against torch's MHA and ``eqx.nn``:
-#: ``python -m benchmarks --only-grid --grid-points 8,512,256,8 --grid-contenders eqx``):
+#: The CPU's forward has no key loop (``_forward_whole_keys``), with no dropout and no forced block
+#: sizes: it runs chunks of ``(examples, heads, queries)`` against all keys, one matrix product, the
+#: softmax and the second product, writing each query's output once. Up to ``FUSED_KEYS_MAX`` keys,
+#: XLA's CPU backend (jaxlib 0.10: its YNNPACK fusions) runs a chunk as one fused kernel that never
+#: writes the chunk's scores out; the online softmax's running maximum and sum across key blocks keeps
+#: it from fusing. Past it the chunk is not fused, but one pass over the keys still beats the key loop's
+#: rescaled accumulators. Measured on a 2-core x86 CPU (AMD EPYC), the attention core against torch's
+#: ``F.scaled_dot_product_attention`` in one process, medians of 11 interleaved runs; the layers with
+#: ``python -m benchmarks --only-grid --grid-points B,L,E,H --grid-contenders eqx``:
 #:
-#: | N x H, L = S, D | key blocks of 512 (before) | whole keys, chunks of 2**21 scores |
-#: |-----------------|----------------------------|------------------------------------|
-#: | 8 x 8, 512, 32  | 60-76 ms (2.3-2.9x torch)  | 24.6 ms (1.00x)                    |
-#: | 1 x 8, 1024, 32 | 16-20 ms (1.5-1.9x)        | 14.1 ms (1.06x)                    |
-#: | 1 x 16, 512, 64 | 17-18 ms (1.7x)            | 13.3 ms (1.35x)                    |
+#: | N x H, L = S, D  | key blocks (before)        | whole keys                        |
+#: |------------------|----------------------------|-----------------------------------|
+#: | 8 x 8, 512, 32   | 60-76 ms (2.3-2.9x torch)  | 8 rows x 512 queries: 1.00x       |
+#: | 1 x 8, 1024, 32  | 16-20 ms (1.5-1.9x)        | 2 rows x 1024: 1.06x              |
+#: | 1 x 16, 512, 64  | 17-18 ms (1.7x)            | 8 rows x 512: 1.35x               |
+#: | 1 x 8, 2048, 32  | 1.62x                      | 2 rows x 512: 1.12x (1 x 512: 1.15x) |
+#: | 1 x 16, 2048, 64 | 1.35x                      | 1 row x 512: 0.98x (1 x 1024: 1.05x) |
+#: | 1 x 8, 4096, 32  | 1.47x                      | 1 row x 256: 1.09x (1 x 512: 1.24x) |
+#: | 1 x 8, 8192, 32  | 1.42x                      | 1 row x 256: 1.26x (1 x 128: 1.44x) |
 #:
 #: The layer at B=8, E=256, H=8, L=512 went from 1.74x to 1.03x torch's time (eqx.nn: 1.14x), at
-#: E=512 from 1.20x to 1.06x. Past 1024 keys XLA no longer fuses the chunk (measured at 2048: 1.1-1.5x
-#: torch for every chunking, against 1.05x for the key blocks), so longer keys keep the key loop.
-WHOLE_KEYS_MAX = 1024
+#: E=512 from 1.20x to 1.06x.
+FUSED_KEYS_MAX = 1024
 #: Scores per chunk of ``_forward_whole_keys``: whole rows (an example's heads first) while they fit,
-#: else a row's queries split (measured at 8 x 8 x 512: 8 rows of 512 queries, 24.6 ms, against 64
-#: rows of 64 queries, 43 ms, and 16 rows of 256, 32 ms).
+#: else a row's queries split. Up to ``FUSED_KEYS_MAX`` keys a chunk takes all of a row's queries
+#: (measured at 8 x 8 x 512: 8 rows of 512 queries, 24.6 ms, against 64 rows of 64 queries, 43 ms,
+#: and 16 rows of 256, 32 ms); past it at most ``LONG_CHUNK_Q`` (the table above).
 CHUNK_SCORES = 2**21
+LONG_CHUNK_Q = 256
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -283,12 +288,13 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 def whole_key_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
     """``(examples, heads, queries)`` per chunk of ``_forward_whole_keys``: ``[n, h, lq]`` queries, ``sk`` keys."""
-    rows = CHUNK_SCORES // (lq * sk)
+    c = lq if sk <= FUSED_KEYS_MAX else _balanced(lq, LONG_CHUNK_Q)
+    rows = CHUNK_SCORES // (c * sk)
     if rows < 1:
         return 1, 1, _balanced(lq, max(8, CHUNK_SCORES // sk))
     hb = _largest_divisor(h, rows)
     nb = _largest_divisor(n, rows // hb) if hb == h else 1
-    return nb, hb, lq
+    return nb, hb, c
 
 
 def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp, am):
@@ -501,12 +507,11 @@ def _fold_vmapped_rows(impl, *, am_index: int, key_index: int, need_dam: bool = 
     return call
 
 
-def _whole_keys(static: _Static, dropout, total_len: int) -> bool:
+def _whole_keys(static: _Static, dropout) -> bool:
     """The forward runs ``_forward_whole_keys``: on the CPU (where it was measured, and where its chunks
-    are sized for the caches), no dropout, at most ``WHOLE_KEYS_MAX`` keys, no forced block sizes."""
+    are sized for the caches), with no dropout and no forced block sizes."""
     forced = (static.block_q, static.block_k, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K) != (None,) * 4
-    on_cpu = jax.default_backend() == "cpu"
-    return on_cpu and dropout is None and not forced and total_len <= WHOLE_KEYS_MAX
+    return jax.default_backend() == "cpu" and dropout is None and not forced
 
 
 def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
@@ -515,7 +520,7 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
     def impl(q, k, v, kp, am, key):
         cfg = _plan(static, q, k)
         n, h, tgt_len, _ = q.shape
-        if _whole_keys(static, dropout, cfg.total_len):
+        if _whole_keys(static, dropout):
             chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len)
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
@@ -607,8 +612,8 @@ def blockwise_attention(
             (about ``BLOCK_SCORES`` scores per block, over every batch row and head,
             those of a ``jax.vmap`` included).
         block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``. With neither
-            given, no dropout and at most ``WHOLE_KEYS_MAX`` keys, the forward on the CPU takes all keys at
-            once, in chunks of whole rows (``whole_key_chunks``); the backward keeps the blocks.
+            given and no dropout, the forward on the CPU takes all keys at once, in chunks of rows and
+            queries (``whole_key_chunks``); the backward keeps the blocks.
         scale: multiplies ``q @ k^T`` in the softmax dtype, before the masks are added.
 
     Returns:
