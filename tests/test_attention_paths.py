@@ -193,6 +193,8 @@ WHOLE_KEY_CASES = [
     for budget in (81, 40)
     for m in ("none", "kpm_bool", "heads_float", "batch_heads_float", "causal_kpm", "rows_masked", "all_masked")
 ] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200), ("self", "causal_kpm", "long")]
+# and past WHOLE_KEYS_MAX keys, the key loop with its own block sizes
+WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
 
 
 @pytest.mark.cross_product
@@ -202,6 +204,10 @@ WHOLE_KEY_CASES = [
 def test_whole_key_chunks_match_dense(struct, mask_case, budget, monkeypatch):
     monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_Q", None)
     monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_K", None)
+    if budget == "beyond":
+        monkeypatch.setattr(blockwise_module, "WHOLE_KEYS_MAX", 4)
+        assert not blockwise_module._whole_keys(blockwise_module._Static(False, S, None, None), None, S + 2)
+        budget = 40
     if budget == "long":
         budget = 200
         monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 4)

@@ -251,9 +251,10 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
     return out, lse
 
 
-#: The CPU's forward has no key loop (``_forward_whole_keys``), with no dropout and no forced block
-#: sizes: it runs chunks of ``(examples, heads, queries)`` against all keys, one matrix product, the
-#: softmax and the second product, writing each query's output once. Up to ``FUSED_KEYS_MAX`` keys,
+#: The CPU's forward has no key loop (``_forward_whole_keys``), with no dropout, no forced block
+#: sizes and at most ``WHOLE_KEYS_MAX`` keys: it runs chunks of ``(examples, heads, queries)``
+#: against all keys, one matrix product, the softmax and the second product, writing each query's
+#: output once. Up to ``FUSED_KEYS_MAX`` keys,
 #: XLA's CPU backend (jaxlib 0.10: its YNNPACK fusions) runs a chunk as one fused kernel that never
 #: writes the chunk's scores out; the online softmax's running maximum and sum across key blocks keeps
 #: it from fusing. Past it the chunk is not fused, but one pass over the keys still beats the key loop's
@@ -280,6 +281,10 @@ FUSED_KEYS_MAX = 1024
 #: and 16 rows of 256, 32 ms); past it at most ``LONG_CHUNK_Q`` (the table above).
 CHUNK_SCORES = 2**21
 LONG_CHUNK_Q = 256
+#: Past this many keys (a chunk of ``LONG_CHUNK_Q`` queries would exceed ``CHUNK_SCORES``) the forward
+#: keeps the key loop: thinner query chunks read all keys for too few queries (measured at 65536 keys,
+#: 1 x 32 chunks: 145 s per call, about twice torch's time).
+WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -507,11 +512,12 @@ def _fold_vmapped_rows(impl, *, am_index: int, key_index: int, need_dam: bool = 
     return call
 
 
-def _whole_keys(static: _Static, dropout) -> bool:
+def _whole_keys(static: _Static, dropout, total_len: int) -> bool:
     """The forward runs ``_forward_whole_keys``: on the CPU (where it was measured, and where its chunks
-    are sized for the caches), with no dropout and no forced block sizes."""
+    are sized for the caches), with no dropout, no forced block sizes and at most ``WHOLE_KEYS_MAX`` keys."""
     forced = (static.block_q, static.block_k, DEFAULT_BLOCK_Q, DEFAULT_BLOCK_K) != (None,) * 4
-    return jax.default_backend() == "cpu" and dropout is None and not forced
+    cpu = jax.default_backend() == "cpu"
+    return cpu and dropout is None and not forced and total_len <= WHOLE_KEYS_MAX
 
 
 def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
@@ -520,7 +526,7 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
     def impl(q, k, v, kp, am, key):
         cfg = _plan(static, q, k)
         n, h, tgt_len, _ = q.shape
-        if _whole_keys(static, dropout):
+        if _whole_keys(static, dropout, cfg.total_len):
             chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len)
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
@@ -612,8 +618,8 @@ def blockwise_attention(
             (about ``BLOCK_SCORES`` scores per block, over every batch row and head,
             those of a ``jax.vmap`` included).
         block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``. With neither
-            given and no dropout, the forward on the CPU takes all keys at once, in chunks of rows and
-            queries (``whole_key_chunks``); the backward keeps the blocks.
+            given, no dropout and at most ``WHOLE_KEYS_MAX`` keys, the forward on the CPU takes all keys
+            at once, in chunks of rows and queries (``whole_key_chunks``); the backward keeps the blocks.
         scale: multiplies ``q @ k^T`` in the softmax dtype, before the masks are added.
 
     Returns:
