@@ -254,12 +254,12 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
 #: The CPU's forward has no key loop (``_forward_whole_keys``), with no dropout, no forced block
 #: sizes and at most ``WHOLE_KEYS_MAX`` keys: it runs chunks of ``(examples, heads, queries)``
 #: against all keys, one matrix product, the softmax and the second product, writing each query's
-#: output once. Up to ``FUSED_KEYS_MAX`` keys,
-#: XLA's CPU backend (jaxlib 0.10: its YNNPACK fusions) runs a chunk as one fused kernel that never
-#: writes the chunk's scores out; the online softmax's running maximum and sum across key blocks keeps
-#: it from fusing. Past it the chunk is not fused, but one pass over the keys still beats the key loop's
-#: rescaled accumulators. Measured on a 2-core x86 CPU (AMD EPYC), the attention core against torch's
-#: ``F.scaled_dot_product_attention`` in one process, medians of 11 interleaved runs; the layers with
+#: output once. Up to ``FUSED_KEYS_MAX`` keys, XLA's CPU backend (jaxlib 0.10: its YNNPACK fusions)
+#: runs a chunk as one fused kernel that never writes the chunk's scores out; the online softmax's
+#: running maximum and sum across key blocks keeps it from fusing. Past it the chunk is not fused,
+#: but one pass over the keys still beats the key loop's rescaled accumulators. Measured on a 2-core
+#: x86 CPU (AMD EPYC), the attention core against torch's ``F.scaled_dot_product_attention`` in one
+#: process, medians of 11 interleaved runs; the layers with
 #: ``python -m benchmarks --only-grid --grid-points B,L,E,H --grid-contenders eqx``:
 #:
 #: | N x H, L = S, D  | key blocks (before)        | whole keys                        |
