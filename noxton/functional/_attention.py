@@ -160,6 +160,12 @@ def _linear(x, weight, bias):
     return y.astype(x.dtype)
 
 
+def split_heads(x, num_heads: int, *, heads_first: bool = False):
+    """``[*B, S, E]`` as ``[*B, S, H, D]``, or ``[*B, H, S, D]`` with ``heads_first`` (a decoding cache's layout)."""
+    x = x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads)
+    return jnp.swapaxes(x, -3, -2) if heads_first else x
+
+
 def _split_in_proj(params):
     """The query, key and value projections' ``(weight, bias)`` pairs (biases ``None`` without ``in_proj_bias``)."""
     b = params.get("in_proj_bias")
@@ -398,7 +404,7 @@ def attend_projected(
     )
 
     def heads(x):  # [*B, S, E] -> [*B, S, H, D]
-        return x.reshape(*x.shape[:-1], num_heads, head_dim)
+        return split_heads(x, num_heads)
 
     def kv_heads(x):  # the keys or values as [*B, S', H, D]
         return jnp.swapaxes(x, -3, -2) if kv_heads_first else heads(x)

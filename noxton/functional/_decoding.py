@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from noxton.functional._attention import _in_projection, _linear, _split_in_proj, attend_projected
+from noxton.functional._attention import _in_projection, _linear, _split_in_proj, attend_projected, split_heads
 from noxton.functional._checks import check_array, check_heads, check_positive_int, lift, softmax_dtype
 from noxton.functional._masks import canonical_masks
 
@@ -91,8 +91,8 @@ def memory_cache(
         dtype=sdtype,
     )
     return {
-        "key": _heads_first(_linear(memory, wk, bk), num_heads),
-        "value": _heads_first(_linear(memory, wv, bv), num_heads),
+        "key": split_heads(_linear(memory, wk, bk), num_heads, heads_first=True),
+        "value": split_heads(_linear(memory, wv, bv), num_heads, heads_first=True),
         "padding": jnp.zeros((*batch_shape, src_len), sdtype) if masks.key_padding is None else masks.key_padding,
         "mask": jnp.zeros((*batch_shape, 0), sdtype) if masks.attn is None else masks.attn,
         "index": jnp.zeros((), jnp.int32),
@@ -132,9 +132,10 @@ def decode_self_attention(
         dtype=cache["padding"].dtype,
     )
     q, k, v = _in_projection(x, x, x, params)
+    k, v = (split_heads(a, num_heads, heads_first=True) for a in (k, v))
     cache = {
-        "key": lax.dynamic_update_slice_in_dim(cache["key"], _heads_first(k, num_heads), index, axis=-2),
-        "value": lax.dynamic_update_slice_in_dim(cache["value"], _heads_first(v, num_heads), index, axis=-2),
+        "key": lax.dynamic_update_slice_in_dim(cache["key"], k, index, axis=-2),
+        "value": lax.dynamic_update_slice_in_dim(cache["value"], v, index, axis=-2),
         "padding": cache["padding"]
         if masks.key_padding is None
         else lax.dynamic_update_slice_in_dim(cache["padding"], masks.key_padding, index, axis=-1),
@@ -193,11 +194,6 @@ def _attend(q, cache, params, num_heads, add_zero_attn, attn_mask, implementatio
         kv_heads_first=True,
     )
     return out
-
-
-def _heads_first(x, num_heads: int):
-    """``[*B, S, E]`` as ``[*B, H, S, D]``."""
-    return jnp.swapaxes(x.reshape(*x.shape[:-1], num_heads, x.shape[-1] // num_heads), -3, -2)
 
 
 def _past_end(out, positions, max_len: int):
