@@ -184,10 +184,11 @@ def test_paths_match_dense(struct, mask_case):
             assert_close(gx, gd, ATOL, name)
 
 
-# The blockwise forward with every key at once (``_forward_whole_keys``, what the CPU runs) in chunks
-# made small enough to split examples (200 scores: 2 of the 4 rows), heads (81: one row of 9 x 9) and a
-# row's queries (40: 5 of 9, the last chunk padded); "long": past FUSED_KEYS_MAX keys, where a chunk
-# takes at most LONG_CHUNK_Q queries (here 4 x 3 of 9 queries).
+# The blockwise forward and backward with every key at once (``_forward_whole_keys`` and
+# ``_backward_whole_keys``, what the CPU runs) in chunks made small enough to split examples (200 scores:
+# 2 of the 4 rows), heads (81: one row of 9 x 9) and a row's queries (40: 5 of 9, the last chunk padded,
+# the backward accumulating dK and dV over them); "long": past FUSED_KEYS_MAX keys, where a chunk takes
+# at most LONG_CHUNK_Q queries (here 4 x 3 of 9 queries).
 WHOLE_KEY_CASES = [
     ("kv-biaskv-zeroattn", m, budget)
     for budget in (81, 40)

@@ -108,10 +108,11 @@ def select_implementation(
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
        Up to 8192 keys its forward makes one pass over all keys in chunks of
        rows and queries of about 8 MiB of scores, which XLA fuses into one
-       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``); past
-       8192 keys, and in its backward, it loops over key blocks in tiles that
-       ``block_sizes`` keeps under glibc's 32 MiB ``mmap`` ceiling at small
-       batch, so that no call faults its scores in afresh.
+       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``), and
+       its backward takes the same chunks; past 8192 keys both loop over key
+       blocks in tiles that ``block_sizes`` keeps under glibc's 32 MiB
+       ``mmap`` ceiling at small batch, so that no call faults its scores in
+       afresh.
     4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
     5. Otherwise (dropout, or float64 inputs off the CPU) dense: ``"auto"`` never
        trades precision for speed.
