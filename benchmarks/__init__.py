@@ -4,3 +4,8 @@
 process per long-sequence run), ``report`` writes the tables, the plot and ``docs/performance.md``.
 ``reference`` holds the torch squeeze-excitation block that the tests share.
 """
+
+# Every contender, in this process and in each long-sequence child (``python -m benchmarks --child``),
+# runs under the glibc malloc thresholds that ``import noxton`` sets (docs/differences.md), as it would
+# in a user's process that imports noxton: the comparison is between the libraries, not allocator states.
+import noxton as _noxton  # noqa: F401

@@ -5,12 +5,18 @@
 - ``noxton.haiku``: the same layers as Haiku modules.
 - ``noxton.functional``: the maths both front ends run.
 - ``noxton.interop``: torch ``state_dict`` <-> Haiku params and Equinox models.
+
+Importing ``noxton`` sets glibc's ``malloc`` thresholds where XLA's CPU kernels run at their best
+(``noxton._malloc``; ``NOXTON_KEEP_MALLOC=1`` leaves them alone).
 """
 
 from noxton import functional as functional
 from noxton import haiku as haiku
 from noxton import interop as interop
 from noxton import nn as nn
+from noxton._malloc import tune_malloc as _tune_malloc
+
+_tune_malloc()
 
 __version__ = "0.1.0"
 
