@@ -214,6 +214,7 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, monkeypatch):
         monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 4)
         monkeypatch.setattr(blockwise_module, "LONG_CHUNK_Q", 4)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", budget)
+    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", budget)  # the backward's chunks, the same here
     keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
     nb, hb, c = blockwise_module.whole_key_chunks(N, H, L, keys)
     assert (nb * hb, c) != (N * H, L), "the case must split the call into chunks"

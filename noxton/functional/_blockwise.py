@@ -288,19 +288,34 @@ LONG_CHUNK_Q = 256
 #: keeps the key loop: thinner query chunks read all keys for too few queries (measured at 65536 keys,
 #: 1 x 32 chunks: 145 s per call, about twice torch's time).
 WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
+#: Scores per chunk of ``_backward_whole_keys``, a quarter of the forward's: each chunk holds four
+#: score-sized arrays (``s``, ``p``, ``dp``, ``ds``), and with 2**21 the gradient's temporaries reached
+#: 33 MiB at B=1, L=S=512, E=256, H=8, over glibc's 32 MiB ``mmap`` ceiling, so every call faulted
+#: them in afresh (20 MiB with 2**19). The layer's gradient, 11 interleaved rounds in one process, the
+#: contenders' order rotated (``NX_VJP`` traced at each value, since removed), E=256, H=8:
+#:
+#: | B, L=S   | 2**21    | 2**20    | 2**19    | 2**18    | torch    |
+#: |----------|----------|----------|----------|----------|----------|
+#: | 1, 512   | 50.8 ms  | 33.1 ms  | 28.8 ms  | 29.5 ms  | 27.5 ms  |
+#: | 8, 512   | 238 ms   | 265 ms   | 239 ms   | 217 ms   | 189 ms   |
+#: | 1, 1024  | 71.8 ms  | 67.8 ms  | 64.5 ms  | 67.8 ms  | 61.3 ms  |
+#: | 8, 256   | 90.6 ms  | 82.9 ms  | 84.3 ms  | 88.3 ms  | 69.4 ms  |
+#: | 1, 2048  | 270 ms   | 274 ms   | 289 ms   | 278 ms   | 197 ms   |
+CHUNK_SCORES_VJP = 2**19
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, max(1, at_most)) + 1) if n % d == 0)
 
 
-def whole_key_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
-    """``(examples, heads, queries)`` per chunk of ``_forward_whole_keys`` and ``_backward_whole_keys``:
-    ``[n, h, lq]`` queries, ``sk`` keys."""
+def whole_key_chunks(n: int, h: int, lq: int, sk: int, budget: int | None = None) -> tuple[int, int, int]:
+    """``(examples, heads, queries)`` per chunk of about ``budget`` scores (``CHUNK_SCORES`` by default;
+    ``_backward_whole_keys`` takes ``CHUNK_SCORES_VJP``): ``[n, h, lq]`` queries, ``sk`` keys."""
     c = lq if sk <= FUSED_KEYS_MAX else _balanced(lq, LONG_CHUNK_Q)
-    rows = CHUNK_SCORES // (c * sk)
+    budget = CHUNK_SCORES if budget is None else budget
+    rows = budget // (c * sk)
     if rows < 1:
-        return 1, 1, _balanced(lq, max(8, CHUNK_SCORES // sk))
+        return 1, 1, _balanced(lq, max(8, budget // sk))
     hb = _largest_divisor(h, rows)
     nb = _largest_divisor(n, rows // hb) if hb == h else 1
     return nb, hb, c
@@ -634,7 +649,7 @@ def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, 
         n, h, tgt_len, _ = q.shape
         src_len = k.shape[2]
         if _whole_keys(static, dropout, cfg.total_len) and not (need_dkp or need_dam):
-            chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len)
+            chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len, CHUNK_SCORES_VJP)
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             lq, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, dout, lse = _pad_to(out, 2, lq), _pad_to(dout, 2, lq), _pad_to(lse, 2, lq, jnp.inf)
