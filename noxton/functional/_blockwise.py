@@ -291,8 +291,10 @@ WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
 #: Scores per chunk of ``_backward_whole_keys``, a quarter of the forward's: each chunk holds four
 #: score-sized arrays (``s``, ``p``, ``dp``, ``ds``), and with 2**21 the gradient's temporaries reached
 #: 33 MiB at B=1, L=S=512, E=256, H=8, over glibc's 32 MiB ``mmap`` ceiling, so every call faulted
-#: them in afresh (20 MiB with 2**19). The layer's gradient, 11 interleaved rounds in one process, the
-#: contenders' order rotated (``NX_VJP`` traced at each value, since removed), E=256, H=8:
+#: them in afresh (20 MiB with 2**19). The layer's gradient (``jax.grad`` of the jitted, vmapped
+#: ``noxton.nn.MultiheadAttention``), medians of 11 interleaved rounds in one process with the order
+#: rotated each round, one compiled variant per value of this constant (set before tracing it; a
+#: scratch script, as ``benchmarks.tiles`` does not take this budget yet), E=256, H=8:
 #:
 #: | B, L=S   | 2**21    | 2**20    | 2**19    | 2**18    | torch    |
 #: |----------|----------|----------|----------|----------|----------|
