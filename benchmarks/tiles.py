@@ -1,17 +1,21 @@
-"""The blockwise path's tile sizes, side by side: ``python -m benchmarks.tiles B,E,H L[,L...] MODE TILES``.
+"""The blockwise path's tile sizes, side by side: ``python -m benchmarks.tiles B,E,H L[,L...] MODE [TILES]``.
 
 ``TILES`` is a comma-separated list of ``log2(BLOCK_SCORES):MAX_BLOCK_Q:MAX_BLOCK_K``, for example
-``23:512:1024,23:256:512``. For each length, every tiling is timed against torch's MHA (and any
-``--peers``) in one process, the repeats interleaved; each row also gives the memory that one call
-faults in (the process's minor page faults times the page size): glibc serves every allocation of
-32 MiB or more with a fresh ``mmap``, so a program whose temporaries reach that size faults its pages
-in again on every call. These are the figures behind ``noxton/functional/_blockwise.py``'s tile sizes.
+``23:512:1024,23:256:512``; ``--chunk-scores 21,19`` instead (or as well) times the CPU's whole-key
+passes with chunks of ``2**21`` and ``2**19`` scores: ``CHUNK_SCORES`` for ``fwd``, ``CHUNK_SCORES_VJP``
+for ``fwd_bwd`` (the forward keeps its own). For each length, every variant is compiled once
+and timed against torch's MHA (and any ``--peers``) in one process, the repeats interleaved and their
+order shuffled; each row also gives the memory that one call faults in (the process's minor page
+faults times the page size): glibc serves every allocation of more than its ``mmap`` threshold with a
+fresh ``mmap``, so a program whose temporaries pass it faults its pages in again on every call.
+These are the figures behind ``noxton/functional/_blockwise.py``'s tile sizes and chunk budgets.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
 import resource
 import statistics
 import time
@@ -22,7 +26,12 @@ def main(argv=None) -> None:
     ap.add_argument("shape", help="B,E,H")
     ap.add_argument("lengths", help="L=S values, comma-separated")
     ap.add_argument("mode", choices=("fwd", "fwd_bwd"))
-    ap.add_argument("tiles", help="log2(BLOCK_SCORES):MAX_BLOCK_Q:MAX_BLOCK_K, comma-separated")
+    ap.add_argument("tiles", nargs="?", default="", help="log2(BLOCK_SCORES):MAX_BLOCK_Q:MAX_BLOCK_K, comma-separated")
+    ap.add_argument(
+        "--chunk-scores",
+        default="",
+        help="log2 of the whole-key chunks' budget, comma-separated (CHUNK_SCORES; CHUNK_SCORES_VJP for fwd_bwd)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -36,29 +45,45 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(THREADS)
     B, E, H = (int(x) for x in args.shape.split(","))
-    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",")]
+    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",") if t]
+    chunks = [int(v) for v in args.chunk_scores.split(",") if v]
+    if not tiles and not chunks:
+        ap.error("give TILES, --chunk-scores, or both")
+    budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
 
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    saved = blockwise.BLOCK_SCORES, blockwise.MAX_BLOCK_Q, blockwise.MAX_BLOCK_K
+    names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget)
+    saved = {n: getattr(blockwise, n) for n in names}
+
+    def variant(label, **values):
+        blockwise.__dict__.update(values)
+        try:
+            if "BLOCK_SCORES" in values:
+                label += f" -> {blockwise.block_sizes(B * H, L, L)}"
+            call = build("noxton_eqx_blockwise", B, L, E, H, args.mode)
+            call()  # compiles with these values
+        finally:
+            blockwise.__dict__.update(saved)
+        calls[label] = call
+
     for L in (int(x) for x in args.lengths.split(",")):
         calls = {n: build(n, B, L, E, H, args.mode) for n in peers}
         for log2, max_q, max_k in tiles:
-            blockwise.BLOCK_SCORES, blockwise.MAX_BLOCK_Q, blockwise.MAX_BLOCK_K = 2**log2, max_q, max_k
-            call = build("noxton_eqx_blockwise", B, L, E, H, args.mode)
-            call()  # compiles with these tile sizes
-            calls[f"blockwise {log2}:{max_q}:{max_k} -> {blockwise.block_sizes(B * H, L, L)}"] = call
-        blockwise.BLOCK_SCORES, blockwise.MAX_BLOCK_Q, blockwise.MAX_BLOCK_K = saved
+            variant(f"blockwise {log2}:{max_q}:{max_k}", BLOCK_SCORES=2**log2, MAX_BLOCK_Q=max_q, MAX_BLOCK_K=max_k)
+        for log2 in chunks:
+            variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2})
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}
         faulted: dict[str, list[int]] = {n: [] for n in calls}
-        order = list(calls.items())
-        for rep in range(args.reps):  # rotated, as in measure.medians
-            for n, call in order[rep % len(order) :] + order[: rep % len(order)]:
+        order, rng = list(calls.items()), random.Random(0)
+        for _ in range(args.reps):  # a new order each repeat, as in measure.medians
+            rng.shuffle(order)
+            for n, call in order:
                 f, t = faults(), time.perf_counter()
                 call()
                 times[n].append(time.perf_counter() - t)

@@ -292,9 +292,12 @@ WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
 #: score-sized arrays (``s``, ``p``, ``dp``, ``ds``), and with 2**21 the gradient's temporaries reached
 #: 33 MiB at B=1, L=S=512, E=256, H=8, over glibc's 32 MiB ``mmap`` ceiling, so every call faulted
 #: them in afresh (20 MiB with 2**19). The layer's gradient (``jax.grad`` of the jitted, vmapped
-#: ``noxton.nn.MultiheadAttention``), medians of 11 interleaved rounds in one process with the order
-#: rotated each round, one compiled variant per value of this constant (set before tracing it; a
-#: scratch script, as ``benchmarks.tiles`` does not take this budget yet), E=256, H=8:
+#: ``noxton.nn.MultiheadAttention``), medians of 11 interleaved rounds in one process, one compiled
+#: variant per value of this constant, E=256, H=8, in the table below. The command that measures it:
+#: ``python -m benchmarks.tiles 1,256,8 512,1024 fwd_bwd --chunk-scores 21,20,19,18 --peers torch
+#: --reps 11``; its run of 2026-12-03 gave, at L=512, 35.6, 24.4, 20.6 and 20.0 ms against torch's
+#: 22.7 (35 MiB faulted per call at 2**21, none below), and at L=1024 64.6, 68.4, 52.8 and 63.0
+#: against 53.3:
 #:
 #: | B, L=S   | 2**21    | 2**20    | 2**19    | 2**18    | torch    |
 #: |----------|----------|----------|----------|----------|----------|
