@@ -171,7 +171,8 @@ def _linear(x, weight, bias):
     acc = softmax_dtype(x.dtype)
     weight = weight.astype(x.dtype)
     rows = math.prod(x.shape[:-1])
-    if jax.default_backend() == "cpu" and rows * vmapped_size(x) < CPU_WEIGHT_FIRST_ROWS:
+    few = rows < CPU_WEIGHT_FIRST_ROWS and rows * vmapped_size(x) < CPU_WEIGHT_FIRST_ROWS
+    if few and jax.default_backend() == "cpu":
         y = jnp.moveaxis(jnp.einsum("oi,...i->o...", weight, x, preferred_element_type=acc), 0, -1)
     else:
         y = jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=acc)

@@ -62,9 +62,10 @@ def _as_data(x):
 
 def vmapped_size(*arrays) -> int:
     """The product of the sizes of the ``jax.vmap`` axes that map any of ``arrays`` (1 outside ``vmap``)."""
-    arrays = [_as_data(x) for x in arrays if x is not None]
-    if not arrays:
-        return 1
+    arrays = [x for x in arrays if x is not None]
+    if not any(isinstance(x, jax.core.Tracer) for x in arrays):
+        return 1  # concrete arrays: no jax.vmap is mapping them
+    arrays = [_as_data(x) for x in arrays]
     outer = getattr(_LOCAL, "sizes", None)
     _LOCAL.sizes = sizes = []
     try:
