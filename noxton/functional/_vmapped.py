@@ -32,6 +32,7 @@ import threading
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.core import Tracer
 
 _LOCAL = threading.local()
 
@@ -63,7 +64,7 @@ def _as_data(x):
 def vmapped_size(*arrays) -> int:
     """The product of the sizes of the ``jax.vmap`` axes that map any of ``arrays`` (1 outside ``vmap``)."""
     arrays = [x for x in arrays if x is not None]
-    if not any(isinstance(x, jax.core.Tracer) for x in arrays):
+    if not any(isinstance(x, Tracer) for x in arrays):
         return 1  # concrete arrays: no jax.vmap is mapping them
     arrays = [_as_data(x) for x in arrays]
     outer = getattr(_LOCAL, "sizes", None)
