@@ -8,7 +8,10 @@ and timed against torch's MHA (and any ``--peers``) in one process, the repeats 
 order shuffled; each row also gives the memory that one call faults in (the process's minor page
 faults times the page size): glibc serves every allocation of more than its ``mmap`` threshold with a
 fresh ``mmap``, so a program whose temporaries pass it faults its pages in again on every call.
-These are the figures behind ``noxton/functional/_blockwise.py``'s tile sizes and chunk budgets.
+``--weight-first-rows 0,256`` times the whole layer (``implementation="auto"``) with
+``noxton.functional._attention.CPU_WEIGHT_FIRST_ROWS`` at each value: the projections of fewer rows
+than it run ``W @ x.T`` on the CPU, 0 turns that off. These are the figures behind
+``noxton/functional/_blockwise.py``'s tile sizes and chunk budgets, and behind that constant.
 """
 
 from __future__ import annotations
@@ -32,6 +35,11 @@ def main(argv=None) -> None:
         default="",
         help="log2 of the whole-key chunks' budget, comma-separated (CHUNK_SCORES; CHUNK_SCORES_VJP for fwd_bwd)",
     )
+    ap.add_argument(
+        "--weight-first-rows",
+        default="",
+        help="values of CPU_WEIGHT_FIRST_ROWS, comma-separated (the whole layer, auto, at each)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -40,6 +48,7 @@ def main(argv=None) -> None:
     jax.config.update("jax_platforms", "cpu")
     import torch
 
+    import noxton.functional._attention as attention
     import noxton.functional._blockwise as blockwise
     from benchmarks.contenders import THREADS, build
 
@@ -47,8 +56,9 @@ def main(argv=None) -> None:
     B, E, H = (int(x) for x in args.shape.split(","))
     tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",") if t]
     chunks = [int(v) for v in args.chunk_scores.split(",") if v]
-    if not tiles and not chunks:
-        ap.error("give TILES, --chunk-scores, or both")
+    rows = [int(v) for v in args.weight_first_rows.split(",") if v]
+    if not tiles and not chunks and not rows:
+        ap.error("give TILES, --chunk-scores or --weight-first-rows")
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -58,16 +68,18 @@ def main(argv=None) -> None:
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget)
     saved = {n: getattr(blockwise, n) for n in names}
+    saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
 
-    def variant(label, **values):
+    def variant(label, contender="noxton_eqx_blockwise", **values):
         blockwise.__dict__.update(values)
         try:
             if "BLOCK_SCORES" in values:
                 label += f" -> {blockwise.block_sizes(B * H, L, L)}"
-            call = build("noxton_eqx_blockwise", B, L, E, H, args.mode)
+            call = build(contender, B, L, E, H, args.mode)
             call()  # compiles with these values
         finally:
             blockwise.__dict__.update(saved)
+            attention.CPU_WEIGHT_FIRST_ROWS = saved_rows
         calls[label] = call
 
     for L in (int(x) for x in args.lengths.split(",")):
@@ -76,6 +88,9 @@ def main(argv=None) -> None:
             variant(f"blockwise {log2}:{max_q}:{max_k}", BLOCK_SCORES=2**log2, MAX_BLOCK_Q=max_q, MAX_BLOCK_K=max_k)
         for log2 in chunks:
             variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2})
+        for n in rows:
+            attention.CPU_WEIGHT_FIRST_ROWS = n
+            variant(f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx")
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}

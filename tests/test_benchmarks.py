@@ -113,18 +113,23 @@ def test_page_rewrite_keeps_the_decoding_section(tmp_path):
     assert text.endswith("## Main\n\nnew\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
 
 
-def test_tiles_times_each_tiling_and_chunk_budget_and_restores_them(capsys):
+def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     pytest.importorskip("torch", reason="the tiles benchmark times torch alongside")
     import noxton.functional._blockwise as blockwise
     from benchmarks import tiles
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
     before = {n: getattr(blockwise, n) for n in names}
-    tiles.main(["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--peers", "torch", "--reps", "1"])
+    import noxton.functional._attention as attention
+
+    rows = attention.CPU_WEIGHT_FIRST_ROWS
+    argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
+    tiles.main([*argv, "--peers", "torch", "--reps", "1"])
     out = capsys.readouterr().out
     assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1" in out
     assert "blockwise 10:8:8 -> (8, 8)" in out
     assert "blockwise CHUNK_SCORES_VJP=2**9 " in out and "blockwise CHUNK_SCORES_VJP=2**12 " in out
-    assert {n: getattr(blockwise, n) for n in names} == before
+    assert "auto CPU_WEIGHT_FIRST_ROWS=0 " in out and "auto CPU_WEIGHT_FIRST_ROWS=256 " in out
+    assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd"])  # neither tiles nor budgets
