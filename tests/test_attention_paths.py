@@ -18,6 +18,7 @@ import pytest
 from helpers import assert_close
 from jax.test_util import check_grads
 
+import noxton.functional._attention as attention_module
 import noxton.functional._blockwise as blockwise_module
 import noxton.haiku as nxhk
 from noxton.functional import (
@@ -416,3 +417,31 @@ def test_bad_implementation_raises(bad):
     f = hk.transform(lambda x: nxhk.MultiheadAttention(E, H)(x, x, x, implementation=bad))
     with pytest.raises(ValueError, match="`implementation`"):
         f.init(jax.random.PRNGKey(0), x)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_linear_weight_first_and_input_first_agree(monkeypatch, dtype):
+    """On the CPU, products of fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows (vmapped rows counted) run as
+    ``W @ x.T``: both forms give torch's linear, values and gradients, against float64 NumPy."""
+    rng = np.random.default_rng(0)
+    arrays = rng.normal(size=(2, 5, 12)), rng.normal(size=(7, 12)) / 4, rng.normal(size=7)
+    x, w, b = (jnp.asarray(a, dtype) for a in arrays)
+    x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, b))
+    r = rng.normal(size=(2, 5, 7))
+
+    tol = 1e-5 if dtype == "float32" else 3e-2
+    programs = {}
+    for rows in (0, 256):  # 0: every product input first; 256: these 2 x 5 rows weight first
+        monkeypatch.setattr(attention_module, "CPU_WEIGHT_FIRST_ROWS", rows)
+
+        def loss(x, w):  # a new function for each value: JAX caches a function's trace
+            y = jax.vmap(attention_module._linear, in_axes=(0, None, None))(x, w, b)
+            return (y.astype(jnp.float32) * r).sum(), y
+
+        programs[rows] = str(jax.make_jaxpr(loss)(x, w))
+        (_, y), (gx, gw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
+        assert_close(y, x64 @ w64.T + b64, atol=tol, rtol=tol, name=f"value, rows={rows}")
+        assert_close(gx, r @ w64, atol=tol, rtol=tol, name=f"grad x, rows={rows}")
+        assert_close(gw, np.einsum("blo,bli->oi", r, x64), atol=tol * 10, rtol=tol, name=f"grad w, rows={rows}")
+    if jax.default_backend() == "cpu":
+        assert programs[0] != programs[256]  # the rule took the other form

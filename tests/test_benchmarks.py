@@ -115,13 +115,12 @@ def test_page_rewrite_keeps_the_decoding_section(tmp_path):
 
 def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     pytest.importorskip("torch", reason="the tiles benchmark times torch alongside")
+    import noxton.functional._attention as attention
     import noxton.functional._blockwise as blockwise
     from benchmarks import tiles
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
     before = {n: getattr(blockwise, n) for n in names}
-    import noxton.functional._attention as attention
-
     rows = attention.CPU_WEIGHT_FIRST_ROWS
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
     tiles.main([*argv, "--peers", "torch", "--reps", "1"])
@@ -132,4 +131,4 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     assert "auto CPU_WEIGHT_FIRST_ROWS=0 " in out and "auto CPU_WEIGHT_FIRST_ROWS=256 " in out
     assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
     with pytest.raises(SystemExit):
-        tiles.main(["1,16,2", "16", "fwd"])  # neither tiles nor budgets
+        tiles.main(["1,16,2", "16", "fwd"])  # no variant to time
