@@ -150,21 +150,27 @@ def select_implementation(
     return "dense" if wide else "fused"
 
 
-#: On the CPU, a product with fewer rows than this (``x``'s rows times the axes ``jax.vmap`` maps)
-#: is taken weight first, ``W @ x.T``, so that XLA packs the small ``x`` rather than the whole
-#: weight on every call; from it, ``x @ W.T``. Measured on a 2-core x86 CPU with
-#: ``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, forward, medians of 21 interleaved
-#: runs, ``x @ W.T`` against ``W @ x.T`` for both projections (B, L, E): 1, 16, 1024: 3.53 against
-#: 2.01 ms; 1, 64, 1024: 8.85 / 5.99; 1, 128, 1024: 14.2 / 9.3; 1, 192, 1024: 17.4 / 15.7;
-#: 1, 64, 2048: 23.6 / 15.1; 1, 32, 512: 1.55 / 1.16; 8, 1, 512 (a decoding step): 1.13 / 0.87;
-#: 1, 16, 256: 0.42 / 0.36. From 256 rows the weight-first product was slower (1, 256, 1024: 18.2
-#: against 20.4 ms; 8, 128, 256: 7.5 / 8.2) or level (1, 256, 2048: 68.4 / 67.3); forward and
-#: backward were level within 6% (1, 128, 1024: 24.3 / 24.3 ms; 1, 32, 1024: 10.6 / 9.4).
-#: The command that measures it: ``python -m benchmarks.tiles 1,1024,16 16,64,128,256 fwd
-#: --weight-first-rows 0,256 --reps 21`` (0 turns it off); its run of 2026-12-04 gave, at L=16, 64,
-#: 128 and 256, 4.0 / 2.3, 7.0 / 5.2, 12.9 / 9.8 and 20.4 / 20.9 ms (the last the same program
-#: twice), against eqx.nn's 2.2, 5.3, 9.6 and 22.1 and torch's 3.8, 7.0, 14.8 and 24.8.
-CPU_WEIGHT_FIRST_ROWS = 256
+#: On the CPU, a product with fewer rows than this (``x``'s rows times the axes ``jax.vmap`` maps) is taken
+#: weight first, ``W @ x.T``; from it, ``x @ W.T``. Jitted alone, the two forms took the same time at every
+#: size; in the layer they did not. My reading, not confirmed inside XLA: the weight-first output is laid out
+#: features first, so each head that attention reads next is a contiguous block of it, and XLA packs the small
+#: ``x`` rather than the whole weight. Measured on a 2-core x86 CPU with ``noxton.nn.MultiheadAttention`` under
+#: ``jax.vmap``, jitted, forward, medians of 21 interleaved runs (ms, weight first below 256 rows against below
+#: 1024, eqx.nn beside), with ``python -m benchmarks.tiles B,E,H L,... fwd --weight-first-rows 256,1024,2048
+#: --peers torch,eqx --reps 21`` (0 turns the rule off) on 2026-12-04: (B, E, L) = (1, 512, 256): 6.7 / 5.2
+#: (eqx.nn 4.6); (1, 512, 384): 9.9 / 7.7 (7.5); (1, 512, 512): 14.0 / 11.6 (11.5); (1, 1024, 384): 25.4 / 23.4
+#: (22.6); (1, 1024, 512): 34.0 / 32.6 (30.8); (1, 256, 512): 6.1 / 5.6 (4.7); (8, 512, 32): 5.7 / 4.7 (3.6);
+#: (8, 512, 64): 10.2 / 8.3 (7.0); (8, 1024, 32): 18.5 / 13.8 (11.8); (8, 1024, 64): 29.6 / 25.4 (24.3); level
+#: at (1, 256, 256), (1, 512, 768), (1, 1024, 768), (8, 256, 32) and (8, 256, 64); slower at 768 rows with E=256
+#: and 512 (8, 256, 96): 5.2 / 6.0; (8, 512, 96): 14.1 / 14.9. At 1024 rows weight first (a limit of 2048) was
+#: no better than input first, which the limits 256 and 1024 both compile, so that these give the spread of one
+#: program compiled twice in one run: (8, 512, 128): 18.6 against 19.1 and 20.7; (8, 256, 128): 7.1 against 6.9
+#: and 6.9; (1, 512, 1024): 29.0 against 29.3 and 26.0. Below 256 rows the run of ``--weight-first-rows 0,256``
+#: gave, at B=1, E=1024 and L=16, 64 and 128, 4.0 / 2.3, 7.0 / 5.2 and 12.9 / 9.8 ms (eqx.nn 2.2, 5.3, 9.6); a
+#: decoding step of 8 rows at E=512, 1.13 / 0.87. Forward and backward were level at each of these points within
+#: 4% (B, E, L = 1, 512, 256: 17.0 / 16.5 ms; 1, 1024, 256: 48.8 / 49.7; 8, 512, 64: 20.3 / 20.6), as was a
+#: ``TransformerEncoderLayer`` forward (1, 512, 512: 23.0 / 22.6; 8, 512, 64: 20.8 / 19.4).
+CPU_WEIGHT_FIRST_ROWS = 1024
 
 
 def _linear(x, weight, bias):
