@@ -420,14 +420,20 @@ def test_bad_implementation_raises(bad):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_linear_weight_first_and_input_first_agree(monkeypatch, dtype):
+@pytest.mark.parametrize("axis", [-1, -3])
+def test_linear_weight_first_and_input_first_agree(monkeypatch, dtype, axis):
     """On the CPU, products of fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows (vmapped rows counted) run as
-    ``W @ x.T``: both forms give torch's linear, values and gradients, against float64 NumPy."""
+    ``W @ x.T``: both forms give torch's linear, values and gradients, against float64 NumPy, over the
+    last axis (``Linear``) and over the channels of a ``(C, H, W)`` map (``PointwiseConv2d``)."""
     rng = np.random.default_rng(0)
-    arrays = rng.normal(size=(2, 5, 12)), rng.normal(size=(7, 12)) / 4, rng.normal(size=7)
+    # (2, 5, 12) features last, or (2, 12, 5, 1) channels first: 2 x 5 rows of 12 features either way
+    shape = (2, 5, 12) if axis == -1 else (2, 12, 5, 1)
+    arrays = rng.normal(size=shape), rng.normal(size=(7, 12)) / 4, rng.normal(size=7)
     x, w, b = (jnp.asarray(a, dtype) for a in arrays)
     x64, w64, b64 = (np.asarray(a, np.float64) for a in (x, w, b))
+    last = (lambda a: a) if axis == -1 else (lambda a: np.moveaxis(a, 1, -1)[..., 0, :])  # rows last: (2, 5, .)
     r = rng.normal(size=(2, 5, 7))
+    r_out = r if axis == -1 else np.moveaxis(r, -1, 1)[..., None]
 
     tol = 1e-5 if dtype == "float32" else 3e-2
     programs = {}
@@ -435,13 +441,17 @@ def test_linear_weight_first_and_input_first_agree(monkeypatch, dtype):
         monkeypatch.setattr(attention_module, "CPU_WEIGHT_FIRST_ROWS", rows)
 
         def loss(x, w):  # a new function for each value: JAX caches a function's trace
-            y = jax.vmap(attention_module._linear, in_axes=(0, None, None))(x, w, b)
-            return (y.astype(jnp.float32) * r).sum(), y
+            y = jax.vmap(lambda xi: attention_module._linear(xi, w, b, axis=axis))(x)
+            return (y.astype(jnp.float32) * r_out).sum(), y
 
         programs[rows] = str(jax.make_jaxpr(loss)(x, w))
         (_, y), (gx, gw) = jax.value_and_grad(loss, (0, 1), has_aux=True)(x, w)
-        assert_close(y, x64 @ w64.T + b64, atol=tol, rtol=tol, name=f"value, rows={rows}")
-        assert_close(gx, r @ w64, atol=tol, rtol=tol, name=f"grad x, rows={rows}")
-        assert_close(gw, np.einsum("blo,bli->oi", r, x64), atol=tol * 10, rtol=tol, name=f"grad w, rows={rows}")
+        assert y.shape == r_out.shape
+        assert_close(
+            last(np.asarray(y, np.float64)), last(x64) @ w64.T + b64, atol=tol, rtol=tol, name=f"value, rows={rows}"
+        )
+        assert_close(last(np.asarray(gx, np.float64)), r @ w64, atol=tol, rtol=tol, name=f"grad x, rows={rows}")
+        gw64 = np.einsum("blo,bli->oi", r, last(x64))
+        assert_close(gw, gw64, atol=tol * 10, rtol=tol, name=f"grad w, rows={rows}")
     if jax.default_backend() == "cpu":
         assert programs[0] != programs[256]  # the rule took the other form

@@ -173,21 +173,29 @@ def select_implementation(
 CPU_WEIGHT_FIRST_ROWS = 1024
 
 
-def _linear(x, weight, bias):
-    # torch's F.linear (addmm): x @ W.T + b in the (out, in) layout, accumulated and
-    # biased in float32 (float64 for float64), then rounded once to x's dtype. Two
-    # roundings (the product, then the sum) are measurably less exact than torch in
-    # float16/bfloat16.
+def _linear(x, weight, bias, *, axis: int = -1):
+    """torch's ``F.linear`` over ``x``'s feature axis ``axis`` (-1; -3 for a 1x1 convolution's channels).
+
+    ``x @ W.T + b`` in the ``(out, in)`` layout, accumulated and biased in float32 (float64 for
+    float64), then rounded once to ``x``'s dtype, as torch's ``addmm``: two roundings (the product,
+    then the sum) are measurably less exact than torch in float16/bfloat16. The features are
+    contracted in place, without moving ``axis`` last (which would transpose a feature map twice);
+    on the CPU a product of fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows runs weight first.
+    """
     acc = softmax_dtype(x.dtype)
     weight = weight.astype(x.dtype)
-    rows = math.prod(x.shape[:-1])
+    axis = axis % x.ndim
+    rows = math.prod(x.shape) // x.shape[axis]
     few = rows < CPU_WEIGHT_FIRST_ROWS and rows * vmapped_size(x) < CPU_WEIGHT_FIRST_ROWS
     if few and jax.default_backend() == "cpu":
-        y = jnp.moveaxis(jnp.einsum("oi,...i->o...", weight, x, preferred_element_type=acc), 0, -1)
+        y = lax.dot_general(weight, x, (((1,), (axis,)), ((), ())), preferred_element_type=acc)  # [out, *rest]
+        y = jnp.moveaxis(y, 0, axis)
     else:
-        y = jnp.einsum("...i,oi->...o", x, weight, preferred_element_type=acc)
+        y = lax.dot_general(x, weight, (((axis,), (1,)), ((), ())), preferred_element_type=acc)  # [*rest, out]
+        y = jnp.moveaxis(y, -1, axis)
     if bias is not None:
-        y = y + lift(bias.astype(x.dtype).astype(acc), y.ndim)
+        bias = bias.astype(x.dtype).astype(acc)
+        y = y + lift(bias.reshape(-1, *(1,) * (x.ndim - 1 - axis)), y.ndim)
     return y.astype(x.dtype)
 
 

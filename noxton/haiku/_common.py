@@ -20,8 +20,6 @@ from noxton.functional._checks import (
     check_inference,
     check_positive_float,
     check_positive_int,
-    lift,
-    softmax_dtype,
 )
 from noxton.functional._squeeze_excitation import check_feature_map
 from noxton.functional._transformer import Run, check_input, layer_norm
@@ -257,14 +255,7 @@ class PointwiseConv2d(Linear):
         """The 1x1 convolution of ``x``."""
         check_feature_map(x, self.in_channels, batched=True, name="in_channels")
         p = self.params()
-        # torch's 1x1 convolution: accumulated and biased in float32 (float64), rounded once, as ``_linear``;
-        # contracted over the channel axis in place (moving it last transposes the whole map, twice).
-        x = jnp.asarray(x)
-        acc = softmax_dtype(x.dtype)
-        y = jnp.einsum("...chw,oc->...ohw", x, p["weight"][:, :, 0, 0].astype(x.dtype), preferred_element_type=acc)
-        if "bias" in p:
-            y = y + lift(p["bias"].astype(x.dtype).astype(acc)[:, None, None], y.ndim)
-        return y.astype(x.dtype)
+        return _linear(jnp.asarray(x), p["weight"][:, :, 0, 0], p.get("bias"), axis=-3)
 
 
 class LayerNorm(TorchModule):
