@@ -268,7 +268,10 @@ def dense_attention(
     mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
     if mask is not None:
         scores = scores + lift(mask, scores.ndim)
-    weights = masked_softmax(scores)
+        weights = masked_softmax(scores)
+    else:  # every row has a key: no all -inf row to guard (the guard's select keeps XLA from fusing)
+        e = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
+        weights = e / jnp.sum(e, axis=-1, keepdims=True)
     if dropout_p > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)

@@ -384,6 +384,7 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     kt = jnp.swapaxes(k, 2, 3)  # [N, H, D, S]: a plain (q, d) x (d, k) product per row
     tiny = jnp.finfo(sdtype).tiny
     lowest = jnp.finfo(sdtype).min
+    masked = kp is not None or am is not None or cfg.causal or cfg.padded
     part = functools.partial(_chunk_part, chunks)
 
     def chunk(idx):
@@ -391,9 +392,14 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
         b, i = jnp.divmod(rest, counts[2])
         qc = part(q, a, b, i).reshape(rows, c, d)
         s = _chunk_scores(cfg, chunks, qc, part(kt, a, b).reshape(rows, d, sk), kp, am, a, b, i, sdtype)
-        # The row maximum, kept finite so that a row whose every key is masked gives exp(-inf) = 0. A floor
-        # rather than finite_shift's select, which keeps XLA from fusing the chunk.
-        m = jnp.maximum(jnp.max(s, axis=-1, keepdims=True), lowest)
+        m = jnp.max(s, axis=-1, keepdims=True)
+        if masked:
+            # Kept finite, so that a row whose every key is masked gives exp(-inf) = 0: a floor rather than
+            # finite_shift's select, which keeps XLA from fusing the chunk. Unmasked, every row has a key and
+            # no floor is needed; the floor alone kept XLA from fusing the maximum into the product at
+            # 8 rows x 256 queries x 256 keys, D=64 (its chunk moved 22 MiB in 8 kernels against 12 MiB
+            # in 5, 2.22 against 1.99 ms).
+            m = jnp.maximum(m, lowest)
         p = jnp.exp(s - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
         w = p * (1.0 / jnp.maximum(l, tiny))
