@@ -270,8 +270,7 @@ def dense_attention(
         scores = scores + lift(mask, scores.ndim)
         weights = masked_softmax(scores)
     else:  # every row has a key: no all -inf row to guard (the guard's select keeps XLA from fusing)
-        e = jnp.exp(scores - lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True)))
-        weights = e / jnp.sum(e, axis=-1, keepdims=True)
+        weights = jax.nn.softmax(scores, axis=-1)
     if dropout_p > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
