@@ -10,8 +10,11 @@ faults times the page size): glibc serves every allocation of more than its ``mm
 fresh ``mmap``, so a program whose temporaries pass it faults its pages in again on every call.
 ``--weight-first-rows 0,256`` times the whole layer (``implementation="auto"``) with
 ``noxton.functional._attention.CPU_WEIGHT_FIRST_ROWS`` at each value: the projections of fewer rows
-than it run ``W @ x.T`` on the CPU, 0 turns that off. These are the figures behind
-``noxton/functional/_blockwise.py``'s tile sizes and chunk budgets, and behind that constant.
+than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
+``noxton.functional._blockwise.NORMALISED_FIRST`` set so that every whole-key chunk divides by the softmax's
+sum before the second product (``before``), after it (``after``), or as the rule says (``rule``). These are
+the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
+behind that constant.
 """
 
 from __future__ import annotations
@@ -40,6 +43,12 @@ def main(argv=None) -> None:
         default="",
         help="values of CPU_WEIGHT_FIRST_ROWS, comma-separated (the whole layer, auto, at each)",
     )
+    ap.add_argument(
+        "--normalise",
+        default="",
+        help="whole-key chunks divide by the softmax's sum before, after or as NORMALISED_FIRST says "
+        "(before, after, rule; comma-separated; the whole layer, auto, at each)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -57,8 +66,11 @@ def main(argv=None) -> None:
     tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",") if t]
     chunks = [int(v) for v in args.chunk_scores.split(",") if v]
     rows = [int(v) for v in args.weight_first_rows.split(",") if v]
-    if not tiles and not chunks and not rows:
-        ap.error("give TILES, --chunk-scores or --weight-first-rows")
+    normalise = [v for v in args.normalise.split(",") if v]
+    if set(normalise) - {"before", "after", "rule"}:
+        ap.error(f"--normalise takes before, after and rule, got {args.normalise!r}")
+    if not tiles and not chunks and not rows and not normalise:
+        ap.error("give TILES, --chunk-scores, --weight-first-rows or --normalise")
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -66,7 +78,7 @@ def main(argv=None) -> None:
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget)
+    names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISED_FIRST")
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
 
@@ -91,6 +103,9 @@ def main(argv=None) -> None:
         for n in rows:
             attention.CPU_WEIGHT_FIRST_ROWS = n
             variant(f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx")
+        for how in normalise:
+            every = _NormalisedFirst(how == "before")
+            variant(f"auto normalised {how}", "noxton_eqx", **({} if how == "rule" else {"NORMALISED_FIRST": every}))
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}
@@ -109,6 +124,16 @@ def main(argv=None) -> None:
             m = statistics.median(times[n])
             mib = statistics.median(faulted[n]) * page / 2**20
             print(f"  {n:44s} {m * 1e3:9.1f} ms  {m / ref:5.2f}x  {mib:6.0f} MiB faulted per call", flush=True)
+
+
+class _NormalisedFirst:
+    """Every chunk shape is in it (``True``), or none (``False``): ``NORMALISED_FIRST`` for all or no chunks."""
+
+    def __init__(self, every: bool):
+        self.every = every
+
+    def __contains__(self, shape) -> bool:
+        return self.every
 
 
 if __name__ == "__main__":

@@ -197,13 +197,22 @@ WHOLE_KEY_CASES = [
 ] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200), ("self", "causal_kpm", "long")]
 # and past WHOLE_KEYS_MAX keys, the key loop with its own block sizes
 WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
+# Every case divides by the softmax's sum after the second product, ((P @ V) / l); these also before it
+# (the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
+WHOLE_KEY_CASES = (
+    [(*case, False) for case in WHOLE_KEY_CASES]
+    + [("kv-biaskv-zeroattn", m, 40, True) for m in ("none", "batch_heads_float", "rows_masked", "all_masked")]
+    + [("self", "causal_kpm", "long", True)]
+)
 
 
 @pytest.mark.cross_product
 @pytest.mark.parametrize(
-    ("struct", "mask_case", "budget"), WHOLE_KEY_CASES, ids=[f"{s}-{m}-{b}" for s, m, b in WHOLE_KEY_CASES]
+    ("struct", "mask_case", "budget", "normalised_first"),
+    WHOLE_KEY_CASES,
+    ids=[f"{s}-{m}-{b}" + ("-normalised-first" if f else "") for s, m, b, f in WHOLE_KEY_CASES],
 )
-def test_whole_key_chunks_match_dense(struct, mask_case, budget, monkeypatch):
+def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_first, monkeypatch):
     monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_Q", None)
     monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_K", None)
     if budget == "beyond":
@@ -219,6 +228,8 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, monkeypatch):
     keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
     nb, hb, c = blockwise_module.whole_key_chunks(N, H, L, keys)
     assert (nb * hb, c) != (N * H, L), "the case must split the call into chunks"
+    # chunks of this shape divide by the softmax's sum before the second product, (P / l) @ V
+    monkeypatch.setattr(blockwise_module, "NORMALISED_FIRST", frozenset({(c, keys)} if normalised_first else ()))
     results = run(struct, mask_case)
     out_d, g_d = results["dense"]
     out_b, g_b = results["blockwise"]

@@ -307,6 +307,28 @@ WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
 #: | 8, 256   | 90.6 ms  | 82.9 ms  | 84.3 ms  | 88.3 ms  | 69.4 ms  |
 #: | 1, 2048  | 270 ms   | 274 ms   | 289 ms   | 278 ms   | 197 ms   |
 CHUNK_SCORES_VJP = 2**19
+#: ``_forward_whole_keys`` divides by the softmax's sum after the second product (``(P @ V) / l``, a scale
+#: of ``[queries, D]`` rather than of ``[queries, keys]``, as torch's CPU flash kernel does), except for
+#: chunks of these ``(queries, keys)``, which take ``(P / l) @ V``. Both round alike: ``P`` or ``P / l`` is
+#: rounded once to the values' dtype. Measured on a 2-core x86 CPU (Intel, AVX-512; jaxlib 0.10, whose
+#: YNNPACK fusion runs each chunk as one kernel), forward, medians of 7-11 interleaved rounds in one
+#: process, ms, ``(P / l) @ V`` against ``(P @ V) / l``. The chunk alone, at (rows, queries, keys, D):
+#: (64, 128, 128, 32) 1.33 / 0.86; (32, 256, 256, 64) 3.36 / 2.22; (128, 128, 128, 64) 3.66 / 2.30;
+#: (8, 256, 256, 32) 0.83 / 0.69; (2, 1024, 1024, 32) 2.62 / 2.12; (4, 256, 2048, 32) 2.71 / 2.39; and
+#: the one shape where dividing first was as fast or faster, (8, 512, 512, 32) 2.21 / 2.26 and (8, 512,
+#: 512, 64) 3.05 / 3.22; in the layer at B=1, E=256, L=512 (those 8 x 512 x 512 chunks), 3.5 / 3.8-4.5.
+#: The layer, ``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, with ``python -m benchmarks.tiles
+#: B,E,H L,... fwd --normalise before,rule --peers torch,eqx --reps 11`` on 2026-12-04 (before / rule,
+#: eqx.nn and torch beside), at (B, E, L): (8, 256, 128) 5.5 / 4.2 (eqx.nn 5.2, torch 3.4); (8, 256, 256)
+#: 11.5 / 9.1 (11.5, 8.2); (8, 512, 256) 30.7 / 24.8 (29.4, 20.1); (8, 1024, 128) 34.1 / 30.0 (35.8,
+#: 30.5); (1, 1024, 256) 12.0 / 8.9 (10.8, 9.6); (1, 256, 1024) 12.7 / 10.6 (11.5, 7.9); level within the
+#: run's noise (up to 20% between identical programs there) at the other 24 points of B in {1, 8},
+#: E/H in {256/8, 512/8, 1024/16}, L in {64, ..., 1024}. Forward and backward were level or up to 7%
+#: faster (the gradient's forward also writes the log-sum-exp, which keeps the chunk from the gain). On the
+#: AMD EPYC of the earlier measurements in this file, dividing after was slower at a chunk of 8 x 256 x 256,
+#: D=64 (2.72 against 2.22 ms, with the all-masked-row guard of then); that machine was not at hand to
+#: measure this rule again.
+NORMALISED_FIRST = frozenset({(512, 512)})
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -385,6 +407,7 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     tiny = jnp.finfo(sdtype).tiny
     lowest = jnp.finfo(sdtype).min
     masked = kp is not None or am is not None or cfg.causal or cfg.padded
+    after = (c, sk) not in NORMALISED_FIRST
     part = functools.partial(_chunk_part, chunks)
 
     def chunk(idx):
@@ -402,9 +425,13 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
             m = jnp.maximum(m, lowest)
         p = jnp.exp(s - m)
         l = jnp.sum(p, axis=-1, keepdims=True)
-        w = p * (1.0 / jnp.maximum(l, tiny))
         vc = part(v, a, b).reshape(rows, sk, dv)
-        out = jnp.einsum("rqk,rkd->rqd", w.astype(v.dtype), vc, preferred_element_type=sdtype)
+        if after:  # the unnormalised weights' product, then its [c, D] rows scaled
+            out = jnp.einsum("rqk,rkd->rqd", p.astype(v.dtype), vc, preferred_element_type=sdtype)
+            out = out * (1.0 / jnp.maximum(l, tiny))
+        else:
+            w = p * (1.0 / jnp.maximum(l, tiny))
+            out = jnp.einsum("rqk,rkd->rqd", w.astype(v.dtype), vc, preferred_element_type=sdtype)
         lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.maximum(l, tiny)))
         return out.reshape(nb, hb, c, dv), lse.reshape(nb, hb, c)
 
