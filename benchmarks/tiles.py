@@ -11,8 +11,9 @@ fresh ``mmap``, so a program whose temporaries pass it faults its pages in again
 ``--weight-first-rows 0,256`` times the whole layer (``implementation="auto"``) with
 ``noxton.functional._attention.CPU_WEIGHT_FIRST_ROWS`` at each value: the projections of fewer rows
 than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
-``noxton.functional._blockwise.NORMALISED_FIRST`` set so that every whole-key chunk divides by the softmax's
-sum before the second product (``before``), after it (``after``), or as the rule says (``rule``). These are
+every whole-key chunk dividing by the softmax's sum before the second product (``before``: what
+``noxton.functional._blockwise.NORMALISE_AFTER`` turns off), after it (``after``), or after it except for
+``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
 behind that constant.
 """
@@ -46,8 +47,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--normalise",
         default="",
-        help="whole-key chunks divide by the softmax's sum before, after or as NORMALISED_FIRST says "
-        "(before, after, rule; comma-separated; the whole layer, auto, at each)",
+        help="whole-key chunks divide by the softmax's sum before the second product, after it, or after it "
+        "except for NORMALISED_FIRST's chunks (before, after, rule; comma-separated; the whole layer, auto, at each)",
     )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
@@ -78,7 +79,7 @@ def main(argv=None) -> None:
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISED_FIRST")
+    names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST")
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
 
@@ -104,8 +105,8 @@ def main(argv=None) -> None:
             attention.CPU_WEIGHT_FIRST_ROWS = n
             variant(f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx")
         for how in normalise:
-            every = _NormalisedFirst(how == "before")
-            variant(f"auto normalised {how}", "noxton_eqx", **({} if how == "rule" else {"NORMALISED_FIRST": every}))
+            after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
+            variant(f"auto normalised {how}", "noxton_eqx", **after)
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}
@@ -124,16 +125,6 @@ def main(argv=None) -> None:
             m = statistics.median(times[n])
             mib = statistics.median(faulted[n]) * page / 2**20
             print(f"  {n:44s} {m * 1e3:9.1f} ms  {m / ref:5.2f}x  {mib:6.0f} MiB faulted per call", flush=True)
-
-
-class _NormalisedFirst:
-    """Every chunk shape is in it (``True``), or none (``False``): ``NORMALISED_FIRST`` for all or no chunks."""
-
-    def __init__(self, every: bool):
-        self.every = every
-
-    def __contains__(self, shape) -> bool:
-        return self.every
 
 
 if __name__ == "__main__":

@@ -197,8 +197,8 @@ WHOLE_KEY_CASES = [
 ] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200), ("self", "causal_kpm", "long")]
 # and past WHOLE_KEYS_MAX keys, the key loop with its own block sizes
 WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
-# Every case divides by the softmax's sum after the second product, ((P @ V) / l); these also before it
-# (the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
+# Every case divides by the softmax's sum after the second product, ((P @ V) / l), as the Intel CPUs do; these
+# also before it (other CPUs, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
 WHOLE_KEY_CASES = (
     [(*case, False) for case in WHOLE_KEY_CASES]
     + [("kv-biaskv-zeroattn", m, 40, True) for m in ("none", "batch_heads_float", "rows_masked", "all_masked")]
@@ -228,7 +228,8 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
     nb, hb, c = blockwise_module.whole_key_chunks(N, H, L, keys)
     assert (nb * hb, c) != (N * H, L), "the case must split the call into chunks"
-    # chunks of this shape divide by the softmax's sum before the second product, (P / l) @ V
+    # chunks of this shape divide by the softmax's sum before the second product, (P / l) @ V, whatever the CPU
+    monkeypatch.setattr(blockwise_module, "NORMALISE_AFTER", True)
     monkeypatch.setattr(blockwise_module, "NORMALISED_FIRST", frozenset({(c, keys)} if normalised_first else ()))
     results = run(struct, mask_case)
     out_d, g_d = results["dense"]

@@ -120,15 +120,19 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     from benchmarks import tiles
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
+    names += ("NORMALISE_AFTER", "NORMALISED_FIRST")
     before = {n: getattr(blockwise, n) for n in names}
     rows = attention.CPU_WEIGHT_FIRST_ROWS
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
-    tiles.main([*argv, "--peers", "torch", "--reps", "1"])
+    tiles.main([*argv, "--normalise", "before,after,rule", "--peers", "torch", "--reps", "1"])
     out = capsys.readouterr().out
     assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1" in out
     assert "blockwise 10:8:8 -> (8, 8)" in out
     assert "blockwise CHUNK_SCORES_VJP=2**9 " in out and "blockwise CHUNK_SCORES_VJP=2**12 " in out
     assert "auto CPU_WEIGHT_FIRST_ROWS=0 " in out and "auto CPU_WEIGHT_FIRST_ROWS=256 " in out
+    assert all(f"auto normalised {how} " in out for how in ("before", "after", "rule"))
     assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd"])  # no variant to time
+    with pytest.raises(SystemExit):
+        tiles.main(["1,16,2", "16", "fwd", "--normalise", "sideways"])

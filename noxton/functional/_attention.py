@@ -109,8 +109,8 @@ def select_implementation(
        Up to 8192 keys its forward makes one pass over all keys in chunks of
        rows and queries of about 8 MiB of scores, which XLA fuses into one
        kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``), and
-       its backward takes chunks a quarter that size (its temporaries stay
-       under glibc's 32 MiB ``mmap`` ceiling); past 8192 keys both loop over key
+       its backward takes chunks a quarter that size (half on Intel CPUs; see
+       ``_blockwise.CHUNK_SCORES_VJP``); past 8192 keys both loop over key
        blocks in tiles that ``block_sizes`` keeps under glibc's 32 MiB
        ``mmap`` ceiling at small batch, so that no call faults its scores in
        afresh.

@@ -254,6 +254,24 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
     return out, lse
 
 
+def cpu_vendor() -> str:
+    """The host CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
+    where that file cannot be read: the static fact that the CPU's chunk rules below are keyed on. They were
+    measured on two 2-core x86 machines, an AMD EPYC and an Intel Xeon with AVX-512 (jaxlib 0.10's YNNPACK
+    fusions on both), and at two of them the faster choice on one was the slower on the other."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+INTEL = cpu_vendor() == "GenuineIntel"
+
+
 #: The CPU's forward has no key loop (``_forward_whole_keys``), with no dropout, no forced block
 #: sizes and at most ``WHOLE_KEYS_MAX`` keys: it runs chunks of ``(examples, heads, queries)``
 #: against all keys, one matrix product, the softmax and the second product, writing each query's
@@ -288,7 +306,7 @@ LONG_CHUNK_Q = 256
 #: keeps the key loop: thinner query chunks read all keys for too few queries (measured at 65536 keys,
 #: 1 x 32 chunks: 145 s per call, about twice torch's time).
 WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
-#: Scores per chunk of ``_backward_whole_keys``, a quarter of the forward's: each chunk holds four
+#: Scores per chunk of ``_backward_whole_keys``, a quarter of the forward's (half on Intel): each chunk holds four
 #: score-sized arrays (``s``, ``p``, ``dp``, ``ds``), and with 2**21 the gradient's temporaries reached
 #: 33 MiB at B=1, L=S=512, E=256, H=8, over glibc's 32 MiB ``mmap`` ceiling, so every call faulted
 #: them in afresh (20 MiB with 2**19). The layer's gradient (``jax.grad`` of the jitted, vmapped
@@ -306,11 +324,21 @@ WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
 #: | 1, 1024  | 71.8 ms  | 67.8 ms  | 64.5 ms  | 67.8 ms  | 61.3 ms  |
 #: | 8, 256   | 90.6 ms  | 82.9 ms  | 84.3 ms  | 88.3 ms  | 69.4 ms  |
 #: | 1, 2048  | 270 ms   | 274 ms   | 289 ms   | 278 ms   | 197 ms   |
-CHUNK_SCORES_VJP = 2**19
-#: ``_forward_whole_keys`` divides by the softmax's sum after the second product (``(P @ V) / l``, a scale
-#: of ``[queries, D]`` rather than of ``[queries, keys]``, as torch's CPU flash kernel does), except for
-#: chunks of these ``(queries, keys)``, which take ``(P / l) @ V``. Both round alike: ``P`` or ``P / l`` is
-#: rounded once to the values' dtype. Measured on a 2-core x86 CPU (Intel, AVX-512; jaxlib 0.10, whose
+#:
+#: That was the AMD EPYC. On the Intel Xeon (``INTEL``) 2**20 was faster than 2**19 at 19 of 20 points
+#: (B in {1, 8}, E/H in {256/8, 512/8, 1024/16}, L from 64 to 2048; the same command, medians of 7-11,
+#: 2026-12-04), by 2-20%, and level at the 20th; in ms, 2**19 / 2**20 (torch, eqx.nn): B=1, E=256, L=256
+#: 5.5 / 4.7 (4.0, 7.0); L=512 13.6 / 11.7 (9.2, 15.2); L=1024 39.2 / 37.2 (25.7, 87.0); L=2048 132.6 /
+#: 130.1 (79.7, 448.5; 2**20 faulted 37 MiB per call there and was still faster); B=1, E=512, L=256 10.4 /
+#: 9.8 (9.8, 12.8); B=1, E=1024, L=256 32.6 / 29.5 (28.2, 28.4); B=8, E=256, L=64 5.5 / 5.1 (6.4, 4.8);
+#: L=512 110.3 / 105.3 (77.5, 176.0); B=8, E=512, L=128 35.2 / 28.2 (31.1, 26.9); L=256 90.2 / 90.9
+#: (67.4, 77.5), the level one. 2**21 faulted 34 MiB per call at B=1, L=512 there too (21.8 ms).
+CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
+#: With ``NORMALISE_AFTER`` (on the Intel Xeon), ``_forward_whole_keys`` divides by the softmax's sum after
+#: the second product (``(P @ V) / l``, a scale of ``[queries, D]`` rather than of ``[queries, keys]``, as
+#: torch's CPU flash kernel does), except for chunks of ``NORMALISED_FIRST``'s ``(queries, keys)``; without
+#: it, and for those, it takes ``(P / l) @ V``. Both round alike: ``P`` or ``P / l`` is rounded once to
+#: the values' dtype. Measured on the 2-core Intel Xeon (AVX-512; jaxlib 0.10, whose
 #: YNNPACK fusion runs each chunk as one kernel), forward, medians of 7-11 interleaved rounds in one
 #: process, ms, ``(P / l) @ V`` against ``(P @ V) / l``. The chunk alone, at (rows, queries, keys, D):
 #: (64, 128, 128, 32) 1.33 / 0.86; (32, 256, 256, 64) 3.36 / 2.22; (128, 128, 128, 64) 3.66 / 2.30;
@@ -325,9 +353,10 @@ CHUNK_SCORES_VJP = 2**19
 #: run's noise (up to 20% between identical programs there) at the other 24 points of B in {1, 8},
 #: E/H in {256/8, 512/8, 1024/16}, L in {64, ..., 1024}. Forward and backward were level or up to 7%
 #: faster (the gradient's forward also writes the log-sum-exp, which keeps the chunk from the gain). On the
-#: AMD EPYC of the earlier measurements in this file, dividing after was slower at a chunk of 8 x 256 x 256,
-#: D=64 (2.72 against 2.22 ms, with the all-masked-row guard of then); that machine was not at hand to
+#: AMD EPYC, dividing after was slower at a chunk of 8 x 256 x 256, D=64 (2.72 against 2.22 ms, with the
+#: all-masked-row guard of then), so other CPUs keep dividing first; that machine was not at hand to
 #: measure this rule again.
+NORMALISE_AFTER = INTEL
 NORMALISED_FIRST = frozenset({(512, 512)})
 
 
@@ -407,7 +436,7 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     tiny = jnp.finfo(sdtype).tiny
     lowest = jnp.finfo(sdtype).min
     masked = kp is not None or am is not None or cfg.causal or cfg.padded
-    after = (c, sk) not in NORMALISED_FIRST
+    after = NORMALISE_AFTER and (c, sk) not in NORMALISED_FIRST
     part = functools.partial(_chunk_part, chunks)
 
     def chunk(idx):
