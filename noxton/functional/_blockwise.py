@@ -8,7 +8,8 @@ key-padding and causal masks are generated block by block from indices; an
 explicit additive ``attn_mask`` is read block by block; key blocks that the
 causal mask hides entirely are skipped. The backward pass is a custom VJP that
 recomputes each block from ``q``, ``k``, ``v`` and the saved log-sum-exp
-(FlashAttention-2's backward), so training is memory-efficient too. On the CPU,
+(FlashAttention-2's backward; the CPU's whole-key pass computes its softmax again
+instead), so training is memory-efficient too. On the CPU,
 with no dropout and up to ``WHOLE_KEYS_MAX`` keys, both passes take every key at
 once instead, in chunks of rows and queries (``_forward_whole_keys``,
 ``_backward_whole_keys``).
@@ -471,16 +472,25 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     return _unchunk(counts, chunks, n, h, lq, outs), _unchunk(counts, chunks, n, h, lq, lses)
 
 
-def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp, am, out, lse, dout):
+def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp, am, out, dout):
     """``_backward`` with one block of keys, no dropout and no gradient for the masks: ``dq, dk, dv``.
 
     Chunks of ``(examples, heads)`` run one after another; within one, its query chunks accumulate
     ``dk`` and ``dv`` over all keys (one step when a chunk holds every query, the common case up to
-    ``FUSED_KEYS_MAX`` keys). Each step recomputes its scores from ``lse`` (FlashAttention-2's backward),
-    keys first as in ``_backward``, and every product is a plain one (no transposed left operand, which
-    XLA's CPU backend runs about 2x slower): ``dq`` comes out transposed, ``[D, queries]``, from
-    ``k^T @ dS^T``. Measured at 8 x 8 rows, L = S = 512, D = 32 (the backward alone, medians of 9):
-    56 ms, against 79 ms with ``dS^T``'s transposed product for ``dq`` and 80 ms for the key loop.
+    ``FUSED_KEYS_MAX`` keys). Each step recomputes its scores, keys first as in ``_backward``, and every
+    product is a plain one (no transposed left operand, which XLA's CPU backend runs about 2x slower): ``dq``
+    comes out transposed, ``[D, queries]``, from ``k^T @ dS^T``. Measured at 8 x 8 rows, L = S = 512, D = 32
+    (the backward alone, medians of 9): 56 ms, against 79 ms with ``dS^T``'s transposed product for ``dq``
+    and 80 ms for the key loop.
+
+    Unlike ``_backward`` (FlashAttention-2's backward) it takes no log-sum-exp from the forward: each step
+    computes the softmax again from its scores, as ``_forward_whole_keys`` does. With the log-sum-exp as its
+    second output, XLA's CPU backend ran the forward's chunk as separate kernels (the scores written out, then
+    scaled, then exponentiated) instead of one fused kernel. The gradient of the attention core alone
+    (``jax.vmap`` of ``blockwise_attention``, jitted, medians of 5 rounds in one process, Intel Xeon), the
+    log-sum-exp saved against computed again, at (B, L, H, D) = (8, 128, 16, 64): 34.7 against 30.4 ms;
+    (8, 256, 8, 64): 47.8 / 40.2; (8, 128, 8, 32): 5.1 / 4.3; level at (1, 256, 8, 32), (1, 512, 8, 32),
+    (8, 64, 8, 64) and (1, 1024, 8, 32) (30.4 / 31.5).
     """
     sdtype = softmax_dtype(q.dtype)
     n, h, lq, d = q.shape
@@ -491,6 +501,8 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
     delta = jnp.sum(dout.astype(sdtype) * out.astype(sdtype), axis=-1)  # [N, H, L]
     dout = dout.astype(sdtype)
     qt, dout_t, kt = jnp.swapaxes(q, 2, 3), jnp.swapaxes(dout, 2, 3), jnp.swapaxes(k, 2, 3)  # [N, H, D, L|S]
+    tiny, lowest = jnp.finfo(sdtype).tiny, jnp.finfo(sdtype).min
+    masked = kp is not None or am is not None or cfg.causal or cfg.padded
     part = functools.partial(_chunk_part, chunks)
 
     def row_chunk(idx):
@@ -505,10 +517,14 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
             qtc = lax.dynamic_slice_in_dim(part(qt, a, b), i * c, c, axis=3).reshape(rows, d, c)
             doc = part(dout, a, b, i).reshape(rows, c, dv)
             dotc = lax.dynamic_slice_in_dim(part(dout_t, a, b), i * c, c, axis=3).reshape(rows, dv, c)
-            lse_c = part(lse, a, b, i).reshape(rows, 1, c)
             delta_c = part(delta, a, b, i).reshape(rows, 1, c)
             st = _chunk_scores(cfg, chunks, kc, qtc, kp, am, a, b, i, sdtype, keys_first=True)  # [rows, S, c]
-            pt = jnp.exp(st - lse_c)  # 0 where masked and on fully masked rows (lse = inf)
+            # the forward's softmax again, as _forward_whole_keys computes it: 0 where masked and on masked rows
+            m = jnp.max(st, axis=1, keepdims=True)
+            if masked:
+                m = jnp.maximum(m, lowest)
+            pt = jnp.exp(st - m)
+            pt = pt * (1.0 / jnp.maximum(jnp.sum(pt, axis=1, keepdims=True), tiny))
             dpt = jnp.einsum("rkd,rdq->rkq", vc, dotc, preferred_element_type=sdtype)
             dst = pt * (dpt - delta_c)
             if cfg.scale != 1.0:
@@ -709,18 +725,19 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
 
 
 def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout):
-    """``_backward`` on shapes that need not be whole blocks (padded query rows get ``lse = inf``: no weight)."""
+    """``_backward`` on shapes that need not be whole blocks (padded query rows get ``lse = inf``: no weight), or
+    ``_backward_whole_keys`` when ``lse`` is ``None``."""
 
     def impl(q, k, v, kp, am, key, out, lse, dout):
         cfg = _plan(static, q, k)
         n, h, tgt_len, _ = q.shape
         src_len = k.shape[2]
-        if _whole_keys(static, dropout, cfg.total_len) and not (need_dkp or need_dam):
+        if lse is None:  # the whole-key backward (``_core_fwd`` chose it)
             chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len, CHUNK_SCORES_VJP)
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             lq, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
-            out, dout, lse = _pad_to(out, 2, lq), _pad_to(dout, 2, lq), _pad_to(lse, 2, lq, jnp.inf)
-            dq, dk, dv = _backward_whole_keys(cfg, chunks, q, k, v, kp, am, out, lse, dout)
+            out, dout = _pad_to(out, 2, lq), _pad_to(dout, 2, lq)  # padded rows: dout = 0, no gradient
+            dq, dk, dv = _backward_whole_keys(cfg, chunks, q, k, v, kp, am, out, dout)
             return dq[:, :, :tgt_len], dk, dv, None, None
         lq, q, k, v, kp, am_p = _whole_blocks(cfg, q, k, v, kp, am)
         out, dout = _pad_to(out, 2, lq), _pad_to(dout, 2, lq)
@@ -752,6 +769,10 @@ def _core_fwd(static, dropout, q, k, v, kp, am, key):
     flags = (_perturbed(kp), _perturbed(am))
     q, k, v, kp, am, key = (_value(x) for x in (q, k, v, kp, am, key))
     out, lse = _padded_forward(static, dropout, q, k, v, kp, am, key)
+    if _whole_keys(static, dropout, k.shape[2]) and not any(flags):
+        # the backward takes every key at once and computes the softmax again: as a second output of the
+        # forward, the log-sum-exp split its fused chunk into separate kernels (see _backward_whole_keys)
+        lse = None
     return out, (q, k, v, kp, am, key, out, lse, flags)
 
 
