@@ -391,12 +391,12 @@ def _chunk_part(chunks, x, a, b, i=None):
 
 
 def _chunk_scores(cfg: _Config, chunks, a_c, b_c, kp, am, a, b, i, sdtype, keys_first=False):
-    """The masked scores of chunk ``(a, b, i)``, ``einsum("rxd,rdy->rxy", a_c, b_c)``: ``[rows, c, S]`` from
-    queries ``[rows, c, D]`` and keys ``[rows, D, S]``, or with ``keys_first`` ``[rows, S, c]`` from keys
-    ``[rows, S, D]`` and queries ``[rows, D, c]``."""
+    """The masked scores of chunk ``(a, b, i)``: ``[rows, c, S]`` from queries ``a_c`` ``[rows, c, D]`` and keys
+    ``b_c`` ``[rows, D, S]``, ``einsum("rxd,rdy->rxy")``, or with ``keys_first`` ``[rows, S, c]`` from keys
+    ``[rows, S, D]`` and queries ``[rows, c, D]``, ``einsum("rxd,ryd->rxy")``."""
     nb, hb, _ = chunks
     # 3-d products over the folded rows: the form XLA's CPU backend fuses with the softmax
-    s = jnp.einsum("rxd,rdy->rxy", a_c, b_c, preferred_element_type=sdtype)
+    s = jnp.einsum("rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, preferred_element_type=sdtype)
     if cfg.scale != 1.0:
         s = s * jnp.asarray(cfg.scale, sdtype)
     # the key loop's masks, as one block of c queries and all keys
@@ -477,11 +477,15 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
 
     Chunks of ``(examples, heads)`` run one after another; within one, its query chunks accumulate
     ``dk`` and ``dv`` over all keys (one step when a chunk holds every query, the common case up to
-    ``FUSED_KEYS_MAX`` keys). Each step recomputes its scores, keys first as in ``_backward``, and every
-    product is a plain one (no transposed left operand, which XLA's CPU backend runs about 2x slower): ``dq``
-    comes out transposed, ``[D, queries]``, from ``k^T @ dS^T``. Measured at 8 x 8 rows, L = S = 512, D = 32
-    (the backward alone, medians of 9): 56 ms, against 79 ms with ``dS^T``'s transposed product for ``dq``
-    and 80 ms for the key loop.
+    ``FUSED_KEYS_MAX`` keys). Each step recomputes its scores, keys first as in ``_backward``, and no product
+    takes a transposed left operand (which XLA's CPU backend runs about 2x slower): ``dq`` comes out
+    transposed, ``[D, queries]``, from ``k^T @ dS^T``. Measured at 8 x 8 rows, L = S = 512, D = 32 (the
+    backward alone, medians of 9): 56 ms, against 79 ms with ``dS^T``'s transposed product for ``dq`` and 80
+    ms for the key loop. The scores ``K @ Q^T`` and ``dP^T = V @ dO^T`` read ``Q`` and ``dO`` as they are, a
+    transposed right operand, rather than transposed copies of both made before the loop: the backward alone
+    (Intel Xeon, medians of 7 rounds in one process, copies against none), at (N, H, L, D) = (8, 16, 128, 64):
+    21.9 against 12.4 ms; (8, 8, 256, 64): 23.8 / 20.2; (8, 8, 512, 64): 76.7 / 66.3; level at (8, 8, 128,
+    32), (1, 8, 512, 32) and (1, 8, 1024, 32).
 
     Unlike ``_backward`` (FlashAttention-2's backward) it takes no log-sum-exp from the forward: each step
     computes the softmax again from its scores, as ``_forward_whole_keys`` does. With the log-sum-exp as its
@@ -500,7 +504,7 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
     counts = (n // nb, h // hb, lq // c)
     delta = jnp.sum(dout.astype(sdtype) * out.astype(sdtype), axis=-1)  # [N, H, L]
     dout = dout.astype(sdtype)
-    qt, dout_t, kt = jnp.swapaxes(q, 2, 3), jnp.swapaxes(dout, 2, 3), jnp.swapaxes(k, 2, 3)  # [N, H, D, L|S]
+    kt = jnp.swapaxes(k, 2, 3)  # [N, H, D, S]
     tiny, lowest = jnp.finfo(sdtype).tiny, jnp.finfo(sdtype).min
     masked = kp is not None or am is not None or cfg.causal or cfg.padded
     part = functools.partial(_chunk_part, chunks)
@@ -514,18 +518,16 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
         def q_chunk(carry, i):
             dk, dv_ = carry
             qc = part(q, a, b, i).reshape(rows, c, d).astype(sdtype)
-            qtc = lax.dynamic_slice_in_dim(part(qt, a, b), i * c, c, axis=3).reshape(rows, d, c)
             doc = part(dout, a, b, i).reshape(rows, c, dv)
-            dotc = lax.dynamic_slice_in_dim(part(dout_t, a, b), i * c, c, axis=3).reshape(rows, dv, c)
             delta_c = part(delta, a, b, i).reshape(rows, 1, c)
-            st = _chunk_scores(cfg, chunks, kc, qtc, kp, am, a, b, i, sdtype, keys_first=True)  # [rows, S, c]
+            st = _chunk_scores(cfg, chunks, kc, qc, kp, am, a, b, i, sdtype, keys_first=True)  # [rows, S, c]
             # the forward's softmax again, as _forward_whole_keys computes it: 0 where masked and on masked rows
             m = jnp.max(st, axis=1, keepdims=True)
             if masked:
                 m = jnp.maximum(m, lowest)
             pt = jnp.exp(st - m)
             pt = pt * (1.0 / jnp.maximum(jnp.sum(pt, axis=1, keepdims=True), tiny))
-            dpt = jnp.einsum("rkd,rdq->rkq", vc, dotc, preferred_element_type=sdtype)
+            dpt = jnp.einsum("rkd,rqd->rkq", vc, doc, preferred_element_type=sdtype)
             dst = pt * (dpt - delta_c)
             if cfg.scale != 1.0:
                 dst = dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
