@@ -35,13 +35,26 @@ def device() -> str:
     return f"{jax_dev}, {torch_dev}"
 
 
+def cpu_name() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` with its architecture (the CPU rules of
+    ``noxton.functional._blockwise`` differ by vendor), or the architecture alone where that file is not there."""
+    arch = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.partition(':')[2].strip()} ({arch})"
+    except OSError:
+        pass
+    return arch
+
+
 def machine() -> str:
     import jax
     import torch
 
-    cpu = platform.processor() or platform.machine()
     return (
-        f"{device()}; {cpu}, {THREADS} CPU cores, Python {platform.python_version()}, jax {jax.__version__}, "
+        f"{device()}; {cpu_name()}, {THREADS} CPU cores, Python {platform.python_version()}, jax {jax.__version__}, "
         f"torch {torch.__version__} with `torch.set_num_threads({THREADS})` (XLA's CPU client uses every core)"
     )
 
