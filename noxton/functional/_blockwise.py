@@ -44,6 +44,25 @@ from jax.custom_derivatives import SymbolicZero
 from noxton.functional._checks import finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
+
+def cpu_vendor() -> str:
+    """The host CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
+    where that file cannot be read: the static fact that the CPU's tile and chunk rules below are keyed on. They were
+    measured on two 2-core x86 machines, an AMD EPYC and an Intel Xeon with AVX-512 (jaxlib 0.10's YNNPACK
+    fusions on both); where the faster choice on one was the slower on the other, the rule names both."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    return ""
+
+
+INTEL = cpu_vendor() == "GenuineIntel"
+
+
 #: Target number of scores in one block, batch rows and heads together (32 MiB in
 #: float32), with at most ``MAX_BLOCK_Q`` queries and ``MAX_BLOCK_K`` keys.
 #:
@@ -69,9 +88,16 @@ from noxton.functional._masks import Masks
 #: became 256 x 512 at L >= 1024; there the program's other temporaries (projections,
 #: transposes) pass 32 MiB whatever the blocks, and thinner blocks (64 or 32 queries)
 #: measured 15-45% slower, so the budget stays at 2**23.
+#:
+#: That was the AMD EPYC. On the Intel Xeon (``INTEL``), where the CPU runs this key loop past
+#: ``WHOLE_KEYS_MAX`` keys, 512 x 1024 blocks were faster than 256 x 512 at every length measured, with
+#: the pages faulted per call within 20% of each other (the same command, 2026-12-04, medians of 2-3):
+#: B=1, E=256, H=8, forward, L=10240: 1.21 against 0.96 s (torch 0.50); L=16384: 3.07 against 2.38 s
+#: (torch 1.25; 128 x 1024: 3.47, 512 x 2048 with 2**24 scores: 2.32); forward and backward at L=16384:
+#: 7.97 against 7.04 s (torch 3.94).
 BLOCK_SCORES = 2**23
-MAX_BLOCK_Q = 256
-MAX_BLOCK_K = 512
+MAX_BLOCK_Q = 512 if INTEL else 256
+MAX_BLOCK_K = 1024 if INTEL else 512
 #: Fixed block sizes for every call (tests shrink them); ``None``: chosen per call by
 #: ``block_sizes``.
 DEFAULT_BLOCK_Q: int | None = None
@@ -253,24 +279,6 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
     out = jnp.moveaxis(outs, 0, 2).reshape(n, h, lq, dv)
     lse = jnp.moveaxis(lses, 0, 2).reshape(n, h, lq)
     return out, lse
-
-
-def cpu_vendor() -> str:
-    """The host CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
-    where that file cannot be read: the static fact that the CPU's chunk rules below are keyed on. They were
-    measured on two 2-core x86 machines, an AMD EPYC and an Intel Xeon with AVX-512 (jaxlib 0.10's YNNPACK
-    fusions on both), and at two of them the faster choice on one was the slower on the other."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
-
-
-INTEL = cpu_vendor() == "GenuineIntel"
 
 
 #: The CPU's forward has no key loop (``_forward_whole_keys``), with no dropout, no forced block
