@@ -361,7 +361,7 @@ CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
 #: 30.5); (1, 1024, 256) 12.0 / 8.9 (10.8, 9.6); (1, 256, 1024) 12.7 / 10.6 (11.5, 7.9); level within the
 #: run's noise (up to 20% between identical programs there) at the other 24 points of B in {1, 8},
 #: E/H in {256/8, 512/8, 1024/16}, L in {64, ..., 1024}. Forward and backward were level or up to 7%
-#: faster (the gradient's forward also writes the log-sum-exp, which keeps the chunk from the gain). On the
+#: faster, measured while the gradient's forward still wrote the log-sum-exp (see ``_backward_whole_keys``). On the
 #: AMD EPYC, dividing after was slower at a chunk of 8 x 256 x 256, D=64 (2.72 against 2.22 ms, with the
 #: all-masked-row guard of then), so other CPUs keep dividing first; that machine was not at hand to
 #: measure this rule again.
