@@ -45,19 +45,26 @@ from noxton.functional._checks import finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
 
+def cpu_info(field: str) -> str:
+    """The first ``field`` of ``/proc/cpuinfo`` (``"vendor_id"``, ``"model name"``), or ``""`` where that file
+    cannot be read or has no such field."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                name, _, value = line.partition(":")
+                if name.strip() == field:
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
 def cpu_vendor() -> str:
     """The host CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
     where that file cannot be read: the static fact that the CPU's tile and chunk rules below are keyed on. They were
     measured on two 2-core x86 machines, an AMD EPYC and an Intel Xeon with AVX-512 (jaxlib 0.10's YNNPACK
     fusions on both); where the faster choice on one was the slower on the other, the rule names both."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.partition(":")[2].strip()
-    except OSError:
-        pass
-    return ""
+    return cpu_info("vendor_id")
 
 
 INTEL = cpu_vendor() == "GenuineIntel"
@@ -421,6 +428,28 @@ def _chunk_scores(cfg: _Config, chunks, a_c, b_c, kp, am, a, b, i, sdtype, keys_
     return s.reshape(nb * hb, *s.shape[2:])
 
 
+def _masked(cfg: _Config, kp, am) -> bool:
+    """Some key may be hidden (a mask, the causal rule or padded keys), so a row may have no visible key."""
+    return kp is not None or am is not None or cfg.causal or cfg.padded
+
+
+def _chunk_exp(s, axis: int, masked: bool):
+    """``(m, exp(s - m), its sum)`` over the keys' ``axis`` of a chunk's scores, ``m`` the row maximum.
+
+    With ``masked``, ``m`` is kept finite, so that a row whose every key is masked gives ``exp(-inf) = 0``:
+    a floor rather than ``finite_shift``'s select, which keeps XLA from fusing the chunk. Unmasked, every
+    row has a key and no floor is needed; the floor alone kept XLA from fusing the maximum into the product
+    at 8 rows x 256 queries x 256 keys, D=64 (its chunk moved 22 MiB in 8 kernels against 12 MiB in 5,
+    2.22 against 1.99 ms). The forward and the backward of the whole-key pass share it, so that the
+    backward's weights are the forward's.
+    """
+    m = jnp.max(s, axis=axis, keepdims=True)
+    if masked:
+        m = jnp.maximum(m, jnp.finfo(s.dtype).min)
+    p = jnp.exp(s - m)
+    return m, p, jnp.sum(p, axis=axis, keepdims=True)
+
+
 def _unchunk(counts, chunks, n, h, lq, x):
     """``[chunks, nb, hb, c, ...] -> [N, H, L, ...]``: the chunks' results in place."""
     nb, hb, c = chunks
@@ -443,8 +472,7 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     counts = (n // nb, h // hb, lq // c)
     kt = jnp.swapaxes(k, 2, 3)  # [N, H, D, S]: a plain (q, d) x (d, k) product per row
     tiny = jnp.finfo(sdtype).tiny
-    lowest = jnp.finfo(sdtype).min
-    masked = kp is not None or am is not None or cfg.causal or cfg.padded
+    masked = _masked(cfg, kp, am)
     after = NORMALISE_AFTER and (c, sk) not in NORMALISED_FIRST
     part = functools.partial(_chunk_part, chunks)
 
@@ -453,16 +481,7 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
         b, i = jnp.divmod(rest, counts[2])
         qc = part(q, a, b, i).reshape(rows, c, d)
         s = _chunk_scores(cfg, chunks, qc, part(kt, a, b).reshape(rows, d, sk), kp, am, a, b, i, sdtype)
-        m = jnp.max(s, axis=-1, keepdims=True)
-        if masked:
-            # Kept finite, so that a row whose every key is masked gives exp(-inf) = 0: a floor rather than
-            # finite_shift's select, which keeps XLA from fusing the chunk. Unmasked, every row has a key and
-            # no floor is needed; the floor alone kept XLA from fusing the maximum into the product at
-            # 8 rows x 256 queries x 256 keys, D=64 (its chunk moved 22 MiB in 8 kernels against 12 MiB
-            # in 5, 2.22 against 1.99 ms).
-            m = jnp.maximum(m, lowest)
-        p = jnp.exp(s - m)
-        l = jnp.sum(p, axis=-1, keepdims=True)
+        m, p, l = _chunk_exp(s, -1, masked)
         vc = part(v, a, b).reshape(rows, sk, dv)
         if after:  # the unnormalised weights' product, then its [c, D] rows scaled
             out = jnp.einsum("rqk,rkd->rqd", p.astype(v.dtype), vc, preferred_element_type=sdtype)
@@ -513,8 +532,8 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
     delta = jnp.sum(dout.astype(sdtype) * out.astype(sdtype), axis=-1)  # [N, H, L]
     dout = dout.astype(sdtype)
     kt = jnp.swapaxes(k, 2, 3)  # [N, H, D, S]
-    tiny, lowest = jnp.finfo(sdtype).tiny, jnp.finfo(sdtype).min
-    masked = kp is not None or am is not None or cfg.causal or cfg.padded
+    tiny = jnp.finfo(sdtype).tiny
+    masked = _masked(cfg, kp, am)
     part = functools.partial(_chunk_part, chunks)
 
     def row_chunk(idx):
@@ -529,12 +548,8 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
             doc = part(dout, a, b, i).reshape(rows, c, dv)
             delta_c = part(delta, a, b, i).reshape(rows, 1, c)
             st = _chunk_scores(cfg, chunks, kc, qc, kp, am, a, b, i, sdtype, keys_first=True)  # [rows, S, c]
-            # the forward's softmax again, as _forward_whole_keys computes it: 0 where masked and on masked rows
-            m = jnp.max(st, axis=1, keepdims=True)
-            if masked:
-                m = jnp.maximum(m, lowest)
-            pt = jnp.exp(st - m)
-            pt = pt * (1.0 / jnp.maximum(jnp.sum(pt, axis=1, keepdims=True), tiny))
+            _, pt, l = _chunk_exp(st, 1, masked)  # the forward's softmax again: 0 where masked, on masked rows
+            pt = pt * (1.0 / jnp.maximum(l, tiny))
             dpt = jnp.einsum("rkd,rqd->rkq", vc, doc, preferred_element_type=sdtype)
             dst = pt * (dpt - delta_c)
             if cfg.scale != 1.0:
