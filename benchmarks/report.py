@@ -38,15 +38,11 @@ def device() -> str:
 def cpu_name() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` with its architecture (the CPU rules of
     ``noxton.functional._blockwise`` differ by vendor), or the architecture alone where that file is not there."""
+    from noxton.functional._blockwise import cpu_info
+
     arch = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"{line.partition(':')[2].strip()} ({arch})"
-    except OSError:
-        pass
-    return arch
+    model = cpu_info("model name")
+    return f"{model} ({arch})" if model else arch
 
 
 def machine() -> str:
