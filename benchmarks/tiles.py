@@ -13,7 +13,10 @@ fresh ``mmap``, so a program whose temporaries pass it faults its pages in again
 than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
 every whole-key chunk dividing by the softmax's sum before the second product (``before``: what
 ``noxton.functional._blockwise.NORMALISE_AFTER`` turns off), after it (``after``), or after it except for
-``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on). These are
+``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on).
+``--forward-chunks former,rule`` times the whole layer with the whole-key forward's chunks of
+``whole_key_chunks`` alone (``former``) or of ``forward_chunks`` (``rule``: on Intel CPUs, one row of up to
+``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, and small calls as one chunk). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
 behind that constant.
 """
@@ -50,6 +53,12 @@ def main(argv=None) -> None:
         help="whole-key chunks divide by the softmax's sum before the second product, after it, or after it "
         "except for NORMALISED_FIRST's chunks (before, after, rule; comma-separated; the whole layer, auto, at each)",
     )
+    ap.add_argument(
+        "--forward-chunks",
+        default="",
+        help="the whole-key forward's chunks: whole_key_chunks alone, or forward_chunks's Intel rule (former, rule; "
+        "comma-separated; the whole layer, auto, at each)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -70,8 +79,11 @@ def main(argv=None) -> None:
     normalise = [v for v in args.normalise.split(",") if v]
     if set(normalise) - {"before", "after", "rule"}:
         ap.error(f"--normalise takes before, after and rule, got {args.normalise!r}")
-    if not tiles and not chunks and not rows and not normalise:
-        ap.error("give TILES, --chunk-scores, --weight-first-rows or --normalise")
+    forward_chunks = [v for v in args.forward_chunks.split(",") if v]
+    if set(forward_chunks) - {"former", "rule"}:
+        ap.error(f"--forward-chunks takes former and rule, got {args.forward_chunks!r}")
+    if not tiles and not chunks and not rows and not normalise and not forward_chunks:
+        ap.error("give TILES, --chunk-scores, --weight-first-rows, --normalise or --forward-chunks")
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -79,7 +91,10 @@ def main(argv=None) -> None:
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST")
+    names = (
+        *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST"),
+        *("LONG_ROW_CHUNK_Q", "ONE_CHUNK_SCORES"),
+    )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
 
@@ -107,6 +122,9 @@ def main(argv=None) -> None:
         for how in normalise:
             after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
             variant(f"auto normalised {how}", "noxton_eqx", **after)
+        for how in forward_chunks:
+            former = {"LONG_ROW_CHUNK_Q": None, "ONE_CHUNK_SCORES": 0} if how == "former" else {}
+            variant(f"auto forward chunks {how}", "noxton_eqx", **former)
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}

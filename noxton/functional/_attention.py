@@ -108,7 +108,9 @@ def select_implementation(
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
        Up to 8192 keys its forward makes one pass over all keys in chunks of
        rows and queries of about 8 MiB of scores, which XLA fuses into one
-       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``), and
+       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``; on Intel
+       CPUs a small call is one chunk, and past 1024 keys a chunk is one row of
+       up to 1024 queries: ``_blockwise.forward_chunks``), and
        its backward takes chunks a quarter that size (half on Intel CPUs; see
        ``_blockwise.CHUNK_SCORES_VJP``); past 8192 keys both loop over key
        blocks in tiles that ``block_sizes`` keeps under glibc's 32 MiB

@@ -374,16 +374,40 @@ CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
 #: measure this rule again.
 NORMALISE_AFTER = INTEL
 NORMALISED_FIRST = frozenset({(512, 512)})
+#: On the Intel Xeon (``INTEL``), ``forward_chunks`` gives the forward's chunks past ``FUSED_KEYS_MAX`` keys
+#: up to ``LONG_ROW_CHUNK_Q`` queries of one row each, rather than ``LONG_CHUNK_Q`` queries of as many rows
+#: as ``CHUNK_SCORES`` holds; and a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES``
+#: scores in all runs as one chunk, with no loop over chunks. Measured on the 2-core Intel Xeon, the
+#: attention core alone (``_forward_whole_keys`` jitted, ``[N, H, L, D]`` inputs, L = S) against torch's
+#: ``F.scaled_dot_product_attention`` in one process, medians of 13 interleaved rounds, 2026-12-04, ms, the
+#: former chunks against these (torch beside), at (N, H, L, D): (1, 8, 2048, 32) 1 x 4 x 256 40.7 against
+#: 1 x 1 x 1024 30.7 (torch 20.6; 1 x 1 x 512 33.1); (1, 16, 2048, 64) 111.5 / 92.6 (64.9); (8, 8, 2048, 32)
+#: 296.9 / 225.4 (146.9); (1, 8, 4096, 32) 1 x 2 x 256 143.7 / 124.3 (72.1; 1 x 1 x 512 128.9); (1, 16,
+#: 4096, 64) 432.5 / 376.7 (240.7); (1, 8, 8192, 32) 1 x 1 x 256 598.9 / 519.4 (291.9; 1 x 1 x 512 541.5).
+#: One chunk: (8, 8, 256, 32) 4 x 8 x 256 3.89 and 4.25 / 8 x 8 x 256 2.89 and 3.15 (torch 3.02); (8, 8,
+#: 256, 64) 6.34 / 4.84 (4.68); (4, 16, 256, 64) 6.46 / 5.00 (4.92); but at 512 queries one chunk of all
+#: rows was slower, (1, 16, 512, 64) 1 x 8 x 512 7.63 against 1 x 16 x 512 8.04, as two chunks of half the
+#: rows were at (8, 8, 512, 64) (30.7 against 33.0), so ``ONE_CHUNK_MAX_Q`` stops at 256. At 1024 keys, one
+#: row of 1024 queries against two was level within 8% ((1, 8, 1024, 32) 8.79 / 8.05; (1, 16, 1024, 64)
+#: 24.8 / 25.0). Other CPUs keep ``whole_key_chunks``'s rule (``None`` and 0 turn these off). The
+#: command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd
+#: --forward-chunks former,rule``.
+LONG_ROW_CHUNK_Q: int | None = 1024 if INTEL else None
+ONE_CHUNK_SCORES = 2**22 if INTEL else 0
+ONE_CHUNK_MAX_Q = 256
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
     return max(d for d in range(1, min(n, max(1, at_most)) + 1) if n % d == 0)
 
 
-def whole_key_chunks(n: int, h: int, lq: int, sk: int, budget: int | None = None) -> tuple[int, int, int]:
+def whole_key_chunks(
+    n: int, h: int, lq: int, sk: int, budget: int | None = None, long_q: int | None = None
+) -> tuple[int, int, int]:
     """``(examples, heads, queries)`` per chunk of about ``budget`` scores (``CHUNK_SCORES`` by default;
-    ``_backward_whole_keys`` takes ``CHUNK_SCORES_VJP``): ``[n, h, lq]`` queries, ``sk`` keys."""
-    c = lq if sk <= FUSED_KEYS_MAX else _balanced(lq, LONG_CHUNK_Q)
+    ``_backward_whole_keys`` takes ``CHUNK_SCORES_VJP``): ``[n, h, lq]`` queries, ``sk`` keys, a row's
+    queries split in chunks of at most ``long_q`` (``LONG_CHUNK_Q`` by default) past ``FUSED_KEYS_MAX`` keys."""
+    c = lq if sk <= FUSED_KEYS_MAX else _balanced(lq, LONG_CHUNK_Q if long_q is None else long_q)
     budget = CHUNK_SCORES if budget is None else budget
     rows = budget // (c * sk)
     if rows < 1:
@@ -391,6 +415,17 @@ def whole_key_chunks(n: int, h: int, lq: int, sk: int, budget: int | None = None
     hb = _largest_divisor(h, rows)
     nb = _largest_divisor(n, rows // hb) if hb == h else 1
     return nb, hb, c
+
+
+def forward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
+    """The chunks of ``_forward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES``, except on the Intel
+    Xeon (``LONG_ROW_CHUNK_Q`` and ``ONE_CHUNK_SCORES``, which say why)."""
+    if sk > FUSED_KEYS_MAX and LONG_ROW_CHUNK_Q:
+        c = _balanced(lq, LONG_ROW_CHUNK_Q)
+        return whole_key_chunks(n, h, lq, sk, max(CHUNK_SCORES, c * sk), c)
+    if sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES:
+        return n, h, lq
+    return whole_key_chunks(n, h, lq, sk)
 
 
 def _chunk_part(chunks, x, a, b, i=None):
@@ -737,7 +772,7 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
         cfg = _plan(static, q, k)
         n, h, tgt_len, _ = q.shape
         if _whole_keys(static, dropout, cfg.total_len):
-            chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len)
+            chunks = forward_chunks(n, h, tgt_len, cfg.total_len)
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, lse = _forward_whole_keys(cfg, chunks, q, k, v, kp, am)
