@@ -16,7 +16,8 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 ``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on).
 ``--forward-chunks former,rule`` times the whole layer with the whole-key forward's chunks of
 ``whole_key_chunks`` alone (``former``) or of ``forward_chunks`` (``rule``: on Intel CPUs, one row of up to
-``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, and small calls as one chunk). These are
+``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head size 32, and
+small calls as one chunk). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
 behind that constant.
 """
@@ -93,7 +94,7 @@ def main(argv=None) -> None:
 
     names = (
         *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST"),
-        *("LONG_ROW_CHUNK_Q", "ONE_CHUNK_SCORES"),
+        *("LONG_ROW_CHUNK_Q", "NARROW_CHUNK_SCORES", "ONE_CHUNK_SCORES"),
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
@@ -123,7 +124,8 @@ def main(argv=None) -> None:
             after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
             variant(f"auto normalised {how}", "noxton_eqx", **after)
         for how in forward_chunks:
-            former = {"LONG_ROW_CHUNK_Q": None, "ONE_CHUNK_SCORES": 0} if how == "former" else {}
+            former = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0}
+            former = former if how == "former" else {}
             variant(f"auto forward chunks {how}", "noxton_eqx", **former)
         for call in calls.values():
             call()

@@ -199,8 +199,14 @@ WHOLE_KEY_CASES = [
 WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
 # The Intel forward's chunks (``forward_chunks``), with backward chunks of other shapes: "long-rows", past
 # FUSED_KEYS_MAX keys one row of up to LONG_ROW_CHUNK_Q queries (here 5 of 9, the last chunk padded, against
-# the backward's 3); "one-chunk", a small call as one chunk (the backward in chunks of one row and 4 queries).
-WHOLE_KEY_CASES += [("self", "causal_kpm", "long-rows"), ("kv-biaskv-zeroattn", "rows_masked", "one-chunk")]
+# the backward's 3); "narrow", from half of FUSED_KEYS_MAX keys at a head size up to NARROW_HEAD, chunks of
+# NARROW_CHUNK_SCORES (one row, against the backward's two); "one-chunk", a small call as one chunk (the
+# backward in chunks of one row and 4 queries).
+WHOLE_KEY_CASES += [
+    ("self", "causal_kpm", "long-rows"),
+    ("self", "rows_masked", "narrow"),
+    ("kv-biaskv-zeroattn", "rows_masked", "one-chunk"),
+]
 # Every case divides by the softmax's sum after the second product, ((P @ V) / l), as the Intel CPUs do; these
 # also before it (other CPUs, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
 WHOLE_KEY_CASES = (
@@ -225,6 +231,7 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
         budget = 40
     # the forward's chunks are whole_key_chunks's, as on other CPUs, unless the case names the Intel rules
     monkeypatch.setattr(blockwise_module, "LONG_ROW_CHUNK_Q", None)
+    monkeypatch.setattr(blockwise_module, "NARROW_CHUNK_SCORES", 0)
     monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 0)
     forward = None
     if budget in ("long", "long-rows"):
@@ -234,6 +241,10 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
             monkeypatch.setattr(blockwise_module, "LONG_ROW_CHUNK_Q", 5)
             forward = (1, 1, 5)
         budget = 200 if budget == "long" else 40
+    if budget == "narrow":
+        monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 16)
+        monkeypatch.setattr(blockwise_module, "NARROW_CHUNK_SCORES", 81)
+        forward, budget = (1, 1, L), 200
     if budget == "one-chunk":
         monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 2**22)
         forward, budget = (N, H, L), 40
@@ -242,7 +253,7 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
     nb, hb, c = blockwise_module.whole_key_chunks(N, H, L, keys)
     assert (nb * hb, c) != (N * H, L), "the case must split the call into chunks"
-    fwd_chunks = blockwise_module.forward_chunks(N, H, L, keys)
+    fwd_chunks = blockwise_module.forward_chunks(N, H, L, keys, E // H)
     assert fwd_chunks == ((nb, hb, c) if forward is None else forward), fwd_chunks
     assert forward is None or forward != (nb, hb, c), "the forward's chunks must differ from the backward's"
     # chunks of this shape divide by the softmax's sum before the second product, (P / l) @ V, whatever the CPU

@@ -387,12 +387,18 @@ NORMALISED_FIRST = frozenset({(512, 512)})
 #: One chunk: (8, 8, 256, 32) 4 x 8 x 256 3.89 and 4.25 / 8 x 8 x 256 2.89 and 3.15 (torch 3.02); (8, 8,
 #: 256, 64) 6.34 / 4.84 (4.68); (4, 16, 256, 64) 6.46 / 5.00 (4.92); but at 512 queries one chunk of all
 #: rows was slower, (1, 16, 512, 64) 1 x 8 x 512 7.63 against 1 x 16 x 512 8.04, as two chunks of half the
-#: rows were at (8, 8, 512, 64) (30.7 against 33.0), so ``ONE_CHUNK_MAX_Q`` stops at 256. At 1024 keys, one
-#: row of 1024 queries against two was level within 8% ((1, 8, 1024, 32) 8.79 / 8.05; (1, 16, 1024, 64)
-#: 24.8 / 25.0). Other CPUs keep ``whole_key_chunks``'s rule (``None`` and 0 turn these off). The
-#: command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd
-#: --forward-chunks former,rule``.
+#: rows were at (8, 8, 512, 64) (30.7 against 33.0), so ``ONE_CHUNK_MAX_Q`` stops at 256. Up to
+#: ``FUSED_KEYS_MAX`` keys, chunks of one row of all queries rather than two were level at D = 64 ((1, 16,
+#: 1024, 64) 24.8 against 25.0), but faster at D <= ``NARROW_HEAD`` from 768 keys, so there the chunks hold
+#: ``NARROW_CHUNK_SCORES``: (1, 8, 768, 32) 1 x 2 x 768 5.39 against 1 x 1 x 768 4.73 (torch 2.70); (8, 8,
+#: 768, 32) 45.6 / 40.6 (22.4); (1, 8, 1024, 32) 8.74 / 8.14 (4.67); (8, 8, 1024, 32) 71.2 / 67.3 (42.3).
+#: At 512 keys the larger chunk was still the faster, (1, 8, 512, 32) 1 x 8 x 512 2.49 against 1 x 4 x 512
+#: 3.06, so that rule starts past half of ``FUSED_KEYS_MAX``. Other CPUs keep ``whole_key_chunks``'s rule
+#: (``None`` and 0 turn these off). The command that measures the layer with and without them: ``python -m
+#: benchmarks.tiles B,E,H L,... fwd --forward-chunks former,rule``.
 LONG_ROW_CHUNK_Q: int | None = 1024 if INTEL else None
+NARROW_CHUNK_SCORES = 2**20 if INTEL else 0
+NARROW_HEAD = 32
 ONE_CHUNK_SCORES = 2**22 if INTEL else 0
 ONE_CHUNK_MAX_Q = 256
 
@@ -417,12 +423,15 @@ def whole_key_chunks(
     return nb, hb, c
 
 
-def forward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
-    """The chunks of ``_forward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES``, except on the Intel
-    Xeon (``LONG_ROW_CHUNK_Q`` and ``ONE_CHUNK_SCORES``, which say why)."""
+def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, int]:
+    """The chunks of ``_forward_whole_keys`` for head size ``d``: ``whole_key_chunks`` with ``CHUNK_SCORES``,
+    except on the Intel Xeon (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES`` and ``ONE_CHUNK_SCORES``, which say
+    why)."""
     if sk > FUSED_KEYS_MAX and LONG_ROW_CHUNK_Q:
         c = _balanced(lq, LONG_ROW_CHUNK_Q)
         return whole_key_chunks(n, h, lq, sk, max(CHUNK_SCORES, c * sk), c)
+    if sk <= FUSED_KEYS_MAX < 2 * sk and d <= NARROW_HEAD and NARROW_CHUNK_SCORES:
+        return whole_key_chunks(n, h, lq, sk, NARROW_CHUNK_SCORES)
     if sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES:
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk)
@@ -772,7 +781,7 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
         cfg = _plan(static, q, k)
         n, h, tgt_len, _ = q.shape
         if _whole_keys(static, dropout, cfg.total_len):
-            chunks = forward_chunks(n, h, tgt_len, cfg.total_len)
+            chunks = forward_chunks(n, h, tgt_len, cfg.total_len, q.shape[-1])
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, lse = _forward_whole_keys(cfg, chunks, q, k, v, kp, am)
