@@ -14,10 +14,10 @@ than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`
 every whole-key chunk dividing by the softmax's sum before the second product (``before``: what
 ``noxton.functional._blockwise.NORMALISE_AFTER`` turns off), after it (``after``), or after it except for
 ``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on).
-``--forward-chunks former,rule`` times the whole layer with the whole-key forward's chunks of
-``whole_key_chunks`` alone (``former``) or of ``forward_chunks`` (``rule``: on Intel CPUs, one row of up to
-``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head size 32, and
-small calls as one chunk). These are
+``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
+alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: on Intel CPUs, one row of
+up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head size 32,
+and small calls as one chunk, forward and backward). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
 behind that constant.
 """
@@ -55,10 +55,10 @@ def main(argv=None) -> None:
         "except for NORMALISED_FIRST's chunks (before, after, rule; comma-separated; the whole layer, auto, at each)",
     )
     ap.add_argument(
-        "--forward-chunks",
+        "--chunk-rule",
         default="",
-        help="the whole-key forward's chunks: whole_key_chunks alone, or forward_chunks's Intel rule (former, rule; "
-        "comma-separated; the whole layer, auto, at each)",
+        help="the whole-key chunks: whole_key_chunks alone, or the Intel rules of forward_chunks and backward_chunks "
+        "(former, rule; comma-separated; the whole layer, auto, at each)",
     )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
@@ -80,11 +80,11 @@ def main(argv=None) -> None:
     normalise = [v for v in args.normalise.split(",") if v]
     if set(normalise) - {"before", "after", "rule"}:
         ap.error(f"--normalise takes before, after and rule, got {args.normalise!r}")
-    forward_chunks = [v for v in args.forward_chunks.split(",") if v]
-    if set(forward_chunks) - {"former", "rule"}:
-        ap.error(f"--forward-chunks takes former and rule, got {args.forward_chunks!r}")
-    if not tiles and not chunks and not rows and not normalise and not forward_chunks:
-        ap.error("give TILES, --chunk-scores, --weight-first-rows, --normalise or --forward-chunks")
+    chunk_rule = [v for v in args.chunk_rule.split(",") if v]
+    if set(chunk_rule) - {"former", "rule"}:
+        ap.error(f"--chunk-rule takes former and rule, got {args.chunk_rule!r}")
+    if not tiles and not chunks and not rows and not normalise and not chunk_rule:
+        ap.error("give TILES, --chunk-scores, --weight-first-rows, --normalise or --chunk-rule")
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
 
     names = (
         *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST"),
-        *("LONG_ROW_CHUNK_Q", "NARROW_CHUNK_SCORES", "ONE_CHUNK_SCORES"),
+        *("LONG_ROW_CHUNK_Q", "NARROW_CHUNK_SCORES", "ONE_CHUNK_SCORES", "ONE_CHUNK_SCORES_VJP"),
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
@@ -123,10 +123,11 @@ def main(argv=None) -> None:
         for how in normalise:
             after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
             variant(f"auto normalised {how}", "noxton_eqx", **after)
-        for how in forward_chunks:
+        for how in chunk_rule:
             former = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0}
+            former |= {"ONE_CHUNK_SCORES_VJP": 0}
             former = former if how == "former" else {}
-            variant(f"auto forward chunks {how}", "noxton_eqx", **former)
+            variant(f"auto chunk rule {how}", "noxton_eqx", **former)
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}

@@ -201,11 +201,13 @@ WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
 # FUSED_KEYS_MAX keys one row of up to LONG_ROW_CHUNK_Q queries (here 5 of 9, the last chunk padded, against
 # the backward's 3); "narrow", from half of FUSED_KEYS_MAX keys at a head size up to NARROW_HEAD, chunks of
 # NARROW_CHUNK_SCORES (one row, against the backward's two); "one-chunk", a small call as one chunk (the
-# backward in chunks of one row and 4 queries).
+# backward in chunks of one row and 4 queries); "one-chunk-vjp", the backward as one chunk (the forward's
+# chunks of one row and 4 queries).
 WHOLE_KEY_CASES += [
     ("self", "causal_kpm", "long-rows"),
     ("self", "rows_masked", "narrow"),
     ("kv-biaskv-zeroattn", "rows_masked", "one-chunk"),
+    ("kv-biaskv-zeroattn", "rows_masked", "one-chunk-vjp"),
 ]
 # Every case divides by the softmax's sum after the second product, ((P @ V) / l), as the Intel CPUs do; these
 # also before it (other CPUs, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
@@ -233,7 +235,8 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     monkeypatch.setattr(blockwise_module, "LONG_ROW_CHUNK_Q", None)
     monkeypatch.setattr(blockwise_module, "NARROW_CHUNK_SCORES", 0)
     monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 0)
-    forward = None
+    monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES_VJP", 0)
+    forward = backward = None
     if budget in ("long", "long-rows"):
         monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 4)
         monkeypatch.setattr(blockwise_module, "LONG_CHUNK_Q", 4)
@@ -248,6 +251,9 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     if budget == "one-chunk":
         monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 2**22)
         forward, budget = (N, H, L), 40
+    if budget == "one-chunk-vjp":
+        monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES_VJP", 2**22)
+        backward, budget = (N, H, L), 40
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", budget)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", budget)  # the backward's chunks, the same here
     keys = {"self": L, "kv-biaskv-zeroattn": S + 2, "cross-zeroattn": S + 1}[struct]  # appended keys counted
@@ -255,7 +261,9 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     assert (nb * hb, c) != (N * H, L), "the case must split the call into chunks"
     fwd_chunks = blockwise_module.forward_chunks(N, H, L, keys, E // H)
     assert fwd_chunks == ((nb, hb, c) if forward is None else forward), fwd_chunks
-    assert forward is None or forward != (nb, hb, c), "the forward's chunks must differ from the backward's"
+    bwd_chunks = blockwise_module.backward_chunks(N, H, L, keys)
+    assert bwd_chunks == ((nb, hb, c) if backward is None else backward), bwd_chunks
+    assert fwd_chunks != bwd_chunks or forward is backward is None, "the two passes must take other chunks"
     # chunks of this shape divide by the softmax's sum before the second product, (P / l) @ V, whatever the CPU
     monkeypatch.setattr(blockwise_module, "NORMALISE_AFTER", True)
     monkeypatch.setattr(blockwise_module, "NORMALISED_FIRST", frozenset({(c, keys)} if normalised_first else ()))

@@ -395,12 +395,20 @@ NORMALISED_FIRST = frozenset({(512, 512)})
 #: At 512 keys the larger chunk was still the faster, (1, 8, 512, 32) 1 x 8 x 512 2.49 against 1 x 4 x 512
 #: 3.06, so that rule starts past half of ``FUSED_KEYS_MAX``. Other CPUs keep ``whole_key_chunks``'s rule
 #: (``None`` and 0 turn these off). The command that measures the layer with and without them: ``python -m
-#: benchmarks.tiles B,E,H L,... fwd --forward-chunks former,rule``.
+#: benchmarks.tiles B,E,H L,... fwd --chunk-rule former,rule``.
 LONG_ROW_CHUNK_Q: int | None = 1024 if INTEL else None
 NARROW_CHUNK_SCORES = 2**20 if INTEL else 0
 NARROW_HEAD = 32
 ONE_CHUNK_SCORES = 2**22 if INTEL else 0
 ONE_CHUNK_MAX_Q = 256
+#: The backward's ``ONE_CHUNK_SCORES`` (``backward_chunks``), a half of the forward's, as its chunks hold four
+#: score-sized arrays. Measured on the 2-core Intel Xeon: the backward alone (``_backward_whole_keys`` jitted,
+#: medians of 9) at (8, 16, 128, 64), chunks of 4 x 16 x 128 (``CHUNK_SCORES_VJP``) against one of 8 x 16 x 128:
+#: 14.5 against 13.3 ms; the layer's gradient at B=8, E=1024, H=16, L=128 (``python -m benchmarks.tiles
+#: 8,1024,16 128 fwd_bwd --chunk-scores 20,21``, medians of 7, twice): 108.4 against 102.8 ms and 103.2 against
+#: 97.6 (eqx.nn 102.0 and 96.9). With 2**22, at (8, 8, 256, 64), one chunk of 8 x 8 x 256 took 38.2 ms
+#: against 26.5 for 2 x 8 x 256.
+ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 0
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -435,6 +443,14 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
     if sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES:
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk)
+
+
+def backward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
+    """The chunks of ``_backward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES_VJP``, except that on the
+    Intel Xeon a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES_VJP`` scores is one chunk."""
+    if sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES_VJP:
+        return n, h, lq
+    return whole_key_chunks(n, h, lq, sk, CHUNK_SCORES_VJP)
 
 
 def _chunk_part(chunks, x, a, b, i=None):
@@ -802,7 +818,7 @@ def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, 
         n, h, tgt_len, _ = q.shape
         src_len = k.shape[2]
         if lse is None:  # the whole-key backward (``_core_fwd`` chose it)
-            chunks = whole_key_chunks(n, h, tgt_len, cfg.total_len, CHUNK_SCORES_VJP)
+            chunks = backward_chunks(n, h, tgt_len, cfg.total_len)
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
             lq, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, dout = _pad_to(out, 2, lq), _pad_to(dout, 2, lq)  # padded rows: dout = 0, no gradient
