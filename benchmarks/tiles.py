@@ -17,7 +17,10 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 ``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
 alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: on Intel CPUs, one row of
 up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head size 32,
-and small calls as one chunk, forward and backward). These are
+and small calls as one chunk, forward and backward). ``--in-projection packed,rule`` times the whole layer
+with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
+``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
+``CPU_WEIGHT_FIRST_ROWS`` rows). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
 behind that constant.
 """
@@ -60,6 +63,12 @@ def main(argv=None) -> None:
         help="the whole-key chunks: whole_key_chunks alone, or the Intel rules of forward_chunks and backward_chunks "
         "(former, rule; comma-separated; the whole layer, auto, at each)",
     )
+    ap.add_argument(
+        "--in-projection",
+        default="",
+        help="self-attention's in-projection: one packed product always, or as the rule decides (packed, rule; "
+        "comma-separated; the whole layer, auto, at each)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -83,8 +92,11 @@ def main(argv=None) -> None:
     chunk_rule = [v for v in args.chunk_rule.split(",") if v]
     if set(chunk_rule) - {"former", "rule"}:
         ap.error(f"--chunk-rule takes former and rule, got {args.chunk_rule!r}")
-    if not tiles and not chunks and not rows and not normalise and not chunk_rule:
-        ap.error("give TILES, --chunk-scores, --weight-first-rows, --normalise or --chunk-rule")
+    in_projection = [v for v in args.in_projection.split(",") if v]
+    if set(in_projection) - {"packed", "rule"}:
+        ap.error(f"--in-projection takes packed and rule, got {args.in_projection!r}")
+    if not any((tiles, chunks, rows, normalise, chunk_rule, in_projection)):
+        ap.error("give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule or --in-projection")
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -98,6 +110,7 @@ def main(argv=None) -> None:
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
+    saved_packed = attention._packed_in_projection
 
     def variant(label, contender="noxton_eqx_blockwise", **values):
         blockwise.__dict__.update(values)
@@ -109,6 +122,7 @@ def main(argv=None) -> None:
         finally:
             blockwise.__dict__.update(saved)
             attention.CPU_WEIGHT_FIRST_ROWS = saved_rows
+            attention._packed_in_projection = saved_packed
         calls[label] = call
 
     for L in (int(x) for x in args.lengths.split(",")):
@@ -128,6 +142,10 @@ def main(argv=None) -> None:
             former |= {"ONE_CHUNK_SCORES_VJP": 0}
             former = former if how == "former" else {}
             variant(f"auto chunk rule {how}", "noxton_eqx", **former)
+        for how in in_projection:
+            if how == "packed":
+                attention._packed_in_projection = lambda x: True
+            variant(f"auto in-projection {how}", "noxton_eqx")
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}

@@ -120,10 +120,12 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     from benchmarks import tiles
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
-    names += ("NORMALISE_AFTER", "NORMALISED_FIRST")
+    names += ("NORMALISE_AFTER", "NORMALISED_FIRST", "LONG_ROW_CHUNK_Q", "NARROW_CHUNK_SCORES", "ONE_CHUNK_SCORES")
+    names += ("ONE_CHUNK_SCORES_VJP",)
     before = {n: getattr(blockwise, n) for n in names}
-    rows = attention.CPU_WEIGHT_FIRST_ROWS
+    rows, packed = attention.CPU_WEIGHT_FIRST_ROWS, attention._packed_in_projection
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
+    argv += ["--chunk-rule", "former,rule", "--in-projection", "packed,rule"]
     tiles.main([*argv, "--normalise", "before,after,rule", "--peers", "torch", "--reps", "1"])
     out = capsys.readouterr().out
     assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1" in out
@@ -131,7 +133,10 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     assert "blockwise CHUNK_SCORES_VJP=2**9 " in out and "blockwise CHUNK_SCORES_VJP=2**12 " in out
     assert "auto CPU_WEIGHT_FIRST_ROWS=0 " in out and "auto CPU_WEIGHT_FIRST_ROWS=256 " in out
     assert all(f"auto normalised {how} " in out for how in ("before", "after", "rule"))
+    assert all(f"auto chunk rule {how} " in out for how in ("former", "rule"))
+    assert all(f"auto in-projection {how} " in out for how in ("packed", "rule"))
     assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
+    assert attention._packed_in_projection is packed
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd"])  # no variant to time
     with pytest.raises(SystemExit):

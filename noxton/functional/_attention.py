@@ -175,6 +175,13 @@ def select_implementation(
 CPU_WEIGHT_FIRST_ROWS = 1024
 
 
+def _few_cpu_rows(x, axis: int = -1) -> bool:
+    """On the CPU, ``x`` has fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows, those of the ``jax.vmap`` axes that map it
+    counted (its features on ``axis``)."""
+    rows = math.prod(x.shape) // x.shape[axis] * vmapped_size(x)
+    return rows < CPU_WEIGHT_FIRST_ROWS and jax.default_backend() == "cpu"
+
+
 def _linear(x, weight, bias, *, axis: int = -1):
     """torch's ``F.linear`` over ``x``'s feature axis ``axis`` (-1; -3 for a 1x1 convolution's channels).
 
@@ -187,9 +194,7 @@ def _linear(x, weight, bias, *, axis: int = -1):
     acc = softmax_dtype(x.dtype)
     weight = weight.astype(x.dtype)
     axis = axis % x.ndim
-    rows = math.prod(x.shape) // x.shape[axis]
-    few = rows < CPU_WEIGHT_FIRST_ROWS and rows * vmapped_size(x) < CPU_WEIGHT_FIRST_ROWS
-    if few and jax.default_backend() == "cpu":
+    if _few_cpu_rows(x, axis):
         y = lax.dot_general(weight, x, (((1,), (axis,)), ((), ())), preferred_element_type=acc)  # [out, *rest]
         y = jnp.moveaxis(y, 0, axis)
     else:
@@ -207,6 +212,11 @@ def split_heads(x, num_heads: int, *, heads_first: bool = False):
     return jnp.swapaxes(x, -3, -2) if heads_first else x
 
 
+def _packed_in_projection(x) -> bool:
+    """Self-attention projects ``x`` with one ``(3E, E)`` product rather than three (see ``_in_projection``)."""
+    return jax.default_backend() != "cpu" or _few_cpu_rows(x)
+
+
 def _split_in_proj(params):
     """The query, key and value projections' ``(weight, bias)`` pairs (biases ``None`` without ``in_proj_bias``)."""
     b = params.get("in_proj_bias")
@@ -218,9 +228,19 @@ def _split_in_proj(params):
     return tuple(zip(ws, bs, strict=True))
 
 
+#: Self-attention's in-projection is one ``(3E, E)`` product, except on the CPU from ``CPU_WEIGHT_FIRST_ROWS``
+#: rows (those that ``_linear`` takes input first), where it is three ``(E, E)`` products: there the packed
+#: product's gradient was up to 18% slower, and at most 2% faster. Measured on the 2-core Intel Xeon with
+#: ``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, medians of 9-11 interleaved rounds in one process,
+#: packed against three products, ms (eqx.nn beside), with ``python -m benchmarks.tiles B,E,H L,... MODE
+#: --in-projection packed,rule``, 2026-12-04. Forward and backward at (B, E, L) = (8, 512, 256): 94.2 / 77.0
+#: (eqx.nn 88.0), and in another run 94.4 / 88.5 (88.3); level within 2% at (8, 256, 256), (8, 1024, 256),
+#: (8, 512, 512), (1, 256, 2048), (8, 256, 128) and (8, 1024, 128) (107.4 / 109.3). The forward was level
+#: or faster: (8, 256, 256) 7.93 / 7.86; (8, 512, 256) 21.4 / 20.7; (8, 512, 512) 81.5 / 80.0; (8, 1024,
+#: 128) 33.9 / 34.7. Below that many rows, where the products run weight first, the packed one was the
+#: faster: (1, 512, 256) forward and backward 9.40 / 10.07, forward 3.49 / 3.58; (8, 512, 64) 12.95 / 13.45.
 def _in_projection(query, key, value, params):
-    if "in_proj_weight" in params and query is key and key is value:
-        # Self-attention: one (E, 3E) matmul instead of three.
+    if "in_proj_weight" in params and query is key and key is value and _packed_in_projection(query):
         return tuple(jnp.split(_linear(query, params["in_proj_weight"], params.get("in_proj_bias")), 3, axis=-1))
     (wq, bq), (wk, bk), (wv, bv) = _split_in_proj(params)
     return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
