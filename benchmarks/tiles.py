@@ -3,7 +3,8 @@
 ``TILES`` is a comma-separated list of ``log2(BLOCK_SCORES):MAX_BLOCK_Q:MAX_BLOCK_K``, for example
 ``23:512:1024,23:256:512``; ``--chunk-scores 21,19`` instead (or as well) times the CPU's whole-key
 passes with chunks of ``2**21`` and ``2**19`` scores: ``CHUNK_SCORES`` for ``fwd``, ``CHUNK_SCORES_VJP``
-for ``fwd_bwd`` (the forward keeps its own). For each length, every variant is compiled once
+for ``fwd_bwd`` (the forward keeps its own), with the Intel rules of ``forward_chunks`` and
+``backward_chunks`` off, so that the budget alone sets the chunks. For each length, every variant is compiled once
 and timed against torch's MHA (and any ``--peers``) in one process, the repeats interleaved and their
 order shuffled; each row also gives the memory that one call faults in (the process's minor page
 faults times the page size): glibc serves every allocation of more than its ``mmap`` threshold with a
@@ -16,9 +17,9 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 ``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on).
 ``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
 alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: on Intel CPUs, one row of
-up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head size 32,
-and small calls as one chunk, forward and backward). ``--in-projection packed,rule`` times the whole layer
-with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
+up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head sizes up
+to ``NARROW_HEAD``, and small calls as one chunk, forward and backward). ``--in-projection packed,rule``
+times the whole layer with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
 ``CPU_WEIGHT_FIRST_ROWS`` rows). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
@@ -33,6 +34,9 @@ import random
 import resource
 import statistics
 import time
+
+#: ``forward_chunks``'s and ``backward_chunks``'s Intel rules turned off: ``whole_key_chunks`` alone.
+FORMER_CHUNKS = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES_VJP": 0}
 
 
 def main(argv=None) -> None:
@@ -106,7 +110,7 @@ def main(argv=None) -> None:
 
     names = (
         *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST"),
-        *("LONG_ROW_CHUNK_Q", "NARROW_CHUNK_SCORES", "ONE_CHUNK_SCORES", "ONE_CHUNK_SCORES_VJP"),
+        *FORMER_CHUNKS,
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
@@ -130,7 +134,7 @@ def main(argv=None) -> None:
         for log2, max_q, max_k in tiles:
             variant(f"blockwise {log2}:{max_q}:{max_k}", BLOCK_SCORES=2**log2, MAX_BLOCK_Q=max_q, MAX_BLOCK_K=max_k)
         for log2 in chunks:
-            variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2})
+            variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2}, **FORMER_CHUNKS)
         for n in rows:
             attention.CPU_WEIGHT_FIRST_ROWS = n
             variant(f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx")
@@ -138,10 +142,7 @@ def main(argv=None) -> None:
             after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
             variant(f"auto normalised {how}", "noxton_eqx", **after)
         for how in chunk_rule:
-            former = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0}
-            former |= {"ONE_CHUNK_SCORES_VJP": 0}
-            former = former if how == "former" else {}
-            variant(f"auto chunk rule {how}", "noxton_eqx", **former)
+            variant(f"auto chunk rule {how}", "noxton_eqx", **(FORMER_CHUNKS if how == "former" else {}))
         for how in in_projection:
             if how == "packed":
                 attention._packed_in_projection = lambda x: True

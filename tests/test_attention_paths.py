@@ -201,8 +201,8 @@ WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
 # FUSED_KEYS_MAX keys one row of up to LONG_ROW_CHUNK_Q queries (here 5 of 9, the last chunk padded, against
 # the backward's 3); "narrow", from half of FUSED_KEYS_MAX keys at a head size up to NARROW_HEAD, chunks of
 # NARROW_CHUNK_SCORES (one row, against the backward's two); "one-chunk", a small call as one chunk (the
-# backward in chunks of one row and 4 queries); "one-chunk-vjp", the backward as one chunk (the forward's
-# chunks of one row and 4 queries).
+# backward in chunks of one row and 5 queries, the last padded); "one-chunk-vjp", the backward as one chunk (the
+# forward's chunks of one row and 5 queries).
 WHOLE_KEY_CASES += [
     ("self", "causal_kpm", "long-rows"),
     ("self", "rows_masked", "narrow"),
@@ -532,3 +532,41 @@ def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
         assert_close(a, b, ATOL, jax.tree_util.keystr(path))
     if jax.default_backend() == "cpu":
         assert programs[0].count("dot_general") == programs[256].count("dot_general") + 2  # three products, not one
+
+
+# the Intel Xeon's values, and the other CPUs' (the rules off)
+INTEL_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
+INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21}
+OTHER_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0}
+OTHER_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 0}
+
+
+@pytest.mark.parametrize("intel", [False, True])
+def test_forward_and_backward_chunks(monkeypatch, intel):
+    """The whole-key passes' chunks with the Intel rules on (the Xeon's values) and off (other CPUs, where both are
+    ``whole_key_chunks``'s, forward with ``CHUNK_SCORES`` and backward with ``CHUNK_SCORES_VJP``)."""
+    for name, value in (INTEL_CHUNK_RULES if intel else OTHER_CHUNK_RULES).items():
+        monkeypatch.setattr(blockwise_module, name, value)
+    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", 2**21)
+    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", 2**20)
+    forward, backward = blockwise_module.forward_chunks, blockwise_module.backward_chunks
+    whole_key_chunks = blockwise_module.whole_key_chunks
+    shapes = [(1, 8, 2048, 2048, 32), (1, 8, 8192, 8192, 32), (2, 8, 300, 2048, 32), (1, 8, 1024, 1024, 32)]
+    shapes += [(1, 8, 1024, 1024, 64), (8, 8, 64, 768, 32), (8, 8, 256, 256, 32), (8, 16, 128, 128, 64)]
+    shapes += [(8, 16, 256, 256, 64), (1, 16, 512, 512, 64)]
+    got = {s: (forward(*s), backward(*s[:4])) for s in shapes}
+    if not intel:
+        assert got == {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**20)) for s in shapes}
+        return
+    assert got[1, 8, 2048, 2048, 32][0] == (1, 1, 1024)  # past FUSED_KEYS_MAX: one row of 1024 queries
+    assert got[1, 8, 8192, 8192, 32][0] == (1, 1, 1024)
+    assert got[2, 8, 300, 2048, 32][0] == (1, 2, 300)  # fewer queries: as many rows as CHUNK_SCORES holds
+    assert got[1, 8, 1024, 1024, 32][0] == (1, 1, 1024)  # narrow heads: one row
+    assert got[1, 8, 1024, 1024, 64][0] == (1, 2, 1024)  # wider heads: CHUNK_SCORES
+    assert got[8, 8, 64, 768, 32][0] == (8, 8, 64)  # few queries: not the narrow rule, but one chunk
+    assert got[8, 8, 256, 256, 32][0] == (8, 8, 256)  # a small call is one chunk
+    assert got[8, 16, 256, 256, 64][0] == whole_key_chunks(8, 16, 256, 256)  # 2**23 scores: too many for one
+    assert got[1, 16, 512, 512, 64][0] == (1, 8, 512)  # 512 queries: not one chunk
+    assert got[8, 16, 128, 128, 64][1] == (8, 16, 128)  # the backward: one chunk up to 2**21 scores
+    assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**20)
+    assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**20)  # the backward's long chunks

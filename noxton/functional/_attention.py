@@ -108,11 +108,13 @@ def select_implementation(
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
        Up to 8192 keys its forward makes one pass over all keys in chunks of
        rows and queries of about 8 MiB of scores, which XLA fuses into one
-       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``; on Intel
-       CPUs a small call is one chunk, and past 1024 keys a chunk is one row of
-       up to 1024 queries: ``_blockwise.forward_chunks``), and
-       its backward takes chunks a quarter that size (half on Intel CPUs; see
-       ``_blockwise.CHUNK_SCORES_VJP``); past 8192 keys both loop over key
+       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``); on Intel
+       CPUs a call of up to 256 queries and 16 MiB of scores is one chunk, and
+       past 1024 keys a chunk takes up to 1024 queries, up to 32 MiB of scores
+       (``_blockwise.forward_chunks``). Its backward takes chunks a quarter that
+       size (half on Intel CPUs, where a call of up to 256 queries and 8 MiB of
+       scores is one chunk; see ``_blockwise.backward_chunks``); past 8192 keys
+       both loop over key
        blocks in tiles that ``block_sizes`` keeps under glibc's 32 MiB
        ``mmap`` ceiling at small batch, so that no call faults its scores in
        afresh.
@@ -230,7 +232,7 @@ def _split_in_proj(params):
 
 #: Self-attention's in-projection is one ``(3E, E)`` product, except on the CPU from ``CPU_WEIGHT_FIRST_ROWS``
 #: rows (those that ``_linear`` takes input first), where it is three ``(E, E)`` products: there the packed
-#: product's gradient was up to 18% slower, and at most 2% faster. Measured on the 2-core Intel Xeon with
+#: product's gradient took up to 22% longer, and was at most 2% faster. Measured on the 2-core Intel Xeon with
 #: ``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, medians of 9-11 interleaved rounds in one process,
 #: packed against three products, ms (eqx.nn beside), with ``python -m benchmarks.tiles B,E,H L,... MODE
 #: --in-projection packed,rule``, 2026-12-04. Forward and backward at (B, E, L) = (8, 512, 256): 94.2 / 77.0

@@ -374,28 +374,28 @@ CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
 #: measure this rule again.
 NORMALISE_AFTER = INTEL
 NORMALISED_FIRST = frozenset({(512, 512)})
-#: On the Intel Xeon (``INTEL``), ``forward_chunks`` gives the forward's chunks past ``FUSED_KEYS_MAX`` keys
-#: up to ``LONG_ROW_CHUNK_Q`` queries of one row each, rather than ``LONG_CHUNK_Q`` queries of as many rows
-#: as ``CHUNK_SCORES`` holds; and a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES``
-#: scores in all runs as one chunk, with no loop over chunks. Measured on the 2-core Intel Xeon, the
-#: attention core alone (``_forward_whole_keys`` jitted, ``[N, H, L, D]`` inputs, L = S) against torch's
-#: ``F.scaled_dot_product_attention`` in one process, medians of 13 interleaved rounds, 2026-12-04, ms, the
-#: former chunks against these (torch beside), at (N, H, L, D): (1, 8, 2048, 32) 1 x 4 x 256 40.7 against
-#: 1 x 1 x 1024 30.7 (torch 20.6; 1 x 1 x 512 33.1); (1, 16, 2048, 64) 111.5 / 92.6 (64.9); (8, 8, 2048, 32)
-#: 296.9 / 225.4 (146.9); (1, 8, 4096, 32) 1 x 2 x 256 143.7 / 124.3 (72.1; 1 x 1 x 512 128.9); (1, 16,
-#: 4096, 64) 432.5 / 376.7 (240.7); (1, 8, 8192, 32) 1 x 1 x 256 598.9 / 519.4 (291.9; 1 x 1 x 512 541.5).
-#: One chunk: (8, 8, 256, 32) 4 x 8 x 256 3.89 and 4.25 / 8 x 8 x 256 2.89 and 3.15 (torch 3.02); (8, 8,
-#: 256, 64) 6.34 / 4.84 (4.68); (4, 16, 256, 64) 6.46 / 5.00 (4.92); but at 512 queries one chunk of all
-#: rows was slower, (1, 16, 512, 64) 1 x 8 x 512 7.63 against 1 x 16 x 512 8.04, as two chunks of half the
-#: rows were at (8, 8, 512, 64) (30.7 against 33.0), so ``ONE_CHUNK_MAX_Q`` stops at 256. Up to
-#: ``FUSED_KEYS_MAX`` keys, chunks of one row of all queries rather than two were level at D = 64 ((1, 16,
-#: 1024, 64) 24.8 against 25.0), but faster at D <= ``NARROW_HEAD`` from 768 keys, so there the chunks hold
-#: ``NARROW_CHUNK_SCORES``: (1, 8, 768, 32) 1 x 2 x 768 5.39 against 1 x 1 x 768 4.73 (torch 2.70); (8, 8,
-#: 768, 32) 45.6 / 40.6 (22.4); (1, 8, 1024, 32) 8.74 / 8.14 (4.67); (8, 8, 1024, 32) 71.2 / 67.3 (42.3).
-#: At 512 keys the larger chunk was still the faster, (1, 8, 512, 32) 1 x 8 x 512 2.49 against 1 x 4 x 512
-#: 3.06, so that rule starts past half of ``FUSED_KEYS_MAX``. Other CPUs keep ``whole_key_chunks``'s rule
-#: (``None`` and 0 turn these off). The command that measures the layer with and without them: ``python -m
-#: benchmarks.tiles B,E,H L,... fwd --chunk-rule former,rule``.
+#: On the Intel Xeon (``INTEL``), ``forward_chunks`` gives the forward's chunks past ``FUSED_KEYS_MAX`` keys up to
+#: ``LONG_ROW_CHUNK_Q`` queries each (one row, when a row has that many; fewer queries, as many rows as ``CHUNK_SCORES``
+#: holds), rather than ``LONG_CHUNK_Q`` queries (past 8192 keys a chunk of 1024 queries holds 2**23 scores, 32 MiB in
+#: float32); and a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES`` scores in all runs as one chunk
+#: (16 MiB of float32 scores), with no loop over chunks. Measured on the 2-core Intel Xeon, the attention core alone
+#: (``_forward_whole_keys`` jitted, ``[N, H, L, D]`` inputs, L = S) against torch's ``F.scaled_dot_product_attention``
+#: in one process, medians of 13 interleaved rounds, 2026-12-04, ms, the former chunks against these (torch beside), at
+#: (N, H, L, D): (1, 8, 2048, 32) 1 x 4 x 256 40.7 against 1 x 1 x 1024 30.7 (torch 20.6; 1 x 1 x 512 33.1); (1, 16,
+#: 2048, 64) 111.5 / 92.6 (64.9); (8, 8, 2048, 32) 296.9 / 225.4 (146.9); (1, 8, 4096, 32) 1 x 2 x 256 143.7 / 124.3
+#: (72.1; 1 x 1 x 512 128.9); (1, 16, 4096, 64) 432.5 / 376.7 (240.7); (1, 8, 8192, 32) 1 x 1 x 256 598.9 / 519.4
+#: (291.9; 1 x 1 x 512 541.5). One chunk: (8, 8, 256, 32) 4 x 8 x 256 3.89 and 4.25 / 8 x 8 x 256 2.89 and 3.15 (torch
+#: 3.02); (8, 8, 256, 64) 6.34 / 4.84 (4.68); (4, 16, 256, 64) 6.46 / 5.00 (4.92); but at 512 queries one chunk of all
+#: rows was slower, (1, 16, 512, 64) 1 x 8 x 512 7.63 against 1 x 16 x 512 8.04, as two chunks of half the rows were at
+#: (8, 8, 512, 64) (30.7 against 33.0), so ``ONE_CHUNK_MAX_Q`` stops at 256. Up to ``FUSED_KEYS_MAX`` keys, chunks of
+#: one row of all queries rather than two were level at D = 64 ((1, 16, 1024, 64) 24.8 against 25.0), but faster at D <=
+#: ``NARROW_HEAD`` from 768 keys, so there the chunks hold ``NARROW_CHUNK_SCORES``: (1, 8, 768, 32) 1 x 2 x 768 5.39
+#: against 1 x 1 x 768 4.73 (torch 2.70); (8, 8, 768, 32) 45.6 / 40.6 (22.4); (1, 8, 1024, 32) 8.74 / 8.14 (4.67); (8,
+#: 8, 1024, 32) 71.2 / 67.3 (42.3). At 512 keys the larger chunk was still the faster, (1, 8, 512, 32) 1 x 8 x 512 2.49
+#: against 1 x 4 x 512 3.06, so that rule starts past half of ``FUSED_KEYS_MAX``, in keys and in queries (it was
+#: measured with as many queries as keys). Other CPUs keep ``whole_key_chunks``'s rule (``None`` and 0 turn these off).
+#: The command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd --chunk-rule
+#: former,rule``.
 LONG_ROW_CHUNK_Q: int | None = 1024 if INTEL else None
 NARROW_CHUNK_SCORES = 2**20 if INTEL else 0
 NARROW_HEAD = 32
@@ -438,9 +438,10 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
     if sk > FUSED_KEYS_MAX and LONG_ROW_CHUNK_Q:
         c = _balanced(lq, LONG_ROW_CHUNK_Q)
         return whole_key_chunks(n, h, lq, sk, max(CHUNK_SCORES, c * sk), c)
-    if sk <= FUSED_KEYS_MAX < 2 * sk and d <= NARROW_HEAD and NARROW_CHUNK_SCORES:
+    # measured with as many queries as keys: from half of FUSED_KEYS_MAX each
+    if NARROW_CHUNK_SCORES and d <= NARROW_HEAD and sk <= FUSED_KEYS_MAX < 2 * min(sk, lq):
         return whole_key_chunks(n, h, lq, sk, NARROW_CHUNK_SCORES)
-    if sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES:
+    if ONE_CHUNK_SCORES and sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES:
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk)
 
@@ -448,7 +449,8 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
 def backward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
     """The chunks of ``_backward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES_VJP``, except that on the
     Intel Xeon a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES_VJP`` scores is one chunk."""
-    if sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES_VJP:
+    small = sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES_VJP
+    if ONE_CHUNK_SCORES_VJP and small:
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk, CHUNK_SCORES_VJP)
 
@@ -521,7 +523,7 @@ def _unchunk(counts, chunks, n, h, lq, x):
 def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp, am):
     """``_forward`` with one block of keys and no dropout: ``out [N, H, L, D]`` and ``lse [N, H, L]``.
 
-    ``chunks`` is ``whole_key_chunks``'s ``(examples, heads, queries)``; ``q`` (and ``am``) are padded
+    ``chunks`` is ``forward_chunks``'s ``(examples, heads, queries)``; ``q`` (and ``am``) are padded
     to whole query chunks, the keys are not padded.
     """
     sdtype = softmax_dtype(q.dtype)
@@ -902,8 +904,8 @@ def blockwise_attention(
             those of a ``jax.vmap`` included).
         block_k: keys per block (clipped to ``S'``); ``None``: at most ``MAX_BLOCK_K``. With neither
             given, no dropout and at most ``WHOLE_KEYS_MAX`` keys, the CPU takes all keys at once, in
-            chunks of rows and queries (``whole_key_chunks``), forward and backward (the backward keeps
-            the blocks when the masks need a gradient).
+            chunks of rows and queries (``forward_chunks``, ``backward_chunks``), forward and backward (the
+            backward keeps the blocks when the masks need a gradient).
         scale: multiplies ``q @ k^T`` in the softmax dtype, before the masks are added.
 
     Returns:
