@@ -431,6 +431,12 @@ def whole_key_chunks(
     return nb, hb, c
 
 
+def _one_chunk(n: int, h: int, lq: int, sk: int, limit: int) -> bool:
+    """A call small enough to run as one chunk: at most ``ONE_CHUNK_MAX_Q`` queries, ``FUSED_KEYS_MAX`` keys and
+    ``limit`` scores in all (``limit`` 0: the rule is off)."""
+    return bool(limit) and sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= limit
+
+
 def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, int]:
     """The chunks of ``_forward_whole_keys`` for head size ``d``: ``whole_key_chunks`` with ``CHUNK_SCORES``,
     except on the Intel Xeon (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES`` and ``ONE_CHUNK_SCORES``, which say
@@ -441,7 +447,7 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
     # measured with as many queries as keys: from half of FUSED_KEYS_MAX each
     if NARROW_CHUNK_SCORES and d <= NARROW_HEAD and sk <= FUSED_KEYS_MAX < 2 * min(sk, lq):
         return whole_key_chunks(n, h, lq, sk, NARROW_CHUNK_SCORES)
-    if ONE_CHUNK_SCORES and sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES:
+    if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES):
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk)
 
@@ -449,8 +455,7 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
 def backward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
     """The chunks of ``_backward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES_VJP``, except that on the
     Intel Xeon a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES_VJP`` scores is one chunk."""
-    small = sk <= FUSED_KEYS_MAX and lq <= ONE_CHUNK_MAX_Q and n * h * lq * sk <= ONE_CHUNK_SCORES_VJP
-    if ONE_CHUNK_SCORES_VJP and small:
+    if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES_VJP):
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk, CHUNK_SCORES_VJP)
 
