@@ -18,7 +18,8 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 ``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
 alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: on Intel CPUs, one row of
 up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head sizes up
-to ``NARROW_HEAD``, and small calls as one chunk, forward and backward). ``--in-projection packed,rule``
+to ``NARROW_HEAD``, small calls as one chunk, forward and backward, and chunks of every row from 257 to 512
+keys, ``ALL_ROWS_QUERIES``). ``--in-projection packed,rule``
 times the whole layer with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
 ``CPU_WEIGHT_FIRST_ROWS`` rows). These are
@@ -34,9 +35,6 @@ import random
 import resource
 import statistics
 import time
-
-#: ``forward_chunks``'s and ``backward_chunks``'s Intel rules turned off: ``whole_key_chunks`` alone.
-FORMER_CHUNKS = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES_VJP": 0}
 
 
 def main(argv=None) -> None:
@@ -110,7 +108,7 @@ def main(argv=None) -> None:
 
     names = (
         *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST"),
-        *FORMER_CHUNKS,
+        *blockwise.CHUNK_RULES_OFF,
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
@@ -134,7 +132,7 @@ def main(argv=None) -> None:
         for log2, max_q, max_k in tiles:
             variant(f"blockwise {log2}:{max_q}:{max_k}", BLOCK_SCORES=2**log2, MAX_BLOCK_Q=max_q, MAX_BLOCK_K=max_k)
         for log2 in chunks:
-            variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2}, **FORMER_CHUNKS)
+            variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2}, **blockwise.CHUNK_RULES_OFF)
         for n in rows:
             attention.CPU_WEIGHT_FIRST_ROWS = n
             variant(f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx")
@@ -142,7 +140,7 @@ def main(argv=None) -> None:
             after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
             variant(f"auto normalised {how}", "noxton_eqx", **after)
         for how in chunk_rule:
-            variant(f"auto chunk rule {how}", "noxton_eqx", **(FORMER_CHUNKS if how == "former" else {}))
+            variant(f"auto chunk rule {how}", "noxton_eqx", **(blockwise.CHUNK_RULES_OFF if how == "former" else {}))
         for how in in_projection:
             if how == "packed":
                 attention._packed_in_projection = lambda x: True

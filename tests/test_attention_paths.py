@@ -202,12 +202,14 @@ WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
 # the backward's 3); "narrow", from half of FUSED_KEYS_MAX keys at a head size up to NARROW_HEAD, chunks of
 # NARROW_CHUNK_SCORES (one row, against the backward's two); "one-chunk", a small call as one chunk (the
 # backward in chunks of one row and 5 queries, the last padded); "one-chunk-vjp", the backward as one chunk (the
-# forward's chunks of one row and 5 queries).
+# forward's chunks of one row and 5 queries); "all-rows", from a quarter to half of FUSED_KEYS_MAX keys, chunks of
+# every row and ALL_ROWS_CHUNK_Q queries (here 5 of 9, the last padded; the backward's one row and 5 queries).
 WHOLE_KEY_CASES += [
     ("self", "causal_kpm", "long-rows"),
     ("self", "rows_masked", "narrow"),
     ("kv-biaskv-zeroattn", "rows_masked", "one-chunk"),
     ("kv-biaskv-zeroattn", "rows_masked", "one-chunk-vjp"),
+    ("self", "causal_kpm", "all-rows"),
 ]
 # Every case divides by the softmax's sum after the second product, ((P @ V) / l), as the Intel CPUs do; these
 # also before it (other CPUs, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
@@ -232,10 +234,8 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
         assert not blockwise_module._whole_keys(blockwise_module._Static(False, S, None, None), None, S + 2)
         budget = 40
     # the forward's chunks are whole_key_chunks's, as on other CPUs, unless the case names the Intel rules
-    monkeypatch.setattr(blockwise_module, "LONG_ROW_CHUNK_Q", None)
-    monkeypatch.setattr(blockwise_module, "NARROW_CHUNK_SCORES", 0)
-    monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 0)
-    monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES_VJP", 0)
+    for name, value in blockwise_module.CHUNK_RULES_OFF.items():
+        monkeypatch.setattr(blockwise_module, name, value)
     forward = backward = None
     if budget in ("long", "long-rows"):
         monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 4)
@@ -251,6 +251,11 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     if budget == "one-chunk":
         monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 2**22)
         forward, budget = (N, H, L), 40
+    if budget == "all-rows":
+        monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 32)
+        monkeypatch.setattr(blockwise_module, "ALL_ROWS_QUERIES", 16)
+        monkeypatch.setattr(blockwise_module, "ALL_ROWS_CHUNK_Q", 5)
+        forward, budget = (N, H, 5), 40
     if budget == "one-chunk-vjp":
         monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES_VJP", 2**22)
         backward, budget = (N, H, L), 40
@@ -536,9 +541,8 @@ def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
 
 # the Intel Xeon's values, and the other CPUs' (the rules off)
 INTEL_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
-INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21}
-OTHER_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": None, "NARROW_CHUNK_SCORES": 0, "ONE_CHUNK_SCORES": 0}
-OTHER_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 0}
+INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21, "ALL_ROWS_QUERIES": 4096}
+OTHER_CHUNK_RULES = blockwise_module.CHUNK_RULES_OFF
 
 
 @pytest.mark.parametrize("intel", [False, True])
@@ -553,7 +557,8 @@ def test_forward_and_backward_chunks(monkeypatch, intel):
     whole_key_chunks = blockwise_module.whole_key_chunks
     shapes = [(1, 8, 2048, 2048, 32), (1, 8, 8192, 8192, 32), (2, 8, 300, 2048, 32), (1, 8, 1024, 1024, 32)]
     shapes += [(1, 8, 1024, 1024, 64), (8, 8, 64, 768, 32), (8, 8, 256, 256, 32), (8, 16, 128, 128, 64)]
-    shapes += [(8, 16, 256, 256, 64), (1, 16, 512, 512, 64)]
+    shapes += [(8, 16, 256, 256, 64), (1, 16, 512, 512, 64), (8, 8, 512, 512, 64), (8, 8, 512, 512, 32)]
+    shapes += [(4, 8, 512, 512, 64), (4, 16, 384, 384, 64), (8, 8, 768, 768, 64), (8, 8, 256, 512, 64)]
     got = {s: (forward(*s), backward(*s[:4])) for s in shapes}
     if not intel:
         assert got == {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**20)) for s in shapes}
@@ -566,7 +571,13 @@ def test_forward_and_backward_chunks(monkeypatch, intel):
     assert got[8, 8, 64, 768, 32][0] == (8, 8, 64)  # few queries: not the narrow rule, but one chunk
     assert got[8, 8, 256, 256, 32][0] == (8, 8, 256)  # a small call is one chunk
     assert got[8, 16, 256, 256, 64][0] == whole_key_chunks(8, 16, 256, 256)  # 2**23 scores: too many for one
-    assert got[1, 16, 512, 512, 64][0] == (1, 8, 512)  # 512 queries: not one chunk
+    assert got[1, 16, 512, 512, 64][0] == (1, 8, 512)  # 512 queries: not one chunk; 16 rows: not every row
+    assert got[8, 8, 512, 512, 64][0] == (8, 8, 64)  # 257 to 512 keys: every row, 64 queries at 512 keys x D=64
+    assert got[8, 8, 512, 512, 32][0] == (8, 8, 128)  # and 128 below
+    assert got[4, 16, 384, 384, 64][0] == (4, 16, 128)
+    assert got[4, 8, 512, 512, 64][0] == whole_key_chunks(4, 8, 512, 512)  # 32 x 64 queries: too few for every row
+    assert got[8, 8, 768, 768, 64][0] == whole_key_chunks(8, 8, 768, 768)  # past 512 keys
+    assert got[8, 8, 256, 512, 64][0] == whole_key_chunks(8, 8, 256, 512)  # fewer queries than keys
     assert got[8, 16, 128, 128, 64][1] == (8, 16, 128)  # the backward: one chunk up to 2**21 scores
     assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**20)
     assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**20)  # the backward's long chunks

@@ -401,6 +401,29 @@ NARROW_CHUNK_SCORES = 2**20 if INTEL else 0
 NARROW_HEAD = 32
 ONE_CHUNK_SCORES = 2**22 if INTEL else 0
 ONE_CHUNK_MAX_Q = 256
+#: On the Intel Xeon (``INTEL``), from a quarter to half of ``FUSED_KEYS_MAX`` keys (257 to 512) with at least as
+#: many queries, ``forward_chunks`` takes chunks of every row (all examples and heads) and ``ALL_ROWS_CHUNK_Q``
+#: queries, half as many where a row's keys times the head size reach ``ALL_ROWS_WIDE_ROW`` (512 keys at D = 64), when
+#: such a chunk holds at least ``ALL_ROWS_QUERIES`` queries in all. Below that many the fused chunk ran on about one
+#: core (process time over wall time 1.4, against 1.8 from 4096); my reading, not confirmed inside XLA, of why these
+#: chunks beat one example's heads: ``k`` and ``v`` are then whole, not sliced again at each step. The attention core
+#: alone (``_forward_whole_keys`` jitted, as for ``LONG_ROW_CHUNK_Q``), medians of 15 interleaved rounds, 2026-12-04,
+#: ms, the former chunks against these (other sizes tried beside), at (N, H, L, D): (8, 8, 512, 64) 1 x 8 x 512 35.5
+#: against 8 x 8 x 64 31.9 (8 x 8 x 128 40.1; 8 x 8 x 32 42.2); (8, 16, 512, 64) 65.7 / 56.2 (8 x 16 x 32 61.0; 8 x
+#: 16 x 128 74.9); (8, 8, 512, 32) 22.2 / 17.3 (8 x 8 x 64 21.3); (4, 8, 512, 32) 11.8 / 9.5; (8, 8, 384, 64) 21.3 /
+#: 15.8 (8 x 8 x 64 17.9); (4, 16, 384, 64) 20.9 / 15.7. Below 4096 queries per chunk the former chunks were level
+#: or faster: (4, 8, 512, 64) 16.4 against 4 x 8 x 64 21.9 and 4 x 8 x 128 17.7; (2, 16, 512, 64) 17.6 / 18.7; (1,
+#: 16, 512, 64) 9.5 / 9.0; (2, 8, 512, 64) 8.9 / 8.6. At 256 keys the one chunk stays ((8, 16, 256, 64) 15.2 against
+#: 8 x 16 x 128 15.1); from 768 keys the former chunks were faster ((8, 8, 768, 64) 66.9 against 8 x 8 x 64 72.1).
+#: The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, forward, in one process with torch and
+#: eqx.nn, medians of 11, ms, former / these (torch)): B=8, E=512, L=512 76.9 / 73.0 (53.1); E=256 32.3 / 25.0
+#: (23.1); E=1024, H=16 213.2 / 205.0 (181.3); B=4, E=256, L=512 15.0 / 13.1 (10.9); B=8, E=512, L=384 44.4 / 37.3
+#: (34.3); forward and backward level (within 6%) at B=8, L=512, E=512 and 256, and B=8, E=512, L=384. The command
+#: that measures the layer with and without every Intel rule: ``python -m benchmarks.tiles B,E,H L,... fwd
+#: --chunk-rule former,rule``. 0 turns it off (other CPUs).
+ALL_ROWS_QUERIES = 4096 if INTEL else 0
+ALL_ROWS_CHUNK_Q = 128
+ALL_ROWS_WIDE_ROW = 2**15
 #: The backward's ``ONE_CHUNK_SCORES`` (``backward_chunks``), a half of the forward's, as its chunks hold four
 #: score-sized arrays. Measured on the 2-core Intel Xeon: the backward alone (``_backward_whole_keys`` jitted,
 #: medians of 9) at (8, 16, 128, 64), chunks of 4 x 16 x 128 (``CHUNK_SCORES_VJP``) against one of 8 x 16 x 128:
@@ -409,6 +432,17 @@ ONE_CHUNK_MAX_Q = 256
 #: 97.6 (eqx.nn 102.0 and 96.9). With 2**22, at (8, 8, 256, 64), one chunk of 8 x 8 x 256 took 38.2 ms
 #: against 26.5 for 2 x 8 x 256.
 ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 0
+
+
+#: The values that turn every Intel chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on
+#: other CPUs): what the tiles tool's ``--chunk-rule former`` and the tests patch.
+CHUNK_RULES_OFF = {
+    "LONG_ROW_CHUNK_Q": None,
+    "NARROW_CHUNK_SCORES": 0,
+    "ONE_CHUNK_SCORES": 0,
+    "ONE_CHUNK_SCORES_VJP": 0,
+    "ALL_ROWS_QUERIES": 0,
+}
 
 
 def _largest_divisor(n: int, at_most: int) -> int:
@@ -439,8 +473,8 @@ def _one_chunk(n: int, h: int, lq: int, sk: int, limit: int) -> bool:
 
 def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, int]:
     """The chunks of ``_forward_whole_keys`` for head size ``d``: ``whole_key_chunks`` with ``CHUNK_SCORES``,
-    except on the Intel Xeon (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES`` and ``ONE_CHUNK_SCORES``, which say
-    why)."""
+    except on the Intel Xeon (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES``, ``ONE_CHUNK_SCORES`` and
+    ``ALL_ROWS_QUERIES``, which say why)."""
     if sk > FUSED_KEYS_MAX and LONG_ROW_CHUNK_Q:
         c = _balanced(lq, LONG_ROW_CHUNK_Q)
         return whole_key_chunks(n, h, lq, sk, max(CHUNK_SCORES, c * sk), c)
@@ -449,6 +483,10 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
         return whole_key_chunks(n, h, lq, sk, NARROW_CHUNK_SCORES)
     if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES):
         return n, h, lq
+    if ALL_ROWS_QUERIES and FUSED_KEYS_MAX // 4 < sk <= FUSED_KEYS_MAX // 2 and lq >= sk:
+        c = _balanced(lq, ALL_ROWS_CHUNK_Q // (2 if sk * d >= ALL_ROWS_WIDE_ROW else 1))
+        if n * h * c >= ALL_ROWS_QUERIES:
+            return n, h, c
     return whole_key_chunks(n, h, lq, sk)
 
 
