@@ -139,15 +139,26 @@ def se_table(args, results):
         def noxton_call(se=se, x=x):
             return jax.block_until_ready(batched(se, x))
 
-        med = medians({"torch": torch_call, "noxton": noxton_call}, reps, warmup=2)
-        results["se"].append(dict(N=N, C=C, H=HW, W=HW, squeeze=Q, median_s=med))
+        pair = {"torch": torch_call, "noxton": noxton_call}
+        med = medians(pair, reps, warmup=2)
+        # then each in a block of its own repeats, as in a program that calls only one of them
+        alone = {name: medians({name: call}, reps, warmup=1)[name] for name, call in pair.items()}
+        results["se"].append(dict(N=N, C=C, H=HW, W=HW, squeeze=Q, median_s=med, alone_median_s=alone))
         times = [f"{med['torch'] * 1e3:.2f}", f"{med['noxton'] * 1e3:.2f}", f"{med['noxton'] / med['torch']:.2f}x"]
+        times += [
+            f"{alone['torch'] * 1e3:.2f}",
+            f"{alone['noxton'] * 1e3:.2f}",
+            f"{alone['noxton'] / alone['torch']:.2f}x",
+        ]
         rows.append([f"({N}, {C}, {HW}, {HW})", Q, *times])
     title = (
         "## SqueezeExcitation\n\ntorch's block (eval, `no_grad`) against `noxton.nn.SqueezeExcitation` "
-        f"(`jax.vmap` over the batch, jitted), side by side at each shape; medians of {reps}.\n\n"
+        f"(`jax.vmap` over the batch, jitted) at each shape, medians of {reps}: first interleaved, side by side "
+        "(noxton mostly right after torch, whose OpenMP threads keep spinning on a core for a few ms after each "
+        "call), then each in a block of its own repeats, as in a program that calls only one of them.\n\n"
     )
     headers = ["(N, C, H, W)", "squeeze", "torch ms", "noxton.nn ms", "noxton / torch"]
+    headers += ["torch ms, alone", "noxton.nn ms, alone", "noxton / torch, alone"]
     return title + report.md_table(headers, rows)
 
 
