@@ -18,8 +18,8 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 ``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
 alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: on Intel CPUs, one row of
 up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head sizes up
-to ``NARROW_HEAD``, small calls as one chunk, forward and backward, and chunks of every row from 257 to 512
-keys, ``ALL_ROWS_QUERIES``). ``--in-projection packed,rule``
+to ``NARROW_HEAD``, small calls as one chunk, forward and backward, and, forward only, chunks of every head of
+whole examples from 257 to 512 keys, ``ALL_ROWS_QUERIES``). ``--in-projection packed,rule``
 times the whole layer with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
 ``CPU_WEIGHT_FIRST_ROWS`` rows). These are

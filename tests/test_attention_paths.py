@@ -203,13 +203,16 @@ WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
 # NARROW_CHUNK_SCORES (one row, against the backward's two); "one-chunk", a small call as one chunk (the
 # backward in chunks of one row and 5 queries, the last padded); "one-chunk-vjp", the backward as one chunk (the
 # forward's chunks of one row and 5 queries); "all-rows", from a quarter to half of FUSED_KEYS_MAX keys, chunks of
-# every row and ALL_ROWS_CHUNK_Q queries (here 5 of 9, the last padded; the backward's one row and 5 queries).
+# every head of whole examples and ALL_ROWS_CHUNK_Q queries (here 5 of 9, the last padded; the backward's one row
+# and 5 queries), all examples or ("all-rows-capped") as many as ALL_ROWS_MAX_SCORES holds.
 WHOLE_KEY_CASES += [
     ("self", "causal_kpm", "long-rows"),
     ("self", "rows_masked", "narrow"),
     ("kv-biaskv-zeroattn", "rows_masked", "one-chunk"),
     ("kv-biaskv-zeroattn", "rows_masked", "one-chunk-vjp"),
     ("self", "causal_kpm", "all-rows"),
+    ("cross-zeroattn", "attn_bool", "all-rows"),
+    ("kv-biaskv-zeroattn", "rows_masked", "all-rows-capped"),
 ]
 # Every case divides by the softmax's sum after the second product, ((P @ V) / l), as the Intel CPUs do; these
 # also before it (other CPUs, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
@@ -251,11 +254,13 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     if budget == "one-chunk":
         monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES", 2**22)
         forward, budget = (N, H, L), 40
-    if budget == "all-rows":
-        monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 32)
-        monkeypatch.setattr(blockwise_module, "ALL_ROWS_QUERIES", 16)
+    if budget in ("all-rows", "all-rows-capped"):
+        monkeypatch.setattr(blockwise_module, "FUSED_KEYS_MAX", 24)  # 7 to 12 keys: every case's 8 or 9
         monkeypatch.setattr(blockwise_module, "ALL_ROWS_CHUNK_Q", 5)
-        forward, budget = (N, H, 5), 40
+        monkeypatch.setattr(blockwise_module, "ALL_ROWS_QUERIES", 16 if budget == "all-rows" else 8)
+        if budget == "all-rows-capped":  # room for one example's heads only
+            monkeypatch.setattr(blockwise_module, "ALL_ROWS_MAX_SCORES", H * 5 * 9)
+        forward, budget = ((N if budget == "all-rows" else 1), H, 5), 40
     if budget == "one-chunk-vjp":
         monkeypatch.setattr(blockwise_module, "ONE_CHUNK_SCORES_VJP", 2**22)
         backward, budget = (N, H, L), 40
@@ -543,6 +548,7 @@ def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
 INTEL_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
 INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21, "ALL_ROWS_QUERIES": 4096}
 OTHER_CHUNK_RULES = blockwise_module.CHUNK_RULES_OFF
+assert INTEL_CHUNK_RULES.keys() == OTHER_CHUNK_RULES.keys()  # a new rule is pinned both on and off
 
 
 @pytest.mark.parametrize("intel", [False, True])
@@ -559,6 +565,7 @@ def test_forward_and_backward_chunks(monkeypatch, intel):
     shapes += [(1, 8, 1024, 1024, 64), (8, 8, 64, 768, 32), (8, 8, 256, 256, 32), (8, 16, 128, 128, 64)]
     shapes += [(8, 16, 256, 256, 64), (1, 16, 512, 512, 64), (8, 8, 512, 512, 64), (8, 8, 512, 512, 32)]
     shapes += [(4, 8, 512, 512, 64), (4, 16, 384, 384, 64), (8, 8, 768, 768, 64), (8, 8, 256, 512, 64)]
+    shapes += [(4, 8, 512, 512, 32), (8, 8, 400, 400, 64), (64, 16, 512, 512, 64), (8, 8, 512, 512, 128)]
     got = {s: (forward(*s), backward(*s[:4])) for s in shapes}
     if not intel:
         assert got == {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**20)) for s in shapes}
@@ -578,6 +585,10 @@ def test_forward_and_backward_chunks(monkeypatch, intel):
     assert got[4, 8, 512, 512, 64][0] == whole_key_chunks(4, 8, 512, 512)  # 32 x 64 queries: too few for every row
     assert got[8, 8, 768, 768, 64][0] == whole_key_chunks(8, 8, 768, 768)  # past 512 keys
     assert got[8, 8, 256, 512, 64][0] == whole_key_chunks(8, 8, 256, 512)  # fewer queries than keys
+    assert got[4, 8, 512, 512, 32][0] == (4, 8, 128)  # exactly ALL_ROWS_QUERIES
+    assert got[8, 8, 400, 400, 64][0] == (8, 8, 100)  # 4 equal chunks of queries, none padded
+    assert got[64, 16, 512, 512, 64][0] == (8, 16, 64)  # at most ALL_ROWS_MAX_SCORES: 8 of 64 examples
+    assert got[8, 8, 512, 512, 128][0] == whole_key_chunks(8, 8, 512, 512)  # head wider than ALL_ROWS_MAX_HEAD
     assert got[8, 16, 128, 128, 64][1] == (8, 16, 128)  # the backward: one chunk up to 2**21 scores
     assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**20)
     assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**20)  # the backward's long chunks

@@ -314,8 +314,9 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
 FUSED_KEYS_MAX = 1024
 #: Scores per chunk of ``_forward_whole_keys``: whole rows (an example's heads first) while they fit,
 #: else a row's queries split. Up to ``FUSED_KEYS_MAX`` keys a chunk takes all of a row's queries
-#: (measured at 8 x 8 x 512: 8 rows of 512 queries, 24.6 ms, against 64 rows of 64 queries, 43 ms,
-#: and 16 rows of 256, 32 ms); past it at most ``LONG_CHUNK_Q`` (the table above).
+#: (measured on the AMD EPYC at 8 x 8 x 512: 8 rows of 512 queries, 24.6 ms, against 64 rows of 64 queries,
+#: 43 ms, and 16 rows of 256, 32 ms; on the Intel Xeon the 64 rows of 64 queries were the faster, see
+#: ``ALL_ROWS_QUERIES``); past it at most ``LONG_CHUNK_Q`` (the table above).
 CHUNK_SCORES = 2**21
 LONG_CHUNK_Q = 256
 #: Past this many keys (a chunk of ``LONG_CHUNK_Q`` queries would exceed ``CHUNK_SCORES``) the forward
@@ -402,28 +403,33 @@ NARROW_HEAD = 32
 ONE_CHUNK_SCORES = 2**22 if INTEL else 0
 ONE_CHUNK_MAX_Q = 256
 #: On the Intel Xeon (``INTEL``), from a quarter to half of ``FUSED_KEYS_MAX`` keys (257 to 512) with at least as
-#: many queries, ``forward_chunks`` takes chunks of every row (all examples and heads) and ``ALL_ROWS_CHUNK_Q``
-#: queries, half as many where a row's keys times the head size reach ``ALL_ROWS_WIDE_ROW`` (512 keys at D = 64), when
-#: such a chunk holds at least ``ALL_ROWS_QUERIES`` queries in all. Below that many the fused chunk ran on about one
-#: core (process time over wall time 1.4, against 1.8 from 4096); my reading, not confirmed inside XLA, of why these
-#: chunks beat one example's heads: ``k`` and ``v`` are then whole, not sliced again at each step. The attention core
-#: alone (``_forward_whole_keys`` jitted, as for ``LONG_ROW_CHUNK_Q``), medians of 15 interleaved rounds, 2026-12-04,
-#: ms, the former chunks against these (other sizes tried beside), at (N, H, L, D): (8, 8, 512, 64) 1 x 8 x 512 35.5
-#: against 8 x 8 x 64 31.9 (8 x 8 x 128 40.1; 8 x 8 x 32 42.2); (8, 16, 512, 64) 65.7 / 56.2 (8 x 16 x 32 61.0; 8 x
-#: 16 x 128 74.9); (8, 8, 512, 32) 22.2 / 17.3 (8 x 8 x 64 21.3); (4, 8, 512, 32) 11.8 / 9.5; (8, 8, 384, 64) 21.3 /
-#: 15.8 (8 x 8 x 64 17.9); (4, 16, 384, 64) 20.9 / 15.7. Below 4096 queries per chunk the former chunks were level
-#: or faster: (4, 8, 512, 64) 16.4 against 4 x 8 x 64 21.9 and 4 x 8 x 128 17.7; (2, 16, 512, 64) 17.6 / 18.7; (1,
-#: 16, 512, 64) 9.5 / 9.0; (2, 8, 512, 64) 8.9 / 8.6. At 256 keys the one chunk stays ((8, 16, 256, 64) 15.2 against
-#: 8 x 16 x 128 15.1); from 768 keys the former chunks were faster ((8, 8, 768, 64) 66.9 against 8 x 8 x 64 72.1).
-#: The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, forward, in one process with torch and
-#: eqx.nn, medians of 11, ms, former / these (torch)): B=8, E=512, L=512 76.9 / 73.0 (53.1); E=256 32.3 / 25.0
-#: (23.1); E=1024, H=16 213.2 / 205.0 (181.3); B=4, E=256, L=512 15.0 / 13.1 (10.9); B=8, E=512, L=384 44.4 / 37.3
-#: (34.3); forward and backward level (within 6%) at B=8, L=512, E=512 and 256, and B=8, E=512, L=384. The command
-#: that measures the layer with and without every Intel rule: ``python -m benchmarks.tiles B,E,H L,... fwd
-#: --chunk-rule former,rule``. 0 turns it off (other CPUs).
+#: many queries (measured at L = S) and head sizes up to ``ALL_ROWS_MAX_HEAD`` (measured at 32 and 64),
+#: ``forward_chunks`` takes chunks of every head of whole examples (all of them, up to ``ALL_ROWS_MAX_SCORES`` scores,
+#: the most measured: 16 MiB of float32) and ``ALL_ROWS_CHUNK_Q`` queries, half as many where a row's keys times the
+#: head size reach ``ALL_ROWS_WIDE_ROW`` (512 keys at D = 64), when such a chunk holds at least ``ALL_ROWS_QUERIES``
+#: queries in all. Below that many the fused chunk ran on about one core (process time over wall time 1.4, against 1.8
+#: from 4096); my reading, not confirmed inside XLA, of why these chunks beat one example's heads: ``k`` and ``v`` are
+#: then sliced by example only, not again by head at each step. The attention core alone (``_forward_whole_keys``
+#: jitted, as for ``LONG_ROW_CHUNK_Q``), medians of 15 interleaved rounds, 2026-12-04, ms, the former chunks against
+#: these (other sizes tried beside), at (N, H, L, D): (8, 8, 512, 64) 1 x 8 x 512 35.5 against 8 x 8 x 64 31.9 (8 x 8
+#: x 128 40.1; 8 x 8 x 32 42.2); (8, 16, 512, 64) 65.7 / 56.2 (8 x 16 x 32 61.0; 8 x 16 x 128 74.9); (8, 8, 512, 32)
+#: 22.2 / 17.3 (8 x 8 x 64 21.3); (4, 8, 512, 32) 11.8 / 9.5; (8, 8, 384, 64) 21.3 / 15.8 (8 x 8 x 64 17.9); (4, 16,
+#: 384, 64) 20.9 / 15.7. Where the rule keeps the former chunks they were level or faster: with fewer than 4096 queries
+#: per chunk, (2, 16, 512, 64) 17.6 against 2 x 16 x 64 18.7; (1, 16, 512, 64) 9.5 / 9.0; (2, 8, 512, 64) 8.9 / 8.6;
+#: and at (4, 8, 512, 64), where 512 keys at D = 64 halve the queries to 64 (2048 per chunk), 16.4 against 4 x 8 x 64
+#: 21.9 (4 x 8 x 128, 4096 queries, 17.7). At 256 keys the former 2 x 16 x 256 was level ((8, 16, 256, 64) 15.2
+#: against 8 x 16 x 128 15.1); from 768 keys the former chunks were faster ((8, 8, 768, 64) 66.9 against 8 x 8 x 64
+#: 72.1). The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, forward, in one process with torch
+#: and eqx.nn, this rule off and on, medians of 11, ms, off / on (torch)): B=8, E=512, L=512 76.9 / 73.0 (53.1);
+#: E=256 32.3 / 25.0 (23.1); E=1024, H=16 213.2 / 205.0 (181.3); B=4, E=256, L=512 15.0 / 13.1 (10.9); B=8, E=512,
+#: L=384 44.4 / 37.3 (34.3); forward and backward level (within 6%) at B=8, L=512, E=512 and 256, and B=8, E=512,
+#: L=384. The command that measures the layer with and without every Intel rule: ``python -m benchmarks.tiles B,E,H
+#: L,... fwd --chunk-rule former,rule``. 0 turns it off (other CPUs).
 ALL_ROWS_QUERIES = 4096 if INTEL else 0
 ALL_ROWS_CHUNK_Q = 128
 ALL_ROWS_WIDE_ROW = 2**15
+ALL_ROWS_MAX_SCORES = 2**22
+ALL_ROWS_MAX_HEAD = 64
 #: The backward's ``ONE_CHUNK_SCORES`` (``backward_chunks``), a half of the forward's, as its chunks hold four
 #: score-sized arrays. Measured on the 2-core Intel Xeon: the backward alone (``_backward_whole_keys`` jitted,
 #: medians of 9) at (8, 16, 128, 64), chunks of 4 x 16 x 128 (``CHUNK_SCORES_VJP``) against one of 8 x 16 x 128:
@@ -483,10 +489,11 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
         return whole_key_chunks(n, h, lq, sk, NARROW_CHUNK_SCORES)
     if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES):
         return n, h, lq
-    if ALL_ROWS_QUERIES and FUSED_KEYS_MAX // 4 < sk <= FUSED_KEYS_MAX // 2 and lq >= sk:
+    if ALL_ROWS_QUERIES and FUSED_KEYS_MAX // 4 < sk <= min(lq, FUSED_KEYS_MAX // 2) and d <= ALL_ROWS_MAX_HEAD:
         c = _balanced(lq, ALL_ROWS_CHUNK_Q // (2 if sk * d >= ALL_ROWS_WIDE_ROW else 1))
-        if n * h * c >= ALL_ROWS_QUERIES:
-            return n, h, c
+        nb = _largest_divisor(n, ALL_ROWS_MAX_SCORES // (h * c * sk))  # whole examples, every head
+        if nb * h * c * sk <= ALL_ROWS_MAX_SCORES and nb * h * c >= ALL_ROWS_QUERIES:
+            return nb, h, c
     return whole_key_chunks(n, h, lq, sk)
 
 
