@@ -402,29 +402,30 @@ NARROW_CHUNK_SCORES = 2**20 if INTEL else 0
 NARROW_HEAD = 32
 ONE_CHUNK_SCORES = 2**22 if INTEL else 0
 ONE_CHUNK_MAX_Q = 256
-#: On the Intel Xeon (``INTEL``), from a quarter to half of ``FUSED_KEYS_MAX`` keys (257 to 512) with at least as
-#: many queries (measured at L = S) and head sizes up to ``ALL_ROWS_MAX_HEAD`` (measured at 32 and 64),
-#: ``forward_chunks`` takes chunks of every head of whole examples (all of them, up to ``ALL_ROWS_MAX_SCORES`` scores,
-#: the most measured: 16 MiB of float32) and ``ALL_ROWS_CHUNK_Q`` queries, half as many where a row's keys times the
-#: head size reach ``ALL_ROWS_WIDE_ROW`` (512 keys at D = 64), when such a chunk holds at least ``ALL_ROWS_QUERIES``
-#: queries in all. Below that many the fused chunk ran on about one core (process time over wall time 1.4, against 1.8
-#: from 4096); my reading, not confirmed inside XLA, of why these chunks beat one example's heads: ``k`` and ``v`` are
-#: then sliced by example only, not again by head at each step. The attention core alone (``_forward_whole_keys``
-#: jitted, as for ``LONG_ROW_CHUNK_Q``), medians of 15 interleaved rounds, 2026-12-04, ms, the former chunks against
-#: these (other sizes tried beside), at (N, H, L, D): (8, 8, 512, 64) 1 x 8 x 512 35.5 against 8 x 8 x 64 31.9 (8 x 8
-#: x 128 40.1; 8 x 8 x 32 42.2); (8, 16, 512, 64) 65.7 / 56.2 (8 x 16 x 32 61.0; 8 x 16 x 128 74.9); (8, 8, 512, 32)
-#: 22.2 / 17.3 (8 x 8 x 64 21.3); (4, 8, 512, 32) 11.8 / 9.5; (8, 8, 384, 64) 21.3 / 15.8 (8 x 8 x 64 17.9); (4, 16,
-#: 384, 64) 20.9 / 15.7. Where the rule keeps the former chunks they were level or faster: with fewer than 4096 queries
-#: per chunk, (2, 16, 512, 64) 17.6 against 2 x 16 x 64 18.7; (1, 16, 512, 64) 9.5 / 9.0; (2, 8, 512, 64) 8.9 / 8.6;
-#: and at (4, 8, 512, 64), where 512 keys at D = 64 halve the queries to 64 (2048 per chunk), 16.4 against 4 x 8 x 64
-#: 21.9 (4 x 8 x 128, 4096 queries, 17.7). At 256 keys the former 2 x 16 x 256 was level ((8, 16, 256, 64) 15.2
+#: On the Intel Xeon (``INTEL``), from a quarter to half of ``FUSED_KEYS_MAX`` keys (257 to 512) with at least as many
+#: queries (measured at L = S) and head sizes up to ``ALL_ROWS_MAX_HEAD`` (measured at 32 and 64), ``forward_chunks``
+#: takes chunks of every head of whole examples (all of them, up to ``ALL_ROWS_MAX_SCORES`` scores, the most measured:
+#: 16 MiB of float32) and ``ALL_ROWS_CHUNK_Q`` queries, half as many where a row's keys times the head size reach
+#: ``ALL_ROWS_WIDE_ROW`` (512 keys at D = 64), when such a chunk holds at least ``ALL_ROWS_QUERIES`` queries in all.
+#: Below that many the fused chunk ran on about one core (process time over wall time 1.4, against 1.8 from 4096); my
+#: reading, not confirmed inside XLA, of why these chunks beat one example's heads: ``k`` and ``v`` are then sliced by
+#: example only, not again by head at each step. The attention core alone (``_forward_whole_keys`` jitted, as for
+#: ``LONG_ROW_CHUNK_Q``), medians of 15 interleaved rounds, 2026-12-04, ms, the former chunks against these (other sizes
+#: tried beside), at (N, H, L, D): (8, 8, 512, 64) 1 x 8 x 512 35.5 against 8 x 8 x 64 31.9 (8 x 8 x 128 40.1; 8 x 8 x
+#: 32 42.2); (8, 16, 512, 64) 65.7 / 56.2 (8 x 16 x 32 61.0; 8 x 16 x 128 74.9); (8, 8, 512, 32) 22.2 / 17.3 (8 x 8 x 64
+#: 21.3); (4, 8, 512, 32) 11.8 / 9.5; (8, 8, 384, 64) 21.3 / 15.8 (8 x 8 x 64 17.9); (4, 16, 384, 64) 20.9 / 15.7. Below
+#: 4096 queries per chunk the rule's chunks were slower: (4, 8, 512, 64) 16.4 against 4 x 8 x 64 21.9; (2, 16, 512, 64)
+#: 17.6 / 22.1; (2, 8, 512, 64) 8.9 / 10.6; (1, 16, 512, 64) 9.5 / 11.3 (with 128 queries, which 512 keys at D = 64
+#: halve, these were 17.7, 18.7, 8.6 and 9.0). At 256 keys the former 2 x 16 x 256 was level ((8, 16, 256, 64) 15.2
 #: against 8 x 16 x 128 15.1); from 768 keys the former chunks were faster ((8, 8, 768, 64) 66.9 against 8 x 8 x 64
-#: 72.1). The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, forward, in one process with torch
-#: and eqx.nn, this rule off and on, medians of 11, ms, off / on (torch)): B=8, E=512, L=512 76.9 / 73.0 (53.1);
-#: E=256 32.3 / 25.0 (23.1); E=1024, H=16 213.2 / 205.0 (181.3); B=4, E=256, L=512 15.0 / 13.1 (10.9); B=8, E=512,
-#: L=384 44.4 / 37.3 (34.3); forward and backward level (within 6%) at B=8, L=512, E=512 and 256, and B=8, E=512,
-#: L=384. The command that measures the layer with and without every Intel rule: ``python -m benchmarks.tiles B,E,H
-#: L,... fwd --chunk-rule former,rule``. 0 turns it off (other CPUs).
+#: 72.1). The layer, ``python -m benchmarks.tiles B,E,H L,... fwd --chunk-rule former,rule --peers torch,eqx --reps 11``
+#: (at these shapes only this rule differs between the two), 2026-12-04, ms, former / rule (torch, eqx.nn): B=8, E=256,
+#: L=384 22.7 / 17.5 (16.7, 33.9); L=512 34.1 / 27.7 (26.2, 39.3); E=512, L=384 47.7 / 40.5 (41.0, 71.8); L=512 76.7 /
+#: 70.7 (57.9, 101.3); E=1024, H=16, L=512 206.5 / 195.5 (174.3, 293.8); B=4, E=256, L=512 18.6 / 14.5 (14.0, 18.9).
+#: Forward and backward (the gradient's forward takes these chunks) were level within 6% in-process at B=8, L=512, E=512
+#: and 256, and B=8, E=512, L=384. The same chunks in the backward were 8-18% faster in the core at D = 32 but slower in
+#: the layer's gradient (B=8, E=256, L=512: 125.0 against 112.2 ms; L=384: 86.5 against 74.0), so ``backward_chunks``
+#: keeps its own. 0 turns the rule off (other CPUs).
 ALL_ROWS_QUERIES = 4096 if INTEL else 0
 ALL_ROWS_CHUNK_Q = 128
 ALL_ROWS_WIDE_ROW = 2**15
