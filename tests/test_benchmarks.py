@@ -120,8 +120,7 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     from benchmarks import tiles
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
-    names += ("NORMALISE_AFTER", "NORMALISED_FIRST", "LONG_ROW_CHUNK_Q", "NARROW_CHUNK_SCORES", "ONE_CHUNK_SCORES")
-    names += ("ONE_CHUNK_SCORES_VJP",)
+    names += ("NORMALISE_AFTER", "NORMALISED_FIRST", *blockwise.CHUNK_RULES_OFF)
     before = {n: getattr(blockwise, n) for n in names}
     rows, packed = attention.CPU_WEIGHT_FIRST_ROWS, attention._packed_in_projection
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]

@@ -457,12 +457,15 @@ def _largest_divisor(n: int, at_most: int) -> int:
 
 
 def whole_key_chunks(
-    n: int, h: int, lq: int, sk: int, budget: int | None = None, long_q: int | None = None
+    n: int, h: int, lq: int, sk: int, budget: int | None = None, max_q: int | None = None
 ) -> tuple[int, int, int]:
     """``(examples, heads, queries)`` per chunk of about ``budget`` scores (``CHUNK_SCORES`` by default;
     ``_backward_whole_keys`` takes ``CHUNK_SCORES_VJP``): ``[n, h, lq]`` queries, ``sk`` keys, a row's
-    queries split in chunks of at most ``long_q`` (``LONG_CHUNK_Q`` by default) past ``FUSED_KEYS_MAX`` keys."""
-    c = lq if sk <= FUSED_KEYS_MAX else _balanced(lq, LONG_CHUNK_Q if long_q is None else long_q)
+    queries split in chunks of at most ``max_q`` (by default all of them up to ``FUSED_KEYS_MAX`` keys,
+    ``LONG_CHUNK_Q`` past it)."""
+    if max_q is None:
+        max_q = lq if sk <= FUSED_KEYS_MAX else LONG_CHUNK_Q
+    c = _balanced(lq, max_q)
     budget = CHUNK_SCORES if budget is None else budget
     rows = budget // (c * sk)
     if rows < 1:
@@ -491,10 +494,10 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
     if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES):
         return n, h, lq
     if ALL_ROWS_QUERIES and FUSED_KEYS_MAX // 4 < sk <= min(lq, FUSED_KEYS_MAX // 2) and d <= ALL_ROWS_MAX_HEAD:
-        c = _balanced(lq, ALL_ROWS_CHUNK_Q // (2 if sk * d >= ALL_ROWS_WIDE_ROW else 1))
-        nb = _largest_divisor(n, ALL_ROWS_MAX_SCORES // (h * c * sk))  # whole examples, every head
-        if nb * h * c * sk <= ALL_ROWS_MAX_SCORES and nb * h * c >= ALL_ROWS_QUERIES:
-            return nb, h, c
+        max_q = ALL_ROWS_CHUNK_Q // (2 if sk * d >= ALL_ROWS_WIDE_ROW else 1)
+        nb, hb, c = whole_key_chunks(n, h, lq, sk, ALL_ROWS_MAX_SCORES, max_q)
+        if hb == h and nb * h * c >= ALL_ROWS_QUERIES:  # every head of whole examples
+            return nb, hb, c
     return whole_key_chunks(n, h, lq, sk)
 
 
