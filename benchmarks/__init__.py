@@ -8,4 +8,10 @@ process per long-sequence run), ``report`` writes the tables, the plot and ``doc
 # Every contender, in this process and in each long-sequence child (``python -m benchmarks --child``),
 # runs under the glibc malloc thresholds that ``import noxton`` sets (docs/differences.md), as it would
 # in a user's process that imports noxton: the comparison is between the libraries, not allocator states.
-import noxton as _noxton  # noqa: F401
+import os as _os
+
+# On a GPU, JAX would otherwise take 75% of its memory at its first call, leaving torch (timed in the
+# same process) the rest; so JAX allocates as it goes, and both report their own peaks.
+_os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+
+import noxton as _noxton  # noqa: E402, F401

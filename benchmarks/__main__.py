@@ -87,12 +87,15 @@ def eager_table(args, results):
     reps = 50 if args.quick else 200
     key = jax.random.PRNGKey(0)
     nx, eq = MultiheadAttention(E, H, key=key), eqx.nn.MultiheadAttention(H, E, key=key)
-    tm = torch.nn.MultiheadAttention(E, H).eval()
-    x, tx = jax.random.normal(key, (L, E)), torch.randn(L, 1, E)
+    device = contenders.torch_device()
+    tm = torch.nn.MultiheadAttention(E, H).to(device).eval()
+    x, tx = jax.random.normal(key, (L, E)), torch.randn(L, 1, E, device=device)
 
     def torch_call():
         with torch.no_grad():
-            return tm(tx, tx, tx)
+            out = tm(tx, tx, tx)
+        contenders.torch_sync()
+        return out
 
     calls = {
         "noxton.nn MultiheadAttention (eager)": lambda: jax.block_until_ready(nx(x, x, x)),
@@ -122,22 +125,25 @@ def se_table(args, results):
     from noxton.nn import SqueezeExcitation
 
     reps = 10 if args.quick else 30
-    batched = eqx.filter_jit(lambda se, x: jax.vmap(se)(x))
+    batched = contenders.on_device(eqx.filter_jit(lambda se, x: jax.vmap(se)(x)))
+    device = contenders.torch_device()
     results["se"], rows = [], []
     shapes = (
         SE_GRID if args.se_shapes is None else [tuple(int(v) for v in p.split(",")) for p in args.se_shapes.split(";")]
     )
     for N, C, HW in shapes:
         Q = C // 4
-        se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).eval()
-        x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW)
+        se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).to(device).eval()
+        x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW, device=device)
 
         def torch_call(tse=tse, tx=tx):
             with torch.no_grad():
-                return tse(tx)
+                out = tse(tx)
+            contenders.torch_sync()
+            return out
 
         def noxton_call(se=se, x=x):
-            return jax.block_until_ready(batched(se, x))
+            return batched(se, x)
 
         pair = {"torch": torch_call, "noxton": noxton_call}
         med = medians(pair, reps, warmup=2)
@@ -187,26 +193,27 @@ def long_table(args, results):
                     continue
                 results["long"].append(r)
                 print(
-                    f"  long: {mode} {name} L={L}: {r['median_s']:.3f} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr
+                    f"  long: {mode} {name} L={L}: {r['median_s']:.4g} s, peak {r['peak_gib']:.2f} GiB", file=sys.stderr
                 )
                 rows[(mode, name, L)] = [
-                    f"{r['median_s']:.3f}",
-                    None,
+                    f"{r['median_s']:.4g}",
+                    r["median_s"],  # replaced by the ratio to torch below
                     f"{r['peak_gib']:.2f}",
                     f"{r['peak_gib'] - r['base_gib']:.2f}",
                     "",
                 ]
-    torch_s = {(r["mode"], r["L"]): r["median_s"] for r in results["long"] if r["name"] == "torch"}
+    this_dtype = [r for r in results["long"] if r.get("dtype") == contenders.DTYPE]
+    torch_s = {(r["mode"], r["L"]): r["median_s"] for r in this_dtype if r["name"] == "torch"}
     table = []
     for (mode, name, L), row in sorted(
         rows.items(), key=lambda kv: (kv[0][0], LONG_PLAN[kv[0][0]].index(kv[0][1]), kv[0][2])
     ):
-        if row[1] is None:
-            row[1] = f"{float(row[0]) / torch_s[(mode, L)]:.2f}x" if (mode, L) in torch_s else "-"
+        if isinstance(row[1], float):
+            row[1] = f"{row[1] / torch_s[(mode, L)]:.2f}x" if (mode, L) in torch_s else "-"
         table.append([mode, label(name), L, *row])
-    on_device = any(r.get("device_peak_gib") is not None for r in results["long"])
+    on_device = any(r.get("device_peak_gib") is not None for r in this_dtype)
     if on_device:
-        device_peak = {(r["mode"], r["name"], r["L"]): r.get("device_peak_gib") for r in results["long"]}
+        device_peak = {(r["mode"], r["name"], r["L"]): r.get("device_peak_gib") for r in this_dtype}
         for row in table:
             key = (row[0], next(n for n in LONG_CONTENDERS if label(n) == row[1]), row[2])
             peak = device_peak.get(key)

@@ -10,6 +10,12 @@ They run on the default device of each library: JAX's default backend, and CUDA 
 has a GPU (:func:`torch_device`); each call waits for its device (``block_until_ready``,
 ``torch.cuda.synchronize``). ``DTYPE`` (``"float32"`` or ``"bfloat16"``, set by ``--dtype``) is the
 dtype of every input and parameter.
+
+On a GPU, float32 runs in full float32 in both libraries, the arithmetic torch's float32 results (and
+noxton's parity with them) stand for: JAX's default there multiplies float32 matrices in TensorFloat-32,
+so every JAX contender is compiled under ``jax.default_matmul_precision("highest")``
+(:func:`matmul_precision`), and torch's matrix products and cuDNN convolutions are kept off TF32
+(:func:`torch_device`). bfloat16 runs at each library's default.
 """
 
 from __future__ import annotations
@@ -24,10 +30,36 @@ DTYPE = "float32"  # of every input and parameter; set by --dtype
 
 
 def torch_device() -> str:
-    """``"cuda"`` where torch sees a GPU, else ``"cpu"``."""
+    """``"cuda"`` where torch sees a GPU (with TF32 off: float32 is full float32), else ``"cpu"``."""
     import torch
 
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        return "cpu"
+    torch.backends.cuda.matmul.allow_tf32 = False  # torch's default, stated
+    torch.backends.cudnn.allow_tf32 = False  # on by default: the squeeze-excitation block's 1x1 convolutions
+    return "cuda"
+
+
+def matmul_precision() -> str | None:
+    """The matmul precision JAX contenders compile under: ``"highest"`` for float32 off the CPU, else the default."""
+    import jax
+
+    return "highest" if DTYPE == "float32" and jax.default_backend() != "cpu" else None
+
+
+def on_device(f: Callable[..., Any]) -> Callable[..., Any]:
+    """``f`` compiled and run under :func:`matmul_precision` (``f`` itself on the CPU), waited for."""
+    import jax
+
+    precision = matmul_precision()
+    if precision is None:
+        return lambda *a: jax.block_until_ready(f(*a))
+
+    def call(*a):
+        with jax.default_matmul_precision(precision):
+            return jax.block_until_ready(f(*a))
+
+    return call
 
 
 def torch_sync() -> None:
@@ -63,10 +95,10 @@ def jax_call(forward: Callable[..., Any], args: tuple, mode: str) -> Callable[[]
     if mode == "fwd_bwd":
         out = first(eqx.filter_eval_shape(forward, *args))
         r = jax.random.normal(jax.random.PRNGKey(2), out.shape, out.dtype)
-        f = eqx.filter_jit(eqx.filter_grad(lambda a: (first(forward(*a)) * r).sum()))
-        return lambda: jax.block_until_ready(f(args))
-    f = eqx.filter_jit(forward)
-    return lambda: jax.block_until_ready(f(*args))
+        f = on_device(eqx.filter_jit(eqx.filter_grad(lambda a: (first(forward(*a)) * r).sum())))
+        return lambda: f(args)
+    f = on_device(eqx.filter_jit(forward))
+    return lambda: f(*args)
 
 
 def _inputs(B, L, E):

@@ -109,7 +109,8 @@ def grid_table(args, results) -> str:
         jax_best = min((med[n] for n in JAX_PEERS if n in med), default=float("inf"))
         print(
             f"  grid: {mode} B={B} E={E} H={H} L={L}: torch {torch_s * 1e3:.1f} ms, auto "
-            f"{med[SUBJECT] / torch_s:.2f}x torch, {med[SUBJECT] / jax_best:.2f}x the fastest JAX peer",
+            f"{med[SUBJECT] / torch_s:.2f}x torch, {med[SUBJECT] / jax_best:.2f}x the fastest JAX peer; ms: "
+            + ", ".join(f"{SHORT[n]} {t * 1e3:.2f}" for n, t in med.items()),
             file=sys.stderr,
             flush=True,
         )

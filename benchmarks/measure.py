@@ -97,7 +97,7 @@ def child(name: str, mode: str, L: int, reps: int) -> None:
     call()  # warm-up (and compilation)
     first = time.perf_counter() - t0
     median = medians({name: call}, reps, warmup=0)[name]
-    record: dict[str, Any] = dict(name=name, mode=mode, L=L, median_s=median, first_s=first)
+    record: dict[str, Any] = dict(name=name, mode=mode, L=L, dtype=contenders.DTYPE, median_s=median, first_s=first)
     record.update(peak_gib=peak_gib(), base_gib=base)
     record["device_peak_gib"] = device_peak_gib(name)
     print(json.dumps(record))

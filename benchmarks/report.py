@@ -56,34 +56,41 @@ def machine() -> str:
 
 
 def plot(long_results: list[dict], path: str) -> None:
-    """Time and peak memory against sequence length, log-log, one line per contender and mode."""
+    """Time and peak memory against sequence length, log-log, one line per contender, mode and dtype (peak device
+    memory on an accelerator, else the process's peak RSS)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    series: dict[tuple[str, str], list[dict]] = {}
+    on_device = any(r.get("device_peak_gib") is not None for r in long_results)
+    memory = "device_peak_gib" if on_device else "peak_gib"
+    dtypes = sorted({r.get("dtype", "float32") for r in long_results})
+    series: dict[tuple[str, str, str], list[dict]] = {}
     for r in long_results:
-        series.setdefault((r["name"], r["mode"]), []).append(r)
-    for (name, mode), rs in sorted(series.items()):
-        rs.sort(key=lambda r: r["L"])
-        for ax, field in zip(axes, ("median_s", "peak_gib"), strict=True):
+        series.setdefault((r["name"], r["mode"], r.get("dtype", "float32")), []).append(r)
+    for (name, mode, dtype), rs in sorted(series.items()):
+        rs = sorted((r for r in rs if r.get(memory) is not None), key=lambda r: r["L"])
+        tag = f"{mode}, {dtype}" if len(dtypes) > 1 else mode
+        for ax, field in zip(axes, ("median_s", memory), strict=True):
             ax.plot(
                 [r["L"] for r in rs],
                 [r[field] for r in rs],
                 "-" if mode == "fwd" else "--",
-                marker="o",
-                label=f"{label(name)} [{mode}]",
+                marker="o" if dtype == dtypes[0] else "s",
+                label=f"{label(name)} [{tag}]",
             )
-    for ax, ylabel in zip(axes, ("median time (s)", "peak RSS (GiB)"), strict=True):
+    ylabels = ("median time (s)", "peak device memory (GiB)" if on_device else "peak RSS (GiB)")
+    for ax, ylabel in zip(axes, ylabels, strict=True):
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length L = S")
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"MHA, E={LONG_E}, H={LONG_H}, batch {LONG_B}, {THREADS} CPU threads")
+    where = device() if on_device else f"{THREADS} CPU threads"
+    fig.suptitle(f"MHA, E={LONG_E}, H={LONG_H}, batch {LONG_B}; {where}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -118,7 +125,9 @@ The same command runs on a CUDA machine: JAX takes its default device, torch tak
 it, every call waits for its device, the tables add each contender's peak device memory, and the run
 names its devices below. `python -m benchmarks --gpu-issue` runs the GPU issue's sizes (B=8, L=512,
 E=512, H=8 and B=4, L=4096, E=1024, H=16; long sequences up to the longest each contender fits) in
-float32 and bfloat16.
+float32 and bfloat16. On a GPU, float32 is full float32 in every library (JAX's contenders compile
+under `jax.default_matmul_precision("highest")`, since JAX's default there is TensorFloat-32; torch's
+TF32 stays off), and JAX allocates device memory as it goes rather than taking most of it at start.
 """
 
 
