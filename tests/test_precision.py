@@ -165,3 +165,81 @@ def test_squeeze_excitation_low_precision(dtype, x64):
     # large inputs: the pooled mean is accumulated in float32, no overflow in float16
     big = se(jnp.full((C, 64, 64), 6e4, dtype))
     assert np.isfinite(np.asarray(big, np.float64)).all()
+
+
+def _products(f, *args):
+    """``(precision, operand dtypes)`` of every matrix product and convolution in ``f``'s jaxpr, the programs
+    inside it (scans, conds, custom rules, nested jits) included."""
+    found = []
+
+    def walk(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name in ("dot_general", "conv_general_dilated"):
+                found.append((eqn.params["precision"], tuple(jnp.dtype(v.aval.dtype) for v in eqn.invars)))
+            for p in eqn.params.values():
+                for sub in p if isinstance(p, (list, tuple)) else (p,):
+                    if hasattr(sub, "eqns"):  # a Jaxpr
+                        walk(sub)
+                    elif hasattr(sub, "jaxpr") and hasattr(sub, "consts"):  # a ClosedJaxpr
+                        walk(sub.jaxpr)
+
+    walk(jax.make_jaxpr(f)(*args).jaxpr)
+    return found
+
+
+def _layer_calls(dtype):
+    """The layers' forward and gradient calls in ``dtype``: attention on each path, both front ends, a
+    Transformer layer and squeeze-excitation."""
+    import equinox as eqx
+
+    from noxton.nn import TransformerEncoderLayer
+
+    key = jax.random.PRNGKey(0)
+    x = jax.random.normal(key, (3, 64, E), dtype)
+    mha = eqx.nn.inference_mode(MultiheadAttention(E, H, key=key, dtype=jnp.dtype(dtype)))
+    hk_mha = hk.without_apply_rng(hk.transform(lambda x: nxhk.MultiheadAttention(E, H)(x, x, x, need_weights=False)))
+    layer = TransformerEncoderLayer(E, H, 32, dropout=0.0, key=key, dtype=jnp.dtype(dtype))
+    se = SqueezeExcitation(8, 4, key=key, dtype=jnp.dtype(dtype))
+    img = jax.random.normal(key, (2, 8, 5, 5), dtype)
+    calls = {
+        f"mha {impl}": (
+            lambda x, impl=impl: jax.vmap(lambda xi: mha(xi, xi, xi, need_weights=False, implementation=impl)[0])(x),
+            x,
+        )
+        for impl in ("dense", "blockwise", "fused")
+    }
+    calls["haiku mha"] = (lambda x: hk_mha.apply(hk_mha.init(key, x.astype(jnp.float32)), x.astype(dtype))[0], x)
+    calls["encoder layer"] = (lambda x: jax.vmap(layer)(x), x)
+    calls["squeeze-excitation"] = (lambda img: jax.vmap(se)(img), img)
+    out = {}
+    for name, (f, arg) in calls.items():
+        out[f"{name} forward"] = (f, arg)
+        out[f"{name} gradient"] = (jax.grad(lambda a, f=f: f(a).astype(jnp.float32).sum()), arg)
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_products_keep_float32_in_float32(dtype):
+    # torch multiplies float32 in float32 (TF32 off); JAX's default on a GPU is TF32. Every product of float32
+    # operands asks for HIGHEST (the CPU computes float32 either way), products of bfloat16 keep the default:
+    # read off the programs, so that this holds on every backend. (A product of a float32 cotangent and a
+    # bfloat16 operand is the transpose of a bfloat16 product, and keeps that product's precision.)
+    highest = (jax.lax.Precision.HIGHEST,) * 2
+    for name, (f, arg) in _layer_calls(dtype).items():
+        products = _products(f, arg)
+        assert products, name
+        for precision, dtypes in products:
+            if all(d.itemsize >= 4 for d in dtypes):
+                assert precision == highest, (name, dtypes, precision)
+            elif all(d.itemsize < 4 for d in dtypes):  # the default (jax.nn.dot_product_attention names its own)
+                assert precision != highest, (name, dtypes, precision)
+    if dtype == "bfloat16":  # the low-precision products are there to be checked
+        assert any(p is None for p, _ in _products(*_layer_calls(dtype)["mha blockwise forward"]))
+
+
+def test_products_follow_a_users_matmul_precision():
+    # JAX's counterpart of torch's allow_tf32: a precision the user sets holds over noxton's HIGHEST.
+    with jax.default_matmul_precision("tensorfloat32"):
+        for name, (f, arg) in _layer_calls("float32").items():
+            products = _products(f, arg)
+            assert products and all(p != (jax.lax.Precision.HIGHEST,) * 2 for p, _ in products), name

@@ -27,6 +27,8 @@ from noxton.functional._checks import (
     check_heads,
     check_positive_int,
     check_probability,
+    dot_precision,
+    einsum,
     finite_shift,
     lift,
     softmax_dtype,
@@ -191,16 +193,18 @@ def _linear(x, weight, bias, *, axis: int = -1):
     float64), then rounded once to ``x``'s dtype, as torch's ``addmm``: two roundings (the product,
     then the sum) are measurably less exact than torch in float16/bfloat16. The features are
     contracted in place, without moving ``axis`` last (which would transpose a feature map twice);
-    on the CPU a product of fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows runs weight first.
+    on the CPU a product of fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows runs weight first. float32 is
+    multiplied in float32 on every backend (``dot_precision``).
     """
     acc = softmax_dtype(x.dtype)
     weight = weight.astype(x.dtype)
     axis = axis % x.ndim
-    if _few_cpu_rows(x, axis):
-        y = lax.dot_general(weight, x, (((1,), (axis,)), ((), ())), preferred_element_type=acc)  # [out, *rest]
+    precision = dot_precision(x)
+    if _few_cpu_rows(x, axis):  # [out, *rest]
+        y = lax.dot_general(weight, x, (((1,), (axis,)), ((), ())), precision=precision, preferred_element_type=acc)
         y = jnp.moveaxis(y, 0, axis)
-    else:
-        y = lax.dot_general(x, weight, (((axis,), (1,)), ((), ())), preferred_element_type=acc)  # [*rest, out]
+    else:  # [*rest, out]
+        y = lax.dot_general(x, weight, (((axis,), (1,)), ((), ())), precision=precision, preferred_element_type=acc)
         y = jnp.moveaxis(y, -1, axis)
     if bias is not None:
         bias = bias.astype(x.dtype).astype(acc)
@@ -286,7 +290,7 @@ def dense_attention(
     """
     sdtype = softmax_dtype(q.dtype)
     kv = "...hsd" if kv_heads_first else "...shd"
-    scores = jnp.einsum(f"...lhd,{kv}->...hls", q, k, preferred_element_type=sdtype)
+    scores = einsum(f"...lhd,{kv}->...hls", q, k, preferred_element_type=sdtype)
     if scale != 1.0:
         scores = scores * jnp.asarray(scale, sdtype)
     mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
@@ -298,7 +302,7 @@ def dense_attention(
     if dropout_p > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
-    out = jnp.einsum(f"...hls,{kv}->...lhd", weights, v.astype(sdtype))
+    out = einsum(f"...hls,{kv}->...lhd", weights, v.astype(sdtype))
     return out, (weights if need_weights else None)
 
 

@@ -29,12 +29,13 @@ the result is cast back.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
 import jax.numpy as jnp
 
-from noxton.functional._checks import lift, softmax_dtype
+from noxton.functional._checks import dot_precision, lift, softmax_dtype
 from noxton.functional._masks import Masks
 
 
@@ -98,7 +99,9 @@ def fused_attention(q, k, v, masks: Masks, *, scale: float = 1.0, backend: str |
         bias = bias.astype(q.dtype)
     # jax's own code promotes bfloat16/float16 with float32 implicitly: give it the standard
     # promotion rules even when the caller runs with jax_numpy_dtype_promotion="strict".
-    with jax.numpy_dtype_promotion("standard"):
+    # XLA's composition multiplies at the default precision: float32 is kept float32 as in every other path.
+    precision = contextlib.nullcontext() if dot_precision(q4) is None else jax.default_matmul_precision("highest")
+    with jax.numpy_dtype_promotion("standard"), precision:
         out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias, mask=visible, scale=scale, is_causal=use_is_causal)
     if allowed is not None:
         # The kernel spreads a fully masked row uniformly; torch's semantics here are zeros.

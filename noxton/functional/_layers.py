@@ -8,7 +8,7 @@ from typing import Any
 import jax.numpy as jnp
 from jax import lax
 
-from noxton.functional._checks import check_array, lift, softmax_dtype
+from noxton.functional._checks import check_array, dot_precision, lift, softmax_dtype
 
 
 def conv(
@@ -58,7 +58,7 @@ def conv(
         rhs_dilation=options["dilation"],
         dimension_numbers=spec,
         feature_group_count=groups,
-        precision=lax.Precision.HIGHEST,
+        precision=dot_precision(y),
         preferred_element_type=acc,
     )
     if bias is not None:
