@@ -315,8 +315,8 @@ def parse_args(argv=None):
     ap.add_argument(
         "--gpu-issue",
         action="store_true",
-        help="the GPU issue's sizes: B8 L512 E512 H8 and B4 L4096 E1024 H16, long sequences to the longest each "
-        "contender fits, float32 and bfloat16 (no compile or eager table)",
+        help="the GPU issue's sizes, float32 and bfloat16: the grid at B8 L512 E512 H8 and B4 L4096 E1024 H16, "
+        "long sequences at 16384 and 131072 (no compile or eager table; fewer contenders, to fit 10 minutes)",
     )
     ap.add_argument("--shape", default="8,512,512,8", help="B,L,E,H of the main table (default: 8,512,512,8)")
     ap.add_argument("--sizes", help="long-sequence lengths, comma-separated (default: 1024 to 65536)")
@@ -334,9 +334,15 @@ def parse_args(argv=None):
     ap.add_argument("--child", nargs=4, metavar=("NAME", "MODE", "L", "REPS"), help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.gpu_issue:
+        # Sized from an H200's run (docs/performance.md, "On a GPU"): a grid point took about 6 s per contender
+        # (compiling), a long-sequence row about 18 s (a process that initialises CUDA). So the grid's eight
+        # points take six contenders (about 5 min), the long table two lengths and three contenders per dtype
+        # (16 rows, about 5 min): an estimate from those costs, not yet a whole run measured.
         args.grid_points = args.grid_points or "8,512,512,8;4,4096,1024,16"
+        args.grid_contenders = args.grid_contenders or "torch,noxton_eqx,noxton_haiku,noxton_eqx_fused,eqx,jax_dpa"
         args.dtype = "float32,bfloat16"
-        args.sizes = args.sizes or "4096,16384,65536,131072,262144"
+        args.sizes = args.sizes or "16384,131072"
+        args.long_contenders = args.long_contenders or "torch,noxton_eqx,eqx"
         args.mem_budget_gib = max(args.mem_budget_gib, 64.0)
     args.dtypes = args.dtype.split(",")
     unknown = [d for d in args.dtypes if d not in DTYPES]

@@ -124,16 +124,18 @@ noxton, and so with the glibc `malloc` thresholds that `import noxton` sets
 The same command runs on a CUDA machine: JAX takes its default device, torch takes CUDA when it sees
 it, every call waits for its device, the tables add each contender's peak device memory, and the run
 names its devices below. `python -m benchmarks --gpu-issue` runs the GPU issue's sizes (B=8, L=512,
-E=512, H=8 and B=4, L=4096, E=1024, H=16; long sequences up to the longest each contender fits) in
-float32 and bfloat16. On a GPU, float32 is full float32 in every library (JAX's contenders compile
-under `jax.default_matmul_precision("highest")`, since JAX's default there is TensorFloat-32; torch's
-TF32 stays off), and JAX allocates device memory as it goes rather than taking most of it at start.
+E=512, H=8 and B=4, L=4096, E=1024, H=16; long sequences at 16384 and 131072) in float32 and bfloat16,
+with fewer contenders, sized to take about 10 minutes. On a GPU, float32 is full float32 in every
+library (JAX's contenders compile under `jax.default_matmul_precision("highest")`, since JAX's default
+there is TensorFloat-32; torch's TF32 stays off), and JAX allocates device memory as it goes rather
+than taking most of it at start.
 """
 
 
-#: Sections another benchmark writes into the page (``python -m benchmarks.decoding --page``): a run of
-#: ``python -m benchmarks`` keeps them, as they stand on the page it replaces, after its own.
-KEPT_SECTIONS = ("## Decoding with a key/value cache",)
+#: Sections a run of ``python -m benchmarks`` keeps, as they stand on the page it replaces, after its own:
+#: the figures of a run on a GPU (gathered from the benchmark's output there), and the decoding
+#: benchmark's (``python -m benchmarks.decoding --page``).
+KEPT_SECTIONS = ("## On a GPU", "## Decoding with a key/value cache")
 
 
 def section(text: str, heading: str) -> str | None:

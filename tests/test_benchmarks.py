@@ -102,15 +102,16 @@ def test_decoding_quick_run_prints_its_table_and_writes_its_section(tmp_path):
     assert "old figures" not in text and text.count("## Decoding") == 1 and "| `noxton_cached` |" in text
 
 
-def test_page_rewrite_keeps_the_decoding_section(tmp_path):
+def test_page_rewrite_keeps_the_gpu_and_decoding_sections(tmp_path):
     from benchmarks import report
 
     page = tmp_path / "performance.md"
-    page.write_text("# old\n\n## Long\n\nold table\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
+    gpu = "## On a GPU\n\ngpu figures\n\n### A table\n\n| g |\n|---|"
+    page.write_text(f"# old\n\n## Long\n\nold table\n\n{gpu}\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
     report.write(str(tmp_path / "out"), str(page), "cmd", "conditions", ["## Main\n\nnew"], {"long": [], "grid": []})
     text = page.read_text()
     assert "old table" not in text and "## Main\n\nnew" in text
-    assert text.endswith("## Main\n\nnew\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
+    assert text.endswith(f"## Main\n\nnew\n\n{gpu}\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
 
 
 def test_tiles_times_each_variant_and_restores_the_constants(capsys):
