@@ -97,10 +97,11 @@ def eager_table(args, results):
         contenders.torch_sync()
         return out
 
+    eager = functools.partial(contenders.on_device, dtype="float32")
     calls = {
-        "noxton.nn MultiheadAttention (eager)": lambda: jax.block_until_ready(nx(x, x, x)),
-        "noxton.nn, need_weights=False (eager)": lambda: jax.block_until_ready(nx(x, x, x, need_weights=False)),
-        "eqx.nn.MultiheadAttention (eager)": lambda: jax.block_until_ready(eq(x, x, x)),
+        "noxton.nn MultiheadAttention (eager)": functools.partial(eager(nx), x, x, x),
+        "noxton.nn, need_weights=False (eager)": functools.partial(eager(nx), x, x, x, need_weights=False),
+        "eqx.nn.MultiheadAttention (eager)": functools.partial(eager(eq), x, x, x),
         "torch MHA (eager, no_grad)": torch_call,
     }
     med = medians(calls, reps, warmup=3)
@@ -125,7 +126,7 @@ def se_table(args, results):
     from noxton.nn import SqueezeExcitation
 
     reps = 10 if args.quick else 30
-    batched = contenders.on_device(eqx.filter_jit(lambda se, x: jax.vmap(se)(x)))
+    batched = contenders.on_device(eqx.filter_jit(lambda se, x: jax.vmap(se)(x)), dtype="float32")
     device = contenders.torch_device()
     results["se"], rows = [], []
     shapes = (

@@ -40,18 +40,20 @@ def torch_device() -> str:
     return "cuda"
 
 
-def matmul_precision() -> str | None:
-    """The matmul precision JAX contenders compile under: ``"highest"`` for float32 off the CPU, else the default."""
+def matmul_precision(dtype: str | None = None) -> str | None:
+    """The matmul precision JAX contenders on ``dtype`` (``DTYPE``) inputs compile under: ``"highest"`` for
+    float32 off the CPU, else the default."""
     import jax
 
-    return "highest" if DTYPE == "float32" and jax.default_backend() != "cpu" else None
+    return "highest" if (dtype or DTYPE) == "float32" and jax.default_backend() != "cpu" else None
 
 
-def on_device(f: Callable[..., Any]) -> Callable[..., Any]:
-    """``f`` compiled and run under :func:`matmul_precision` (``f`` itself on the CPU), waited for."""
+def on_device(f: Callable[..., Any], dtype: str | None = None) -> Callable[..., Any]:
+    """``f`` on ``dtype`` (``DTYPE``) inputs, compiled and run under :func:`matmul_precision` (``f`` itself on
+    the CPU), waited for."""
     import jax
 
-    precision = matmul_precision()
+    precision = matmul_precision(dtype)
     if precision is None:
         return lambda *a: jax.block_until_ready(f(*a))
 

@@ -71,12 +71,13 @@ def plot(long_results: list[dict], path: str) -> None:
     for r in long_results:
         series.setdefault((r["name"], r["mode"], r.get("dtype", "float32")), []).append(r)
     for (name, mode, dtype), rs in sorted(series.items()):
-        rs = sorted((r for r in rs if r.get(memory) is not None), key=lambda r: r["L"])
+        rs = sorted(rs, key=lambda r: r["L"])
         tag = f"{mode}, {dtype}" if len(dtypes) > 1 else mode
         for ax, field in zip(axes, ("median_s", memory), strict=True):
+            shown = [r for r in rs if r.get(field) is not None]  # a contender on the CPU has no device peak
             ax.plot(
-                [r["L"] for r in rs],
-                [r[field] for r in rs],
+                [r["L"] for r in shown],
+                [r[field] for r in shown],
                 "-" if mode == "fwd" else "--",
                 marker="o" if dtype == dtypes[0] else "s",
                 label=f"{label(name)} [{tag}]",

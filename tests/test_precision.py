@@ -188,15 +188,18 @@ def _products(f, *args):
 
 
 def _layer_calls(dtype):
-    """The layers' forward and gradient calls in ``dtype``: attention on each path, both front ends, a
-    Transformer layer and squeeze-excitation."""
+    """The layers' forward and gradient calls in ``dtype``: attention on each path (the blockwise path's
+    whole-key chunks, and with dropout its key-block loop, which the GPU runs), both front ends, a
+    Transformer layer, a convolution and squeeze-excitation."""
     import equinox as eqx
 
-    from noxton.nn import TransformerEncoderLayer
+    from noxton.nn import Conv2d, TransformerEncoderLayer
 
     key = jax.random.PRNGKey(0)
     x = jax.random.normal(key, (3, 64, E), dtype)
     mha = eqx.nn.inference_mode(MultiheadAttention(E, H, key=key, dtype=jnp.dtype(dtype)))
+    dropping = MultiheadAttention(E, H, dropout=0.25, key=key, dtype=jnp.dtype(dtype))
+    conv = Conv2d(8, 6, 3, padding=1, key=key, dtype=jnp.dtype(dtype))
     hk_mha = hk.without_apply_rng(hk.transform(lambda x: nxhk.MultiheadAttention(E, H)(x, x, x, need_weights=False)))
     layer = TransformerEncoderLayer(E, H, 32, dropout=0.0, key=key, dtype=jnp.dtype(dtype))
     se = SqueezeExcitation(8, 4, key=key, dtype=jnp.dtype(dtype))
@@ -208,9 +211,17 @@ def _layer_calls(dtype):
         )
         for impl in ("dense", "blockwise", "fused")
     }
-    calls["haiku mha"] = (lambda x: hk_mha.apply(hk_mha.init(key, x.astype(jnp.float32)), x.astype(dtype))[0], x)
+    calls["mha blockwise, dropout"] = (
+        lambda x: jax.vmap(
+            lambda xi, k: dropping(xi, xi, xi, need_weights=False, dropout_key=k, implementation="blockwise")[0]
+        )(x, jax.random.split(key, x.shape[0])),
+        x,
+    )
+    params = hk_mha.init(key, x)
+    calls["haiku mha"] = (lambda x: hk_mha.apply(params, x)[0], x)
     calls["encoder layer"] = (lambda x: jax.vmap(layer)(x), x)
     calls["squeeze-excitation"] = (lambda img: jax.vmap(se)(img), img)
+    calls["conv"] = (lambda img: jax.vmap(conv)(img), img)
     out = {}
     for name, (f, arg) in calls.items():
         out[f"{name} forward"] = (f, arg)
@@ -220,26 +231,41 @@ def _layer_calls(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_products_keep_float32_in_float32(dtype):
-    # torch multiplies float32 in float32 (TF32 off); JAX's default on a GPU is TF32. Every product of float32
-    # operands asks for HIGHEST (the CPU computes float32 either way), products of bfloat16 keep the default:
-    # read off the programs, so that this holds on every backend. (A product of a float32 cotangent and a
-    # bfloat16 operand is the transpose of a bfloat16 product, and keeps that product's precision.)
+    # torch multiplies float32 in float32 (TF32 off); JAX's default on a GPU is TF32. Every product of a call
+    # on float32 inputs asks for HIGHEST (the CPU computes float32 either way), every product of a call on
+    # bfloat16 inputs keeps the default (also those whose operands were widened to float32): read off the
+    # programs, forward and gradient, so that this holds on every backend.
     highest = (jax.lax.Precision.HIGHEST,) * 2
     for name, (f, arg) in _layer_calls(dtype).items():
         products = _products(f, arg)
         assert products, name
+        # squeeze-excitation's children run on the pooled map in float32 (torchvision's block, exactly rounded)
+        float32_children = name.startswith("squeeze-excitation")
         for precision, dtypes in products:
-            if all(d.itemsize >= 4 for d in dtypes):
+            if dtype == "float32" or float32_children:
                 assert precision == highest, (name, dtypes, precision)
-            elif all(d.itemsize < 4 for d in dtypes):  # the default (jax.nn.dot_product_attention names its own)
+            else:  # the default (jax.nn.dot_product_attention names its own bfloat16 algorithm)
                 assert precision != highest, (name, dtypes, precision)
-    if dtype == "bfloat16":  # the low-precision products are there to be checked
-        assert any(p is None for p, _ in _products(*_layer_calls(dtype)["mha blockwise forward"]))
+    if dtype == "bfloat16":  # products of operands widened to float32 are among those checked
+        assert any(all(d == jnp.float32 for d in ds) for _, ds in _products(*_layer_calls(dtype)["mha dense forward"]))
 
 
-def test_products_follow_a_users_matmul_precision():
-    # JAX's counterpart of torch's allow_tf32: a precision the user sets holds over noxton's HIGHEST.
-    with jax.default_matmul_precision("tensorfloat32"):
-        for name, (f, arg) in _layer_calls("float32").items():
-            products = _products(f, arg)
-            assert products and all(p != (jax.lax.Precision.HIGHEST,) * 2 for p, _ in products), name
+@pytest.mark.parametrize("inside", [False, True])
+def test_products_follow_a_users_matmul_precision(inside):
+    # JAX's counterpart of torch's allow_tf32: a precision the user sets holds over noxton's HIGHEST, set
+    # around the whole call, or inside a differentiated function (then the backward rules, traced after
+    # the user's `with` block has closed, keep it too).
+    def under_tf32(f):
+        def g(a):
+            with jax.default_matmul_precision("tensorfloat32"):
+                return f(a)
+
+        return g
+
+    tf32 = (jax.lax.Precision.HIGH,) * 2  # what JAX makes of "tensorfloat32"
+    for name, (f, arg) in _layer_calls("float32").items():
+        if inside and not name.endswith("forward"):
+            continue
+        g = jax.grad(lambda a, f=f: under_tf32(f)(a).astype(jnp.float32).sum()) if inside else under_tf32(f)
+        products = _products(g, arg)
+        assert products and all(p == tf32 for p, _ in products), (name, products)

@@ -28,7 +28,6 @@ from noxton.functional._checks import (
     check_positive_int,
     check_probability,
     dot_precision,
-    einsum,
     finite_shift,
     lift,
     softmax_dtype,
@@ -199,7 +198,7 @@ def _linear(x, weight, bias, *, axis: int = -1):
     acc = softmax_dtype(x.dtype)
     weight = weight.astype(x.dtype)
     axis = axis % x.ndim
-    precision = dot_precision(x)
+    precision = dot_precision(x.dtype)
     if _few_cpu_rows(x, axis):  # [out, *rest]
         y = lax.dot_general(weight, x, (((1,), (axis,)), ((), ())), precision=precision, preferred_element_type=acc)
         y = jnp.moveaxis(y, 0, axis)
@@ -289,8 +288,9 @@ def dense_attention(
         ``([*B, L, H, D] in the scores' dtype, [*B, H, L, S'] weights or None)``.
     """
     sdtype = softmax_dtype(q.dtype)
+    precision = dot_precision(q.dtype)  # the inputs': the weights' product below takes v widened to sdtype
     kv = "...hsd" if kv_heads_first else "...shd"
-    scores = einsum(f"...lhd,{kv}->...hls", q, k, preferred_element_type=sdtype)
+    scores = jnp.einsum(f"...lhd,{kv}->...hls", q, k, precision=precision, preferred_element_type=sdtype)
     if scale != 1.0:
         scores = scores * jnp.asarray(scale, sdtype)
     mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
@@ -302,7 +302,7 @@ def dense_attention(
     if dropout_p > 0.0:
         keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
         weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
-    out = einsum(f"...hls,{kv}->...lhd", weights, v.astype(sdtype))
+    out = jnp.einsum(f"...hls,{kv}->...lhd", weights, v.astype(sdtype), precision=precision)
     return out, (weights if need_weights else None)
 
 

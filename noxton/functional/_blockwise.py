@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ import numpy as np
 from jax import lax
 from jax.custom_derivatives import SymbolicZero
 
-from noxton.functional._checks import einsum, finite_shift, softmax_dtype
+from noxton.functional._checks import dot_precision, finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
 
@@ -120,6 +120,7 @@ class _Config(NamedTuple):
     src_len: int  # keys before any were appended (the causal mask covers only these)
     total_len: int  # keys after appending, before padding to whole blocks
     scale: float = 1.0  # multiplies q @ k^T in the softmax dtype
+    precision: Any = None  # of every product, forward and backward: ``dot_precision`` of the inputs
 
     @property
     def padded(self) -> bool:
@@ -209,7 +210,7 @@ def _when_visible(cfg: _Config, i, j, compute, skip, *operands):
 
 def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
     """The block's masked scores ``einsum(spec, a, b)``: ``[..., bq, bk]`` (``[..., bk, bq]`` with ``keys_first``)."""
-    s = einsum(spec, a, b, preferred_element_type=sdtype)
+    s = jnp.einsum(spec, a, b, preferred_element_type=sdtype, precision=cfg.precision)
     if cfg.scale != 1.0:
         s = s * jnp.asarray(cfg.scale, sdtype)
     bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
@@ -252,11 +253,12 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
             if dropout is not None:
                 keep = _dropout_keep(dropout, key, i, j, p.shape)
                 p = jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - dropout), sdtype), 0.0).astype(sdtype)
-            pv = einsum(
+            pv = jnp.einsum(
                 "nhqk,nhkd->nhqd",
                 p.astype(v.dtype),
                 v_blk,
                 preferred_element_type=sdtype,
+                precision=cfg.precision,
             )
             acc = alpha[..., None] * acc + pv
             return m_new, l, acc
@@ -527,7 +529,13 @@ def _chunk_scores(cfg: _Config, chunks, a_c, b_c, kp, am, a, b, i, sdtype, keys_
     ``[rows, S, D]`` and queries ``[rows, c, D]``, ``einsum("rxd,ryd->rxy")``."""
     nb, hb, _ = chunks
     # 3-d products over the folded rows: the form XLA's CPU backend fuses with the softmax
-    s = einsum("rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, preferred_element_type=sdtype)
+    s = jnp.einsum(
+        "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy",
+        a_c,
+        b_c,
+        preferred_element_type=sdtype,
+        precision=cfg.precision,
+    )
     if cfg.scale != 1.0:
         s = s * jnp.asarray(cfg.scale, sdtype)
     # the key loop's masks, as one block of c queries and all keys
@@ -600,11 +608,15 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
         m, p, l = _chunk_exp(s, -1, masked)
         vc = part(v, a, b).reshape(rows, sk, dv)
         if after:  # the unnormalised weights' product, then its [c, D] rows scaled
-            out = einsum("rqk,rkd->rqd", p.astype(v.dtype), vc, preferred_element_type=sdtype)
+            out = jnp.einsum(
+                "rqk,rkd->rqd", p.astype(v.dtype), vc, preferred_element_type=sdtype, precision=cfg.precision
+            )
             out = out * (1.0 / jnp.maximum(l, tiny))
         else:
             w = p * (1.0 / jnp.maximum(l, tiny))
-            out = einsum("rqk,rkd->rqd", w.astype(v.dtype), vc, preferred_element_type=sdtype)
+            out = jnp.einsum(
+                "rqk,rkd->rqd", w.astype(v.dtype), vc, preferred_element_type=sdtype, precision=cfg.precision
+            )
         lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.maximum(l, tiny)))
         return out.reshape(nb, hb, c, dv), lse.reshape(nb, hb, c)
 
@@ -666,13 +678,13 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
             st = _chunk_scores(cfg, chunks, kc, qc, kp, am, a, b, i, sdtype, keys_first=True)  # [rows, S, c]
             _, pt, l = _chunk_exp(st, 1, masked)  # the forward's softmax again: 0 where masked, on masked rows
             pt = pt * (1.0 / jnp.maximum(l, tiny))
-            dpt = einsum("rkd,rqd->rkq", vc, doc, preferred_element_type=sdtype)
+            dpt = jnp.einsum("rkd,rqd->rkq", vc, doc, preferred_element_type=sdtype, precision=cfg.precision)
             dst = pt * (dpt - delta_c)
             if cfg.scale != 1.0:
                 dst = dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
-            dq_t = einsum("rdk,rkq->rdq", ktc, dst, preferred_element_type=sdtype)
-            dk = dk + einsum("rkq,rqd->rkd", dst, qc, preferred_element_type=sdtype)
-            dv_ = dv_ + einsum("rkq,rqd->rkd", pt, doc, preferred_element_type=sdtype)
+            dq_t = jnp.einsum("rdk,rkq->rdq", ktc, dst, preferred_element_type=sdtype, precision=cfg.precision)
+            dk = dk + jnp.einsum("rkq,rqd->rkd", dst, qc, preferred_element_type=sdtype, precision=cfg.precision)
+            dv_ = dv_ + jnp.einsum("rkq,rqd->rkd", pt, doc, preferred_element_type=sdtype, precision=cfg.precision)
             return (dk, dv_), dq_t.reshape(nb, hb, d, c)
 
         init = (jnp.zeros((rows, sk, d), sdtype), jnp.zeros((rows, sk, dv), sdtype))
@@ -717,7 +729,9 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
             dl_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)
             st = _scores("nhkd,nhqd->nhkq", k_blk, q_blk, cfg, kp, am, i, j, sdtype, keys_first=True)
             pt = jnp.exp(st - lse_blk[..., None, :])  # 0 where masked and on fully masked rows (lse = inf)
-            dpt = einsum("nhkd,nhqd->nhkq", v_blk.astype(sdtype), do_blk, preferred_element_type=sdtype)
+            dpt = jnp.einsum(
+                "nhkd,nhqd->nhkq", v_blk.astype(sdtype), do_blk, preferred_element_type=sdtype, precision=cfg.precision
+            )
             if dropout is not None:
                 keep = jnp.swapaxes(_dropout_keep(dropout, key, i, j, (n, h, bq, bk)), 2, 3)
                 scale = jnp.asarray(1.0 / (1.0 - dropout), sdtype)
@@ -725,11 +739,17 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
                 dpt = jnp.where(keep, dpt * scale, 0.0).astype(sdtype)
             else:
                 pt_used = pt
-            dv = dv + einsum("nhkq,nhqd->nhkd", pt_used, do_blk, preferred_element_type=sdtype)
+            dv = dv + jnp.einsum(
+                "nhkq,nhqd->nhkd", pt_used, do_blk, preferred_element_type=sdtype, precision=cfg.precision
+            )
             dst = pt * (dpt - dl_blk[..., None, :])  # d(scores): the masks' gradients
             dst_qk = dst if cfg.scale == 1.0 else dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
-            dk = dk + einsum("nhkq,nhqd->nhkd", dst_qk, q_blk.astype(sdtype), preferred_element_type=sdtype)
-            dq_blk = einsum("nhkq,nhkd->nhqd", dst_qk, k_blk.astype(sdtype), preferred_element_type=sdtype)
+            dk = dk + jnp.einsum(
+                "nhkq,nhqd->nhkd", dst_qk, q_blk.astype(sdtype), preferred_element_type=sdtype, precision=cfg.precision
+            )
+            dq_blk = jnp.einsum(
+                "nhkq,nhkd->nhqd", dst_qk, k_blk.astype(sdtype), preferred_element_type=sdtype, precision=cfg.precision
+            )
             dkp_blk = jnp.sum(dst, axis=(1, 3)) if need_dkp else None
             dam_blk = None
             if need_dam:
@@ -778,6 +798,7 @@ class _Static(NamedTuple):
     block_q: int | None
     block_k: int | None
     scale: float = 1.0
+    precision: Any = None  # decided where the call is traced, so that the backward rule, traced later, keeps it
 
 
 def _plan(static: _Static, q, k) -> _Config:
@@ -785,7 +806,7 @@ def _plan(static: _Static, q, k) -> _Config:
     n, h, tgt_len, _ = q.shape
     total_len = k.shape[2]
     bq, bk = block_sizes(n * h, tgt_len, total_len, static.block_q, static.block_k)
-    return _Config(bq, bk, static.causal, static.src_len, total_len, static.scale)
+    return _Config(bq, bk, static.causal, static.src_len, total_len, static.scale, static.precision)
 
 
 def _whole_blocks(cfg: _Config, q, k, v, kp, am):
@@ -986,7 +1007,7 @@ def blockwise_attention(
             am = a.reshape(1, heads, tgt_len, total_len)
         else:
             am = a.reshape(n, heads, tgt_len, total_len)
-    static = _Static(bool(masks.causal), int(masks.src_len), block_q, block_k, float(scale))
+    static = _Static(bool(masks.causal), int(masks.src_len), block_q, block_k, float(scale), dot_precision(q.dtype))
     dropout = float(dropout_p) if dropout_p > 0.0 else None  # static: the dropout probability, or None
     key = dropout_key if dropout is not None else None
     out = _attention_core(static, dropout, to_nhld(q), to_nhld(k), to_nhld(v), kp, am, key)

@@ -79,28 +79,24 @@ def softmax_dtype(dtype):
     return jnp.dtype(jnp.float64) if jnp.dtype(dtype).itemsize > 4 else jnp.dtype(jnp.float32)
 
 
-def dot_precision(*operands):
-    """The precision of a matrix product (or convolution) of ``operands``: torch's arithmetic.
+def dot_precision(dtype):
+    """The precision of the matrix products (and convolutions) of a call on ``dtype`` inputs: torch's arithmetic.
 
     torch multiplies float32 matrices in float32 unless told otherwise (``allow_tf32`` is off), but JAX's
     default on a GPU is TensorFloat-32, which rounds the operands to 10 bits of mantissa: measured on an
-    H200 (jax 0.11.2), ``python -m noxton``'s attention rows were 2.5e-04 off NumPy's float64 at the default
-    and its squeeze-excitation rows, whose convolutions ask for ``HIGHEST``, 2.2e-07. So a product with a
-    float32 (or float64) operand asks for ``HIGHEST``; on the CPU, XLA computes float32 in float32 either way
-    (compiled programs the same but for the attribute, times level). float16/bfloat16 products keep the
-    default, the matrix units with float32 accumulation, as torch's. Where the user has set
-    ``jax_default_matmul_precision`` (JAX's counterpart of torch's ``allow_tf32``), ``None``: theirs holds.
+    H200 (jax 0.11.2), ``python -m noxton``'s attention rows were 2.5e-04 off NumPy's float64 at the
+    default. So float32 (and float64) inputs ask for ``HIGHEST``; on the CPU, XLA computes float32 in
+    float32 either way (compiled programs the same but for the attribute, times level). float16/bfloat16
+    inputs keep the default, the matrix units with float32 accumulation, as torch's, in every product of
+    the call (also those whose operands were widened to float32). Where the user has set
+    ``jax_default_matmul_precision`` (JAX's counterpart of torch's ``allow_tf32``), theirs, in every dtype.
+    Decided once, where the call is traced, and passed to each product: a backward rule traced later (after
+    the user's ``with jax.default_matmul_precision(...)`` has closed) takes the same.
     """
     user = jax.config.jax_default_matmul_precision  # pyright: ignore[reportAttributeAccessIssue]  (context's too)
     if user is not None:
-        return None
-    wide = max(jnp.dtype(x.dtype).itemsize for x in operands) >= 4
-    return lax.Precision.HIGHEST if wide else None
-
-
-def einsum(spec: str, a, b, **kwargs):
-    """``jnp.einsum(spec, a, b)`` at :func:`dot_precision`."""
-    return jnp.einsum(spec, a, b, precision=dot_precision(a, b), **kwargs)
+        return user
+    return lax.Precision.HIGHEST if jnp.dtype(dtype).itemsize >= 4 else None
 
 
 def check_prng_key(name: str, key: Any) -> Any:

@@ -34,6 +34,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from noxton.functional._checks import dot_precision, lift, softmax_dtype
 from noxton.functional._masks import Masks
@@ -99,8 +100,10 @@ def fused_attention(q, k, v, masks: Masks, *, scale: float = 1.0, backend: str |
         bias = bias.astype(q.dtype)
     # jax's own code promotes bfloat16/float16 with float32 implicitly: give it the standard
     # promotion rules even when the caller runs with jax_numpy_dtype_promotion="strict".
-    # XLA's composition multiplies at the default precision: float32 is kept float32 as in every other path.
-    precision = contextlib.nullcontext() if dot_precision(q4) is None else jax.default_matmul_precision("highest")
+    # XLA's composition multiplies at the default precision (or the user's, which is in force here): float32
+    # is kept float32 as in every other path.
+    full = dot_precision(in_dtype) == lax.Precision.HIGHEST
+    precision = jax.default_matmul_precision("highest") if full else contextlib.nullcontext()
     with jax.numpy_dtype_promotion("standard"), precision:
         out = jax.nn.dot_product_attention(q4, k4, v4, bias=bias, mask=visible, scale=scale, is_causal=use_is_causal)
     if allowed is not None:

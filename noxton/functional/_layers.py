@@ -58,7 +58,7 @@ def conv(
         rhs_dilation=options["dilation"],
         dimension_numbers=spec,
         feature_group_count=groups,
-        precision=dot_precision(y),
+        precision=dot_precision(x.dtype),
         preferred_element_type=acc,
     )
     if bias is not None:
