@@ -55,11 +55,11 @@ def on_device(f: Callable[..., Any], dtype: str | None = None) -> Callable[..., 
 
     precision = matmul_precision(dtype)
     if precision is None:
-        return lambda *a: jax.block_until_ready(f(*a))
+        return lambda *a, **kw: jax.block_until_ready(f(*a, **kw))
 
-    def call(*a):
+    def call(*a, **kw):
         with jax.default_matmul_precision(precision):
-            return jax.block_until_ready(f(*a))
+            return jax.block_until_ready(f(*a, **kw))
 
     return call
 
