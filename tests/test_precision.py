@@ -269,3 +269,29 @@ def test_products_follow_a_users_matmul_precision(inside):
         g = jax.grad(lambda a, f=f: under_tf32(f)(a).astype(jnp.float32).sum()) if inside else under_tf32(f)
         products = _products(g, arg)
         assert products and all(p == tf32 for p, _ in products), (name, products)
+
+
+@pytest.mark.parametrize("dtype", LOW)
+def test_low_precision_convolution_gradients(dtype):
+    # A float16/bfloat16 convolution accumulates in float32. JAX 0.4.38 cannot differentiate that form (its
+    # transpose convolves a float32 cotangent with a bfloat16 operand: a TypeError); noxton widens there.
+    # Either way the gradient is the float32 computation's on the same values, rounded.
+    import equinox as eqx
+
+    from noxton.nn import Conv2d
+
+    conv = Conv2d(3, 4, 3, padding=1, key=jax.random.PRNGKey(0), dtype=jnp.dtype(dtype))
+    x = jax.random.normal(jax.random.PRNGKey(1), (3, 6, 6), dtype)
+
+    def grads(conv, x):
+        return eqx.filter_grad(lambda cx: cx[0](cx[1]).astype(jnp.float32).sum())((conv, x))
+
+    low = jax.tree.leaves(grads(conv, x))
+    wide = jax.tree.leaves(grads(*jax.tree.map(lambda a: a.astype(jnp.float32), (conv, x))))
+    assert len(low) == len(wide) == 3  # weight, bias, input
+    for g, ref in zip(low, wide, strict=True):
+        assert g.dtype == jnp.dtype(dtype)
+        ref = np.asarray(ref, np.float64)
+        np.testing.assert_allclose(
+            np.asarray(g, np.float64), ref, rtol=0, atol=2 * float(jnp.finfo(dtype).eps) * np.abs(ref).max()
+        )

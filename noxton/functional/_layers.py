@@ -2,13 +2,32 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 
 from noxton.functional._checks import check_array, dot_precision, lift, softmax_dtype
+
+
+@functools.cache
+def _differentiates_widened_conv() -> bool:
+    """Whether this JAX differentiates a bfloat16 convolution that accumulates in float32
+    (``preferred_element_type``). JAX 0.4.38 does not: its transpose convolves the float32 cotangent with the
+    bfloat16 operand and raises a ``TypeError``, for the input's gradient and the weight's alike."""
+
+    def f(x, w):
+        return lax.conv_general_dilated(x, w, (1,), "VALID", preferred_element_type=jnp.float32).sum()
+
+    one = jnp.ones((1, 1, 1), jnp.bfloat16)
+    try:
+        jax.eval_shape(jax.grad(f, argnums=(0, 1)), one, one)
+    except TypeError:
+        return False
+    return True
 
 
 def conv(
@@ -50,9 +69,14 @@ def conv(
     pad = pad.upper() if isinstance(pad, str) else [(p, p) for p in pad]
     spec = ("NCH", "OIH", "NCH") if n == 1 else ("NCHW", "OIHW", "NCHW")
     acc = softmax_dtype(x.dtype)
+    weight = weight.astype(x.dtype)
+    if jnp.dtype(x.dtype).itemsize < acc.itemsize and not _differentiates_widened_conv():
+        # Widened first, where this JAX could not differentiate the low-precision form: the products of
+        # float16/bfloat16 values are exact in float32 and accumulate there, as preferred_element_type has them.
+        y, weight = y.astype(acc), weight.astype(acc)
     out = lax.conv_general_dilated(
         y,
-        weight.astype(x.dtype),
+        weight,
         window_strides=options["stride"],
         padding=pad,
         rhs_dilation=options["dilation"],
