@@ -208,9 +208,14 @@ def _when_visible(cfg: _Config, i, j, compute, skip, *operands):
     return lax.cond(visible, compute, skip, *operands)
 
 
+def _product(cfg: _Config, spec: str, a, b, sdtype):
+    """``einsum(spec, a, b)`` accumulated in the softmax dtype, at the call's precision (``cfg.precision``)."""
+    return jnp.einsum(spec, a, b, preferred_element_type=sdtype, precision=cfg.precision)
+
+
 def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
     """The block's masked scores ``einsum(spec, a, b)``: ``[..., bq, bk]`` (``[..., bk, bq]`` with ``keys_first``)."""
-    s = jnp.einsum(spec, a, b, preferred_element_type=sdtype, precision=cfg.precision)
+    s = _product(cfg, spec, a, b, sdtype)
     if cfg.scale != 1.0:
         s = s * jnp.asarray(cfg.scale, sdtype)
     bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
@@ -253,13 +258,7 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
             if dropout is not None:
                 keep = _dropout_keep(dropout, key, i, j, p.shape)
                 p = jnp.where(keep, p * jnp.asarray(1.0 / (1.0 - dropout), sdtype), 0.0).astype(sdtype)
-            pv = jnp.einsum(
-                "nhqk,nhkd->nhqd",
-                p.astype(v.dtype),
-                v_blk,
-                preferred_element_type=sdtype,
-                precision=cfg.precision,
-            )
+            pv = _product(cfg, "nhqk,nhkd->nhqd", p.astype(v.dtype), v_blk, sdtype)
             acc = alpha[..., None] * acc + pv
             return m_new, l, acc
 
@@ -529,13 +528,7 @@ def _chunk_scores(cfg: _Config, chunks, a_c, b_c, kp, am, a, b, i, sdtype, keys_
     ``[rows, S, D]`` and queries ``[rows, c, D]``, ``einsum("rxd,ryd->rxy")``."""
     nb, hb, _ = chunks
     # 3-d products over the folded rows: the form XLA's CPU backend fuses with the softmax
-    s = jnp.einsum(
-        "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy",
-        a_c,
-        b_c,
-        preferred_element_type=sdtype,
-        precision=cfg.precision,
-    )
+    s = _product(cfg, "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, sdtype)
     if cfg.scale != 1.0:
         s = s * jnp.asarray(cfg.scale, sdtype)
     # the key loop's masks, as one block of c queries and all keys
@@ -608,15 +601,11 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
         m, p, l = _chunk_exp(s, -1, masked)
         vc = part(v, a, b).reshape(rows, sk, dv)
         if after:  # the unnormalised weights' product, then its [c, D] rows scaled
-            out = jnp.einsum(
-                "rqk,rkd->rqd", p.astype(v.dtype), vc, preferred_element_type=sdtype, precision=cfg.precision
-            )
+            out = _product(cfg, "rqk,rkd->rqd", p.astype(v.dtype), vc, sdtype)
             out = out * (1.0 / jnp.maximum(l, tiny))
         else:
             w = p * (1.0 / jnp.maximum(l, tiny))
-            out = jnp.einsum(
-                "rqk,rkd->rqd", w.astype(v.dtype), vc, preferred_element_type=sdtype, precision=cfg.precision
-            )
+            out = _product(cfg, "rqk,rkd->rqd", w.astype(v.dtype), vc, sdtype)
         lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.maximum(l, tiny)))
         return out.reshape(nb, hb, c, dv), lse.reshape(nb, hb, c)
 
@@ -678,13 +667,13 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
             st = _chunk_scores(cfg, chunks, kc, qc, kp, am, a, b, i, sdtype, keys_first=True)  # [rows, S, c]
             _, pt, l = _chunk_exp(st, 1, masked)  # the forward's softmax again: 0 where masked, on masked rows
             pt = pt * (1.0 / jnp.maximum(l, tiny))
-            dpt = jnp.einsum("rkd,rqd->rkq", vc, doc, preferred_element_type=sdtype, precision=cfg.precision)
+            dpt = _product(cfg, "rkd,rqd->rkq", vc, doc, sdtype)
             dst = pt * (dpt - delta_c)
             if cfg.scale != 1.0:
                 dst = dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
-            dq_t = jnp.einsum("rdk,rkq->rdq", ktc, dst, preferred_element_type=sdtype, precision=cfg.precision)
-            dk = dk + jnp.einsum("rkq,rqd->rkd", dst, qc, preferred_element_type=sdtype, precision=cfg.precision)
-            dv_ = dv_ + jnp.einsum("rkq,rqd->rkd", pt, doc, preferred_element_type=sdtype, precision=cfg.precision)
+            dq_t = _product(cfg, "rdk,rkq->rdq", ktc, dst, sdtype)
+            dk = dk + _product(cfg, "rkq,rqd->rkd", dst, qc, sdtype)
+            dv_ = dv_ + _product(cfg, "rkq,rqd->rkd", pt, doc, sdtype)
             return (dk, dv_), dq_t.reshape(nb, hb, d, c)
 
         init = (jnp.zeros((rows, sk, d), sdtype), jnp.zeros((rows, sk, dv), sdtype))
@@ -729,9 +718,7 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
             dl_blk = lax.dynamic_slice_in_dim(delta, i * bq, bq, axis=2)
             st = _scores("nhkd,nhqd->nhkq", k_blk, q_blk, cfg, kp, am, i, j, sdtype, keys_first=True)
             pt = jnp.exp(st - lse_blk[..., None, :])  # 0 where masked and on fully masked rows (lse = inf)
-            dpt = jnp.einsum(
-                "nhkd,nhqd->nhkq", v_blk.astype(sdtype), do_blk, preferred_element_type=sdtype, precision=cfg.precision
-            )
+            dpt = _product(cfg, "nhkd,nhqd->nhkq", v_blk.astype(sdtype), do_blk, sdtype)
             if dropout is not None:
                 keep = jnp.swapaxes(_dropout_keep(dropout, key, i, j, (n, h, bq, bk)), 2, 3)
                 scale = jnp.asarray(1.0 / (1.0 - dropout), sdtype)
@@ -739,17 +726,11 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
                 dpt = jnp.where(keep, dpt * scale, 0.0).astype(sdtype)
             else:
                 pt_used = pt
-            dv = dv + jnp.einsum(
-                "nhkq,nhqd->nhkd", pt_used, do_blk, preferred_element_type=sdtype, precision=cfg.precision
-            )
+            dv = dv + _product(cfg, "nhkq,nhqd->nhkd", pt_used, do_blk, sdtype)
             dst = pt * (dpt - dl_blk[..., None, :])  # d(scores): the masks' gradients
             dst_qk = dst if cfg.scale == 1.0 else dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
-            dk = dk + jnp.einsum(
-                "nhkq,nhqd->nhkd", dst_qk, q_blk.astype(sdtype), preferred_element_type=sdtype, precision=cfg.precision
-            )
-            dq_blk = jnp.einsum(
-                "nhkq,nhkd->nhqd", dst_qk, k_blk.astype(sdtype), preferred_element_type=sdtype, precision=cfg.precision
-            )
+            dk = dk + _product(cfg, "nhkq,nhqd->nhkd", dst_qk, q_blk.astype(sdtype), sdtype)
+            dq_blk = _product(cfg, "nhkq,nhkd->nhqd", dst_qk, k_blk.astype(sdtype), sdtype)
             dkp_blk = jnp.sum(dst, axis=(1, 3)) if need_dkp else None
             dam_blk = None
             if need_dam:
