@@ -29,13 +29,17 @@ warm-up that compiles), as time per generated position (per token, the whole bat
   ``nnx.dot_product_attention`` and ``out``): the same work as noxton's memory cache.
 
 Before timing, every contender's outputs are checked against noxton's cached ones (float32, 1e-4).
-Also reported: the bytes of noxton's cache for the batch at ``max_len = steps`` and ``2 * steps``, and
-XLA's buffer sizes (``memory_analysis``) of the jitted calls.
+It runs unchanged on a CUDA machine, as ``python -m benchmarks`` does (``benchmarks.contenders``): JAX on
+its default device, torch on CUDA when it sees it, every timed call waiting for its device, and float32
+full float32 in every library (the JAX contenders compiled under ``jax.default_matmul_precision``
+``"highest"`` off the CPU, torch's TF32 off). Also reported: the bytes of noxton's cache for the batch at
+``max_len = steps`` and ``2 * steps``, and XLA's buffer sizes (``memory_analysis``) of the jitted calls.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -45,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import report
+from benchmarks import contenders, report
 from benchmarks.contenders import THREADS
 from benchmarks.measure import medians
 
@@ -187,12 +191,14 @@ def run(args) -> tuple[str, dict[str, Any]]:
     tmodel = torch_decoder(args)
     decoder = nx.TransformerDecoder.from_torch(tmodel)  # eval -> inference=True: no dropout
     state_dict = {k: v.numpy() for k, v in tmodel.state_dict().items()}
+    device = torch.device(contenders.torch_device())  # CUDA where torch sees it (TF32 off), as the attention benchmark
+    tmodel = tmodel.to(device)
     fmodel = FlaxDecoder.build(args, state_dict)
     rng = np.random.default_rng(0)
     memory_np = rng.standard_normal((B, S, E)).astype(np.float32)
     x0_np = rng.standard_normal((B, 1, E)).astype(np.float32)
     memory, x0 = jnp.asarray(memory_np), jnp.asarray(x0_np)
-    tmemory = torch.from_numpy(memory_np)
+    tmemory = torch.from_numpy(memory_np).to(device)
     params, static = eqx.partition(decoder, eqx.is_array)
 
     # 1. noxton, cached: init_cache, then one lax.scan of the vmapped decode, each output the next input
@@ -241,18 +247,27 @@ def run(args) -> tuple[str, dict[str, Any]]:
 
     fgraph, fstate = nnx.split(fmodel)
 
+    def compile_all():
+        return {
+            "noxton_cached": jax.jit(noxton_generate).lower(params, memory, x0).compile(),
+            "noxton_cached_shared_index": jax.jit(lambda p, m, x: noxton_generate(p, m, x, True))
+            .lower(params, memory, x0)
+            .compile(),
+            "noxton_recompute": jax.jit(noxton_full).lower(params, jnp.zeros((B, T, E)), memory).compile(),
+            "flax_nnx_cached": jax.jit(lambda s, m, x: flax_generate(s, m, x, False))
+            .lower(fstate, memory, x0)
+            .compile(),
+            "flax_nnx_cached_memkv": jax.jit(lambda s, m, x: flax_generate(s, m, x, True))
+            .lower(fstate, memory, x0)
+            .compile(),
+        }
+
+    # float32 in full float32 off the CPU, as torch's: flax's products would take JAX's default there (TF32 on
+    # a GPU); noxton's ask for it themselves. The precision is read when the calls are traced, here.
+    precision = contenders.matmul_precision("float32")
     t0 = time.perf_counter()
-    compiled = {
-        "noxton_cached": jax.jit(noxton_generate).lower(params, memory, x0).compile(),
-        "noxton_cached_shared_index": jax.jit(lambda p, m, x: noxton_generate(p, m, x, True))
-        .lower(params, memory, x0)
-        .compile(),
-        "noxton_recompute": jax.jit(noxton_full).lower(params, jnp.zeros((B, T, E)), memory).compile(),
-        "flax_nnx_cached": jax.jit(lambda s, m, x: flax_generate(s, m, x, False)).lower(fstate, memory, x0).compile(),
-        "flax_nnx_cached_memkv": jax.jit(lambda s, m, x: flax_generate(s, m, x, True))
-        .lower(fstate, memory, x0)
-        .compile(),
-    }
+    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
+        compiled = compile_all()
     print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     # The check: each contender's outputs against noxton's cached ones, for the inputs those fed back.
@@ -260,12 +275,16 @@ def run(args) -> tuple[str, dict[str, Any]]:
     xs = np.concatenate([x0_np, ys[:, :-1]], axis=1)  # the inputs the cached decoding saw
     full = np.asarray(compiled["noxton_recompute"](params, jnp.asarray(xs), memory))
     with torch.no_grad():
-        tfull = tmodel(
-            torch.from_numpy(xs),
-            tmemory,
-            tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(T),
-            tgt_is_causal=True,
-        ).numpy()
+        tfull = (
+            tmodel(
+                torch.from_numpy(xs).to(device),
+                tmemory,
+                tgt_mask=torch.nn.Transformer.generate_square_subsequent_mask(T, device=device),
+                tgt_is_causal=True,
+            )
+            .cpu()
+            .numpy()
+        )
     n_check = min(T, 8)  # fed back, the flax sequence drifts from noxton's by rounding: compare its first steps
     checks = {
         "noxton_cached_shared_index": float(
@@ -296,13 +315,15 @@ def run(args) -> tuple[str, dict[str, Any]]:
     }
     n_lengths = 3 if args.quick else TORCH_LENGTHS
     lengths = sorted({int(round(v)) for v in np.linspace(1, T, min(n_lengths, T))})
-    ttgt = torch.from_numpy(xs)
-    tmasks = {t: torch.nn.Transformer.generate_square_subsequent_mask(t) for t in lengths}
+    ttgt = torch.from_numpy(xs).to(device)
+    tmasks = {t: torch.nn.Transformer.generate_square_subsequent_mask(t, device=device) for t in lengths}
 
     def torch_call(t):
         def call():
             with torch.no_grad():
-                return tmodel(ttgt[:, :t], tmemory, tgt_mask=tmasks[t], tgt_is_causal=True)
+                out = tmodel(ttgt[:, :t], tmemory, tgt_mask=tmasks[t], tgt_is_causal=True)
+            contenders.torch_sync()
+            return out
 
         return call
 
