@@ -13,7 +13,7 @@ import sys
 
 from benchmarks import report
 from benchmarks.contenders import DENSE, build
-from benchmarks.measure import device_peak_gib, medians, reset_device_peak
+from benchmarks.measure import device_peak_gib, medians, out_of_time, reset_device_peak
 
 #: noxton (both front ends, ``auto`` and each path), then its peers; ratios are to torch's time.
 NOXTON = ["noxton_eqx", "noxton_haiku", "noxton_eqx_dense", "noxton_eqx_blockwise", "noxton_eqx_fused"]
@@ -91,8 +91,11 @@ def grid_table(args, results) -> str:
     reps = args.grid_repeats or (3 if args.quick else 7)
     dtype = contenders.DTYPE
     chosen = grid_contenders(args)
-    rows = []
+    rows, not_run = [], []
     for mode, B, E, H, L in points(args):
+        if out_of_time(args):
+            not_run.append(f"{mode} B={B} E/H={E}/{H} L={L}")
+            continue
         names = [n for n in chosen if _fits(n, mode, B, H, L, args.mem_budget_gib)]
         calls = {}
         peaks = {}
@@ -137,6 +140,11 @@ def grid_table(args, results) -> str:
         "JAX's `peak_bytes_in_use` counts from the start of the process, so the JAX contenders' peaks are "
         "in the long-sequence table, one process per row.\n\n"
     )
+    if not_run:
+        title += (
+            f"Not run: the run reached its `--deadline-s` of {args.deadline_s:g} s before {len(not_run)} of the "
+            f"grid's points ({', '.join(not_run)}).\n\n"
+        )
     return title + report.md_table(headers, rows)
 
 

@@ -42,6 +42,20 @@ def medians(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 1) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def time_left(args) -> float | None:
+    """Seconds left of the run's ``--deadline-s`` (``None``: it has none); its clock starts when the arguments
+    are parsed."""
+    if args.deadline_s is None:
+        return None
+    return args.deadline_s - (time.monotonic() - args.started_at)
+
+
+def out_of_time(args) -> bool:
+    """The run has reached its ``--deadline-s``: the tables start no further point or row."""
+    left = time_left(args)
+    return left is not None and left <= 0
+
+
 def rss_gib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30

@@ -122,14 +122,15 @@ Transformer stacks against their depth. torch and the JAX peers run in the proce
 noxton, and so with the glibc `malloc` thresholds that `import noxton` sets
 ([Differences](differences.md#the-processs-allocator)); the long-sequence rows' processes too.
 
-The same command runs on a CUDA machine: JAX takes its default device, torch takes CUDA when it sees
-it, every call waits for its device, the tables add each contender's peak device memory, and the run
-names its devices below. `python -m benchmarks --gpu-issue` runs the GPU issue's sizes (B=8, L=512,
-E=512, H=8 and B=4, L=4096, E=1024, H=16; long sequences at 16384 and 131072) in float32 and bfloat16,
-with fewer contenders, sized to take about 10 minutes. On a GPU, float32 is full float32 in every
-library (JAX's contenders compile under `jax.default_matmul_precision("highest")`, since JAX's default
-there is TensorFloat-32; torch's TF32 stays off), and JAX allocates device memory as it goes rather
-than taking most of it at start.
+The same command runs on a CUDA machine: JAX takes its default device, torch takes CUDA when it sees it,
+every call waits for its device, the tables add each contender's peak device memory, and the run names
+its devices below. `python -m benchmarks --gpu-issue` runs the GPU issue's sizes (B=8, L=512, E=512, H=8
+and B=4, L=4096, E=1024, H=16; long sequences at 16384 and 131072) in float32 and bfloat16, with fewer
+contenders, sized to take about 10 minutes; after 540 s (`--deadline-s`) it starts no further point or
+process and writes the page with what it measured, the rest marked not run. On a GPU, float32 is full
+float32 in every library (JAX's contenders compile under `jax.default_matmul_precision("highest")`,
+since JAX's default there is TensorFloat-32; torch's TF32 stays off), and JAX allocates device memory as
+it goes rather than taking most of it at start.
 """
 
 

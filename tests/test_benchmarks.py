@@ -141,3 +141,23 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
         tiles.main(["1,16,2", "16", "fwd"])  # no variant to time
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd", "--normalise", "sideways"])
+
+
+def test_a_run_past_its_deadline_writes_its_page_with_the_rest_marked_not_run(tmp_path):
+    for module in ("torch", "flax", "matplotlib"):
+        pytest.importorskip(module, reason=f"the benchmark needs {module} (the torch and bench extras)")
+    page = tmp_path / "performance.md"
+    # --gpu-issue's tables (squeeze-excitation, the grid and long sequences in two dtypes), none started
+    cmd = [sys.executable, "-m", "benchmarks", "--gpu-issue", "--deadline-s", "0"]
+    cmd += ["--out", str(tmp_path / "results"), "--page", str(page)]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = page.read_text()
+    assert "| (1, 64, 56, 56) | 16 | - | - | - | - | - | - |" in text and "Not run (dashes): 6 shapes" in text
+    for dtype in ("float32", "bfloat16"):
+        grid = text.split(f"## The grid: self-attention, need_weights=False, {dtype}")[1]
+        assert "before 4 of the grid's points (fwd B=8 E/H=512/8 L=512, fwd B=4 E/H=1024/16 L=4096, " in grid
+    # two dtypes x three contenders x (two forward lengths + one forward+backward: that stops at 16384)
+    assert text.count("not run: the run's --deadline-s 0") == 2 * 3 * (2 + 1)
+    figures = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert figures["se"] == [] and figures["grid"] == [] and figures["long"] == []
