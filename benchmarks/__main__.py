@@ -20,7 +20,18 @@ from typing import Any
 
 from benchmarks import contenders, grid, report
 from benchmarks.contenders import DTYPES, THREADS, build, label
-from benchmarks.measure import LONG_B, LONG_E, LONG_H, child, long_run, medians, out_of_time, time_left
+from benchmarks.measure import (
+    LONG_B,
+    LONG_E,
+    LONG_H,
+    child,
+    long_run,
+    medians,
+    not_run,
+    over_budget,
+    room_for,
+    time_left,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODE_NAMES = {
@@ -128,15 +139,16 @@ def se_table(args, results):
     reps = 10 if args.quick else 30
     batched = contenders.on_device(eqx.filter_jit(lambda se, x: jax.vmap(se)(x)), dtype="float32")
     device = contenders.torch_device()
-    results["se"], rows, not_run = [], [], 0
+    results["se"], rows, skipped = [], [], 0
     shapes = (
         SE_GRID if args.se_shapes is None else [tuple(int(v) for v in p.split(",")) for p in args.se_shapes.split(";")]
     )
     for N, C, HW in shapes:
         Q = C // 4
-        if out_of_time(args):
+        if not room_for(args):
             rows.append([f"({N}, {C}, {HW}, {HW})", Q, *["-"] * 6])
-            not_run += 1
+            not_run(args, results, f"squeeze-excitation ({N}, {C}, {HW}, {HW})")
+            skipped += 1
             continue
         se, tse = SqueezeExcitation(C, Q, key=jax.random.PRNGKey(0)), TorchSqueezeExcitation(C, Q).to(device).eval()
         x, tx = jax.random.normal(jax.random.PRNGKey(1), (N, C, HW, HW)), torch.randn(N, C, HW, HW, device=device)
@@ -168,8 +180,10 @@ def se_table(args, results):
         "(noxton mostly right after torch, whose OpenMP threads keep spinning on a core for a few ms after each "
         "call), then each in a block of its own repeats, as in a program that calls only one of them.\n\n"
     )
-    if not_run:
-        title += f"Not run (dashes): {not_run} shapes, after the run's `--deadline-s` of {args.deadline_s:g} s.\n\n"
+    if skipped:
+        title += (
+            f"Not run (dashes): {skipped} of the shapes, past the run's `--deadline-s` of {args.deadline_s:g} s.\n\n"
+        )
     headers = ["(N, C, H, W)", "squeeze", "torch ms", "noxton.nn ms", "noxton / torch"]
     headers += ["torch ms, alone", "noxton.nn ms, alone", "noxton / torch, alone"]
     return title + report.md_table(headers, rows)
@@ -192,16 +206,24 @@ def long_table(args, results):
             for name in names:
                 if name in stopped:
                     continue
-                if out_of_time(args):
-                    rows[(mode, name, L)] = ["-", "-", "-", "-", f"not run: the run's --deadline-s {args.deadline_s:g}"]
-                    continue
-                left = time_left(args)  # a process still running at the deadline is stopped there
-                timeout = args.child_timeout if left is None else max(1, min(args.child_timeout, int(left)))
-                reps = (2 if L <= 4096 else 1) if args.quick else (3 if L <= 16384 else 2 if L <= 32768 else 1)
-                r = long_run(name, mode, L, reps, args.mem_budget_gib, timeout)
-                if "skipped" in r:
-                    stopped.add(name)
-                    rows[(mode, name, L)] = ["-", "-", "-", "-", r["skipped"]]
+                r: dict = {}
+                why, stop = over_budget(name, mode, L, args.mem_budget_gib), True  # as a failed run: no longer L
+                if why is None and not room_for(args):
+                    why, stop = f"not run: the run's --deadline-s {args.deadline_s:g}", False
+                    not_run(args, results, f"long {contenders.DTYPE} {mode} {name} L={L}")
+                if why is None:
+                    left = time_left(args)  # a process still running at the deadline is stopped there
+                    timeout = args.child_timeout if left is None else min(args.child_timeout, left)
+                    reps = (2 if L <= 4096 else 1) if args.quick else (3 if L <= 16384 else 2 if L <= 32768 else 1)
+                    r = long_run(name, mode, L, reps, args.mem_budget_gib, timeout)
+                    why = r.get("skipped")
+                    if r.get("timed_out") and timeout < args.child_timeout:  # the deadline's doing, not the run's
+                        why, stop = f"stopped at the run's --deadline-s {args.deadline_s:g}", False
+                        not_run(args, results, f"long {contenders.DTYPE} {mode} {name} L={L} (stopped)")
+                if why is not None:
+                    if stop:
+                        stopped.add(name)
+                    rows[(mode, name, L)] = ["-", "-", "-", "-", why]
                     continue
                 results["long"].append(r)
                 print(
@@ -344,8 +366,9 @@ def parse_args(argv=None):
         "--deadline-s",
         type=float,
         help="seconds from the start after which the squeeze-excitation, grid and long-sequence tables start no "
-        "further shape, point or process (a long-sequence process is stopped there), so that the page is written "
-        "with what was measured, the rest marked not run (default: none; --gpu-issue: 540)",
+        "further shape, point or process (nor a grid point that the longest so far would carry past it; a "
+        "long-sequence process still running is stopped there), so that the page is written with what was "
+        "measured, the rest marked not run (default: none; --gpu-issue: 540)",
     )
     ap.add_argument("--note", default="", help="what else ran on the machine meanwhile, written on the page")
     ap.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results"), help="tables, JSON and plot")
@@ -357,14 +380,16 @@ def parse_args(argv=None):
         # Sized from an H200's run (docs/performance.md, "On a GPU"): a grid point took about 6 s per contender
         # (compiling), a long-sequence row about 18 s (a process that initialises CUDA). So the grid's eight
         # points take six contenders (about 5 min), the long table two lengths and three contenders per dtype
-        # (16 rows, about 5 min): an estimate from those costs, not yet a whole run measured.
+        # (18 rows: forward+backward stops at 16384; about 5 min): an estimate from those costs, not yet a whole
+        # run measured, and near the deadline below, which may cut the last rows (marked not run on the page).
         args.grid_points = args.grid_points or "8,512,512,8;4,4096,1024,16"
         args.grid_contenders = args.grid_contenders or "torch,noxton_eqx,noxton_haiku,noxton_eqx_fused,eqx,jax_dpa"
         args.dtype = "float32,bfloat16"
         args.sizes = args.sizes or "16384,131072"
         args.long_contenders = args.long_contenders or "torch,noxton_eqx,eqx"
         args.mem_budget_gib = max(args.mem_budget_gib, 64.0)
-        # The costs above are one card's: whatever they are on another, the page is written within 10 minutes.
+        # The costs above are one card's. With the deadline, a run starts no grid point after 540 s, nor one that
+        # the longest point so far would carry past it, and stops a long-sequence process there.
         args.deadline_s = 540.0 if args.deadline_s is None else args.deadline_s
     args.dtypes = args.dtype.split(",")
     unknown = [d for d in args.dtypes if d not in DTYPES]

@@ -31,7 +31,7 @@ warm-up that compiles), as time per generated position (per token, the whole bat
 Before timing, every contender's outputs are checked against noxton's cached ones (float32, 1e-4).
 It runs unchanged on a CUDA machine, as ``python -m benchmarks`` does (``benchmarks.contenders``): JAX on
 its default device, torch on CUDA when it sees it, every timed call waiting for its device, and float32
-full float32 in every library (the JAX contenders compiled under ``jax.default_matmul_precision``
+is full float32 in every library (the JAX contenders compiled under ``jax.default_matmul_precision``
 ``"highest"`` off the CPU, torch's TF32 off). Also reported: the bytes of noxton's cache for the batch at
 ``max_len = steps`` and ``2 * steps``, and XLA's buffer sizes (``memory_analysis``) of the jitted calls.
 """

@@ -13,7 +13,7 @@ import sys
 
 from benchmarks import report
 from benchmarks.contenders import DENSE, build
-from benchmarks.measure import device_peak_gib, medians, out_of_time, reset_device_peak
+from benchmarks.measure import device_peak_gib, elapsed, medians, not_run, reset_device_peak, room_for
 
 #: noxton (both front ends, ``auto`` and each path), then its peers; ratios are to torch's time.
 NOXTON = ["noxton_eqx", "noxton_haiku", "noxton_eqx_dense", "noxton_eqx_blockwise", "noxton_eqx_fused"]
@@ -91,11 +91,13 @@ def grid_table(args, results) -> str:
     reps = args.grid_repeats or (3 if args.quick else 7)
     dtype = contenders.DTYPE
     chosen = grid_contenders(args)
-    rows, not_run = [], []
+    rows, skipped, longest = [], [], 0.0
     for mode, B, E, H, L in points(args):
-        if out_of_time(args):
-            not_run.append(f"{mode} B={B} E/H={E}/{H} L={L}")
+        if not room_for(args, longest):  # a point is not started unless the longest one so far would end in time
+            skipped.append(f"{mode} B={B} E/H={E}/{H} L={L}")
+            not_run(args, results, f"grid {dtype} {skipped[-1]}")
             continue
+        started = elapsed(args)
         names = [n for n in chosen if _fits(n, mode, B, H, L, args.mem_budget_gib)]
         calls = {}
         peaks = {}
@@ -124,6 +126,7 @@ def grid_table(args, results) -> str:
         if any(v is not None for v in peaks.values()):
             row.append(" ".join(f"{SHORT[n]} {v:.2f}" for n, v in peaks.items() if v is not None))
         rows.append(row)
+        longest = max(longest, elapsed(args) - started)
     headers = ["mode", "B", "E/H", "L=S", "torch ms", *(SHORT[n] for n in chosen[1:])]
     headers += ["auto / fastest", "fastest"]
     if any(len(r) > len(headers) for r in rows):
@@ -140,10 +143,10 @@ def grid_table(args, results) -> str:
         "JAX's `peak_bytes_in_use` counts from the start of the process, so the JAX contenders' peaks are "
         "in the long-sequence table, one process per row.\n\n"
     )
-    if not_run:
+    if skipped:
         title += (
-            f"Not run: the run reached its `--deadline-s` of {args.deadline_s:g} s before {len(not_run)} of the "
-            f"grid's points ({', '.join(not_run)}).\n\n"
+            f"Not run: {len(skipped)} of the grid's points ({', '.join(skipped)}), which would have started after "
+            f"the run's `--deadline-s` of {args.deadline_s:g} s or run past it.\n\n"
         )
     return title + report.md_table(headers, rows)
 

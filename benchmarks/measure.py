@@ -42,18 +42,27 @@ def medians(calls: dict[Any, Callable[[], Any]], reps: int, warmup: int = 1) -> 
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def elapsed(args) -> float:
+    """Seconds since the run started (when its arguments were parsed): the clock of ``--deadline-s``."""
+    return time.monotonic() - args.started_at
+
+
 def time_left(args) -> float | None:
-    """Seconds left of the run's ``--deadline-s`` (``None``: it has none); its clock starts when the arguments
-    are parsed."""
-    if args.deadline_s is None:
-        return None
-    return args.deadline_s - (time.monotonic() - args.started_at)
+    """Seconds left of the run's ``--deadline-s`` (``None``: it has none)."""
+    return None if args.deadline_s is None else args.deadline_s - elapsed(args)
 
 
-def out_of_time(args) -> bool:
-    """The run has reached its ``--deadline-s``: the tables start no further point or row."""
+def room_for(args, seconds: float = 0.0) -> bool:
+    """More than ``seconds`` are left before the run's ``--deadline-s`` (always, without one): a table starts
+    a point or a row only then, and otherwise records it with :func:`not_run`."""
     left = time_left(args)
-    return left is not None and left <= 0
+    return left is None or left > seconds
+
+
+def not_run(args, results: dict, what: str) -> None:
+    """Record in the run's figures that ``what`` was not started: the run had reached its ``--deadline-s``."""
+    results["deadline_s"] = args.deadline_s
+    results.setdefault("not_run", []).append(what)
 
 
 def rss_gib() -> float:
@@ -117,18 +126,26 @@ def child(name: str, mode: str, L: int, reps: int) -> None:
     print(json.dumps(record))
 
 
-def long_run(name: str, mode: str, L: int, reps: int, mem_budget_gib: float, timeout_s: int) -> dict:
-    """One (contender, mode, L) in its own process: its figures, or ``{"skipped": why}``."""
+def over_budget(name: str, mode: str, L: int, mem_budget_gib: float) -> str | None:
+    """Why a long-sequence row is not started, if its contender's scores would exceed the memory budget."""
     # Dense contenders hold several (H, L, L) float32 arrays (more in backward).
     est = LONG_B * LONG_H * L * L * 4 * (3 if mode == "fwd" else 6) / 2**30
     if name in DENSE and est > mem_budget_gib:
-        return {"skipped": f"not run: est. {est:.0f} GiB > budget {mem_budget_gib} GiB"}
+        return f"not run: est. {est:.0f} GiB > budget {mem_budget_gib} GiB"
+    return None
+
+
+def long_run(name: str, mode: str, L: int, reps: int, mem_budget_gib: float, timeout_s: float) -> dict:
+    """One (contender, mode, L) in its own process: its figures, or ``{"skipped": why}``."""
+    why = over_budget(name, mode, L, mem_budget_gib)
+    if why is not None:
+        return {"skipped": why}
     cmd = [sys.executable, "-m", "benchmarks", "--dtype", contenders.DTYPE, "--child", name, mode, str(L), str(reps)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, check=False, cwd=root)
     except subprocess.TimeoutExpired:
-        return {"skipped": f"timeout > {timeout_s} s"}
+        return {"skipped": f"timeout > {timeout_s:g} s", "timed_out": True}
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("{")]
     if p.returncode != 0 or not lines:
         return {"skipped": f"failed (rc {p.returncode}): {p.stderr.strip()[-120:]}"}

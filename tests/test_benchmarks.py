@@ -153,11 +153,69 @@ def test_a_run_past_its_deadline_writes_its_page_with_the_rest_marked_not_run(tm
     result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     text = page.read_text()
-    assert "| (1, 64, 56, 56) | 16 | - | - | - | - | - | - |" in text and "Not run (dashes): 6 shapes" in text
+    assert "| (1, 64, 56, 56) | 16 | - | - | - | - | - | - |" in text and "Not run (dashes): 6 of the shapes" in text
     for dtype in ("float32", "bfloat16"):
         grid = text.split(f"## The grid: self-attention, need_weights=False, {dtype}")[1]
-        assert "before 4 of the grid's points (fwd B=8 E/H=512/8 L=512, fwd B=4 E/H=1024/16 L=4096, " in grid
-    # two dtypes x three contenders x (two forward lengths + one forward+backward: that stops at 16384)
-    assert text.count("not run: the run's --deadline-s 0") == 2 * 3 * (2 + 1)
+        assert "Not run: 4 of the grid's points (fwd B=8 E/H=512/8 L=512, fwd B=4 E/H=1024/16 L=4096, " in grid
+    # two dtypes x three contenders x (two forward lengths + one forward+backward: that stops at 16384), but for
+    # eqx.nn's forward at 131072, whose scores are over the memory budget: that reason is given first
+    assert text.count("not run: the run's --deadline-s 0") == 2 * 3 * (2 + 1) - 2
+    assert text.count("| fwd | eqx.nn.MultiheadAttention | 131072 | - | - | - | - | not run: est. ") == 2
     figures = json.loads((tmp_path / "results" / "results.json").read_text())
     assert figures["se"] == [] and figures["grid"] == [] and figures["long"] == []
+    assert figures["deadline_s"] == 0 and len(figures["not_run"]) == 6 + 2 * 4 + 16
+
+
+def test_deadline_defaults():
+    from benchmarks.__main__ import parse_args
+
+    assert parse_args([]).deadline_s is None
+    assert parse_args(["--gpu-issue"]).deadline_s == 540
+    assert parse_args(["--gpu-issue", "--deadline-s", "30"]).deadline_s == 30
+
+
+def test_long_sequences_stop_at_the_deadline(monkeypatch):
+    """Each process is given at most the time left; one stopped there, and those after it, are marked as such."""
+    import benchmarks.__main__ as bench
+
+    args = bench.parse_args(["--sizes", "1024,2048", "--long-contenders", "torch,noxton_eqx", "--deadline-s", "100"])
+    timeouts = []
+
+    def long_run(name, mode, L, reps, budget, timeout_s):  # each run takes 60 s of the run's clock
+        timeouts.append(timeout_s)
+        args.started_at -= 60
+        if timeout_s < 60:
+            return {"skipped": f"timeout > {timeout_s:g} s", "timed_out": True}
+        return dict(name=name, mode=mode, L=L, dtype="float32", median_s=1.0, peak_gib=1.0, base_gib=0.5)
+
+    monkeypatch.setattr(bench, "long_run", long_run)
+    results = {"long": []}
+    table = bench.long_table(args, results)
+    assert [pytest.approx(t, abs=1) for t in timeouts] == [100, 40]  # torch, then noxton at L=1024, forward
+    assert [(r["name"], r["L"]) for r in results["long"]] == [("torch", 1024)]
+    assert table.count("stopped at the run's --deadline-s 100") == 1  # noxton at 1024, not a slow contender
+    assert table.count("not run: the run's --deadline-s 100") == 2 + 4  # forward at 2048; forward+backward
+    assert results["deadline_s"] == 100 and len(results["not_run"]) == 1 + 6
+
+
+def test_grid_starts_no_point_that_the_longest_so_far_would_carry_past_the_deadline(monkeypatch):
+    import benchmarks.__main__ as bench
+    from benchmarks import grid
+
+    argv = ["--grid-points", "1,16,16,2;1,32,16,2", "--grid-contenders", "noxton_eqx", "--deadline-s", "100"]
+    args = bench.parse_args(argv)
+
+    def build(name, B, L, E, H, mode):
+        def call():  # its first call compiles: 30 s of the run's clock for each of torch and noxton
+            args.started_at -= 30
+
+        return call
+
+    monkeypatch.setattr(grid, "build", build)
+    monkeypatch.setattr(grid, "medians", lambda calls, reps: dict.fromkeys(calls, 1e-3))
+    results = {"grid": []}
+    table = grid.grid_table(args, results)
+    # the first point took 60 s; 40 s were left, so the next three were not started
+    assert [(p["mode"], p["L"]) for p in results["grid"]] == [("fwd", 16)]
+    assert "Not run: 3 of the grid's points (fwd B=1 E/H=16/2 L=32, fwd_bwd B=1 E/H=16/2 L=16, " in table
+    assert len(results["not_run"]) == 3
