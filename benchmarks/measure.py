@@ -60,7 +60,7 @@ def room_for(args, seconds: float = 0.0) -> bool:
 
 
 def not_run(args, results: dict, what: str) -> None:
-    """Record in the run's figures that ``what`` was not started: the run had reached its ``--deadline-s``."""
+    """Record in the run's figures that ``what`` was not run, or was stopped, for the run's ``--deadline-s``."""
     results["deadline_s"] = args.deadline_s
     results.setdefault("not_run", []).append(what)
 
