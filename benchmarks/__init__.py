@@ -2,7 +2,9 @@
 
 ``contenders`` builds each library's attention call, ``measure`` times them (in one process, or one
 process per long-sequence run), ``report`` writes the tables, the plot and ``docs/performance.md``.
-``reference`` holds the torch squeeze-excitation block that the tests share.
+``reference`` holds the torch squeeze-excitation block that the tests share. Beside it: ``tiles`` (the
+blockwise path's tile and chunk sizes), ``decoding`` (decoding with a key/value cache) and ``products`` (matrix
+products alone, XLA against torch, with the cores each keeps busy).
 """
 
 # Every contender, in this process and in each long-sequence child (``python -m benchmarks --child``),

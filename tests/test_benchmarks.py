@@ -221,3 +221,32 @@ def test_grid_starts_no_point_that_the_longest_so_far_would_carry_past_the_deadl
     assert [(p["mode"], p["L"]) for p in results["grid"]] == [("fwd", 16)]
     assert "Not run: 3 of the grid's points (fwd B=1 E/H=16/2 L=32, fwd_bwd B=1 E/H=16/2 L=16, " in table
     assert len(results["not_run"]) == 3
+
+
+def test_products_times_each_library_alone_and_says_how_many_cores_it_kept_busy(capsys):
+    pytest.importorskip("torch", reason="the products benchmark times torch alongside")
+    from benchmarks import products
+
+    products.main(["--shapes", "8,16,48;4,8,8", "--reps", "3"])
+    out = capsys.readouterr().out
+    assert "Products x @ W.T, float32, medians of 3 calls, each library alone;" in out
+    assert "| M x K x N | MFLOP | XLA ms | XLA CPU / wall | torch ms | torch CPU / wall | XLA / torch |" in out
+    rows = [line for line in out.splitlines() if line.startswith(("| 8 x 16 x 48 |", "| 4 x 8 x 8 |"))]
+    assert len(rows) == 2
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert float(cells[2]) > 0 and float(cells[4]) > 0 and float(cells[3]) > 0 and float(cells[5]) > 0
+    # pinned to one CPU (in a process of its own: the pin would outlive the call)
+    cmd = [sys.executable, "-m", "benchmarks.products", "--one-core", "--shapes", "8,16,48", "--reps", "3"]
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "; 1 core(s) (pinned);" in result.stdout and "| 8 x 16 x 48 | 0.0123 |" in result.stdout
+
+
+def test_products_rejects_a_shape_that_is_not_three_positive_sizes():
+    from benchmarks import products
+
+    with pytest.raises(SystemExit, match=r"--shapes: expected positive M,K,N triples separated by ';'; got '8,16'"):
+        products.main(["--shapes", "8,16"])
+    with pytest.raises(SystemExit, match=r"got '0,16,4'"):
+        products.main(["--shapes", "4,4,4;0,16,4"])
