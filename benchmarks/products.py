@@ -1,17 +1,17 @@
 """Matrix products alone, XLA against torch, with the cores each keeps busy:
 ``python -m benchmarks.products [--shapes M,K,N;...] [--one-core] [--reps N]``.
 
-At the grid's small points (one example, a few hundred positions) noxton's time is that of its matrix
-products: the JAX matmul-only lower bound of ``python -m benchmarks`` is as slow as the whole layer there. This
+At the grid's small points (one example, a few hundred positions) noxton's time is that of its matrix products: the
+whole layer runs within a few percent of the JAX matmul-only lower bound of ``python -m benchmarks`` there. This
 times the products on their own. For each ``(M, K, N)``, an ``[M, K]`` input times an ``[N, K]`` weight, as a
 layer's projection: jitted in JAX (float32 at ``Precision.HIGHEST``, as noxton's projections ask), and
 ``torch.nn.functional.linear`` on as many threads as the process may use. Each library runs alone, in a block of
-its own calls (torch's OpenMP threads keep a core spinning for a while after each call, which would slow, and
-count as CPU time of, whatever ran next); each row gives the median call and, for each library, the process's
-CPU time over wall time across its block: about 1 when a product runs on one core, 2 on two. ``--one-core``
-pins the process to one CPU before either library starts (``os.sched_setaffinity``), so that both run on one
-core: set side by side with a run without it, this says whether a library's time at a shape is its arithmetic
-or how it spreads the product over the cores. docs/differences.md ("Small products on the CPU") has a run.
+its own calls (torch's OpenMP threads keep a core spinning for a while after each call, which would slow, and count
+as CPU time of, whatever ran next); each row gives the median call and, for each library, the process's CPU time
+over wall time across its block: about 1 when a product runs on one core, 2 on two. ``--one-core`` pins the process
+to one CPU before either library starts (``os.sched_setaffinity``), so that both run on one core: set side by side
+with a run without it, this says whether a library's time at a shape is its arithmetic or how it spreads the
+product over the cores. docs/differences.md ("Small products on the CPU") has a run.
 """
 
 from __future__ import annotations
@@ -44,7 +44,10 @@ def shapes(text: str | None) -> list[tuple[int, int, int]]:
         return list(SHAPES)
     out = []
     for part in text.split(";"):
-        dims = tuple(int(v) for v in part.split(","))
+        try:
+            dims = tuple(int(v) for v in part.split(","))
+        except ValueError:
+            dims = ()
         if len(dims) != 3 or min(dims) < 1:
             raise SystemExit(f"--shapes: expected positive M,K,N triples separated by ';'; got {part!r}")
         out.append(dims)
@@ -57,10 +60,15 @@ def main(argv=None) -> None:
     ap.add_argument("--one-core", action="store_true", help="pin the process to one CPU first")
     ap.add_argument("--reps", type=int, default=51, help="timed calls per library and shape")
     args = ap.parse_args(argv)
+    if args.reps < 1:
+        ap.error(f"--reps: expected at least 1 timed call; got {args.reps}")
     todo = shapes(args.shapes)
+    pinnable = hasattr(os, "sched_setaffinity")
     if args.one_core:  # before JAX and torch size their thread pools
+        if not pinnable:
+            raise SystemExit("--one-core: this platform cannot pin a process to a CPU (no os.sched_setaffinity)")
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    cores = len(os.sched_getaffinity(0))
+    cores = len(os.sched_getaffinity(0)) if pinnable else (os.cpu_count() or 1)
 
     import jax
     import jax.numpy as jnp

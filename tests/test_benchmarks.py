@@ -243,10 +243,15 @@ def test_products_times_each_library_alone_and_says_how_many_cores_it_kept_busy(
     assert "; 1 core(s) (pinned);" in result.stdout and "| 8 x 16 x 48 | 0.0123 |" in result.stdout
 
 
-def test_products_rejects_a_shape_that_is_not_three_positive_sizes():
+def test_products_rejects_a_shape_that_is_not_three_positive_sizes_and_no_timed_calls(capsys):
     from benchmarks import products
 
     with pytest.raises(SystemExit, match=r"--shapes: expected positive M,K,N triples separated by ';'; got '8,16'"):
         products.main(["--shapes", "8,16"])
     with pytest.raises(SystemExit, match=r"got '0,16,4'"):
         products.main(["--shapes", "4,4,4;0,16,4"])
+    with pytest.raises(SystemExit, match=r"got '4,x,4'"):
+        products.main(["--shapes", "4,x,4"])
+    with pytest.raises(SystemExit) as exit_:  # argparse's error: usage and the message on stderr
+        products.main(["--reps", "0"])
+    assert exit_.value.code == 2 and "--reps: expected at least 1 timed call; got 0" in capsys.readouterr().err
