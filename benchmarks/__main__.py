@@ -215,7 +215,7 @@ def long_table(args, results):
                     left = time_left(args)  # a process still running at the deadline is stopped there
                     timeout = args.child_timeout if left is None else min(args.child_timeout, left)
                     reps = (2 if L <= 4096 else 1) if args.quick else (3 if L <= 16384 else 2 if L <= 32768 else 1)
-                    r = long_run(name, mode, L, reps, args.mem_budget_gib, timeout)
+                    r = long_run(name, mode, L, reps, timeout)
                     why = r.get("skipped")
                     if r.get("timed_out") and timeout < args.child_timeout:  # the deadline's doing, not the run's
                         why, stop = f"stopped at the run's --deadline-s {args.deadline_s:g}", False

@@ -135,11 +135,9 @@ def over_budget(name: str, mode: str, L: int, mem_budget_gib: float) -> str | No
     return None
 
 
-def long_run(name: str, mode: str, L: int, reps: int, mem_budget_gib: float, timeout_s: float) -> dict:
-    """One (contender, mode, L) in its own process: its figures, or ``{"skipped": why}``."""
-    why = over_budget(name, mode, L, mem_budget_gib)
-    if why is not None:
-        return {"skipped": why}
+def long_run(name: str, mode: str, L: int, reps: int, timeout_s: float) -> dict:
+    """One (contender, mode, L) in its own process: its figures, or ``{"skipped": why}`` (with ``"timed_out"`` when
+    the process ran past ``timeout_s``). The caller has checked :func:`over_budget` first."""
     cmd = [sys.executable, "-m", "benchmarks", "--dtype", contenders.DTYPE, "--child", name, mode, str(L), str(reps)]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:

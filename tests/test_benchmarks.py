@@ -181,7 +181,7 @@ def test_long_sequences_stop_at_the_deadline(monkeypatch):
     args = bench.parse_args(["--sizes", "1024,2048", "--long-contenders", "torch,noxton_eqx", "--deadline-s", "100"])
     timeouts = []
 
-    def long_run(name, mode, L, reps, budget, timeout_s):  # each run takes 60 s of the run's clock
+    def long_run(name, mode, L, reps, timeout_s):  # each run takes 60 s of the run's clock
         timeouts.append(timeout_s)
         args.started_at -= 60
         if timeout_s < 60:
