@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
 #: The packed in-projections of E=256 and E=1024 (``3E`` outputs) at 128 to 2048 rows (B x L).
@@ -26,17 +25,15 @@ SHAPES = [(128, 256, 768), (512, 256, 768), (2048, 256, 768), (128, 1024, 3072),
 
 
 def alone(call, reps: int) -> tuple[float, float]:
-    """``call``'s median seconds over ``reps`` calls in a block of its own (after two more, which compile), and the
-    process's CPU time over wall time across that block."""
+    """``call``'s median seconds over ``reps`` calls in a block of its own (``measure.medians`` of it alone, after two
+    calls that compile), and the process's CPU time over wall time across that block."""
+    from benchmarks.measure import medians
+
     call()
     call()
-    times = []
     wall, cpu = time.perf_counter(), time.process_time()
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times), (time.process_time() - cpu) / (time.perf_counter() - wall)
+    median = medians({"call": call}, reps, warmup=0)["call"]
+    return median, (time.process_time() - cpu) / (time.perf_counter() - wall)
 
 
 def shapes(text: str | None) -> list[tuple[int, int, int]]:
