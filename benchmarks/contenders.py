@@ -20,6 +20,7 @@ so every JAX contender is compiled under ``jax.default_matmul_precision("highest
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable
 from typing import Any
@@ -48,17 +49,25 @@ def matmul_precision(dtype: str | None = None) -> str | None:
     return "highest" if (dtype or DTYPE) == "float32" and jax.default_backend() != "cpu" else None
 
 
-def on_device(f: Callable[..., Any], dtype: str | None = None) -> Callable[..., Any]:
-    """``f`` on ``dtype`` (``DTYPE``) inputs, compiled and run under :func:`matmul_precision` (``f`` itself on
-    the CPU), waited for."""
+def precision_scope(dtype: str | None = None) -> contextlib.AbstractContextManager:
+    """``jax.default_matmul_precision`` at :func:`matmul_precision` (nothing where that is the default): the scope
+    in which JAX contenders on ``dtype`` (``DTYPE``) inputs are traced and compiled."""
     import jax
 
     precision = matmul_precision(dtype)
-    if precision is None:
+    return contextlib.nullcontext() if precision is None else jax.default_matmul_precision(precision)
+
+
+def on_device(f: Callable[..., Any], dtype: str | None = None) -> Callable[..., Any]:
+    """``f`` on ``dtype`` (``DTYPE``) inputs, compiled and run in :func:`precision_scope` (``f`` itself on the
+    CPU, with no scope to enter per call), waited for."""
+    import jax
+
+    if matmul_precision(dtype) is None:
         return lambda *a, **kw: jax.block_until_ready(f(*a, **kw))
 
     def call(*a, **kw):
-        with jax.default_matmul_precision(precision):
+        with precision_scope(dtype):
             return jax.block_until_ready(f(*a, **kw))
 
     return call

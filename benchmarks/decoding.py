@@ -39,7 +39,6 @@ is full float32 in every library (the JAX contenders compiled under ``jax.defaul
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shlex
@@ -247,8 +246,11 @@ def run(args) -> tuple[str, dict[str, Any]]:
 
     fgraph, fstate = nnx.split(fmodel)
 
-    def compile_all():
-        return {
+    # float32 in full float32 off the CPU, as torch's: flax's products would take JAX's default there (TF32 on
+    # a GPU); noxton's ask for it themselves. The precision is read when the calls are traced, here.
+    t0 = time.perf_counter()
+    with contenders.precision_scope("float32"):
+        compiled = {
             "noxton_cached": jax.jit(noxton_generate).lower(params, memory, x0).compile(),
             "noxton_cached_shared_index": jax.jit(lambda p, m, x: noxton_generate(p, m, x, True))
             .lower(params, memory, x0)
@@ -261,13 +263,6 @@ def run(args) -> tuple[str, dict[str, Any]]:
             .lower(fstate, memory, x0)
             .compile(),
         }
-
-    # float32 in full float32 off the CPU, as torch's: flax's products would take JAX's default there (TF32 on
-    # a GPU); noxton's ask for it themselves. The precision is read when the calls are traced, here.
-    precision = contenders.matmul_precision("float32")
-    t0 = time.perf_counter()
-    with jax.default_matmul_precision(precision) if precision else contextlib.nullcontext():
-        compiled = compile_all()
     print(f"compiled in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
 
     # The check: each contender's outputs against noxton's cached ones, for the inputs those fed back.

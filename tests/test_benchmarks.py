@@ -255,3 +255,18 @@ def test_products_rejects_a_shape_that_is_not_three_positive_sizes_and_no_timed_
     with pytest.raises(SystemExit) as exit_:  # argparse's error: usage and the message on stderr
         products.main(["--reps", "0"])
     assert exit_.value.code == 2 and "--reps: expected at least 1 timed call; got 0" in capsys.readouterr().err
+
+
+def test_precision_scope_asks_for_full_float32_off_the_cpu_only(monkeypatch):
+    import jax
+
+    from benchmarks import contenders
+
+    def inside(dtype):
+        with contenders.precision_scope(dtype):
+            return jax.config.jax_default_matmul_precision
+
+    assert inside("float32") is None  # the CPU: JAX's default, which is float32 there
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert inside("float32") == "highest"
+    assert inside("bfloat16") is None
