@@ -213,11 +213,15 @@ def _product(cfg: _Config, spec: str, a, b, sdtype):
     return jnp.einsum(spec, a, b, preferred_element_type=sdtype, precision=cfg.precision)
 
 
+def _scaled(cfg: _Config, x, sdtype):
+    """``x`` times the call's ``cfg.scale`` in the softmax dtype: the scores from ``q @ k^T``, and in the backward
+    the gradient of ``q @ k^T`` from that of the scores."""
+    return x if cfg.scale == 1.0 else x * jnp.asarray(cfg.scale, sdtype)
+
+
 def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
     """The block's masked scores ``einsum(spec, a, b)``: ``[..., bq, bk]`` (``[..., bk, bq]`` with ``keys_first``)."""
-    s = _product(cfg, spec, a, b, sdtype)
-    if cfg.scale != 1.0:
-        s = s * jnp.asarray(cfg.scale, sdtype)
+    s = _scaled(cfg, _product(cfg, spec, a, b, sdtype), sdtype)
     bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
     if bias is not None:
         s = s + bias
@@ -528,9 +532,7 @@ def _chunk_scores(cfg: _Config, chunks, a_c, b_c, kp, am, a, b, i, sdtype, keys_
     ``[rows, S, D]`` and queries ``[rows, c, D]``, ``einsum("rxd,ryd->rxy")``."""
     nb, hb, _ = chunks
     # 3-d products over the folded rows: the form XLA's CPU backend fuses with the softmax
-    s = _product(cfg, "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, sdtype)
-    if cfg.scale != 1.0:
-        s = s * jnp.asarray(cfg.scale, sdtype)
+    s = _scaled(cfg, _product(cfg, "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, sdtype), sdtype)
     # the key loop's masks, as one block of c queries and all keys
     part = functools.partial(_chunk_part, chunks)
     kp_c = None if kp is None else part(kp, a, b)
@@ -669,8 +671,7 @@ def _backward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp
             pt = pt * (1.0 / jnp.maximum(l, tiny))
             dpt = _product(cfg, "rkd,rqd->rkq", vc, doc, sdtype)
             dst = pt * (dpt - delta_c)
-            if cfg.scale != 1.0:
-                dst = dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
+            dst = _scaled(cfg, dst, sdtype)  # d(q @ k^T)
             dq_t = _product(cfg, "rdk,rkq->rdq", ktc, dst, sdtype)
             dk = dk + _product(cfg, "rkq,rqd->rkd", dst, qc, sdtype)
             dv_ = dv_ + _product(cfg, "rkq,rqd->rkd", pt, doc, sdtype)
@@ -728,7 +729,7 @@ def _backward(cfg: _Config, dropout, q, k, v, kp, am, key, out, lse, dout, need_
                 pt_used = pt
             dv = dv + _product(cfg, "nhkq,nhqd->nhkd", pt_used, do_blk, sdtype)
             dst = pt * (dpt - dl_blk[..., None, :])  # d(scores): the masks' gradients
-            dst_qk = dst if cfg.scale == 1.0 else dst * jnp.asarray(cfg.scale, sdtype)  # d(q @ k^T)
+            dst_qk = _scaled(cfg, dst, sdtype)  # d(q @ k^T)
             dk = dk + _product(cfg, "nhkq,nhqd->nhkd", dst_qk, q_blk.astype(sdtype), sdtype)
             dq_blk = _product(cfg, "nhkq,nhkd->nhqd", dst_qk, k_blk.astype(sdtype), sdtype)
             dkp_blk = jnp.sum(dst, axis=(1, 3)) if need_dkp else None
