@@ -22,7 +22,9 @@ to ``NARROW_HEAD``, small calls as one chunk, forward and backward, and, forward
 whole examples from 257 to 512 keys, ``ALL_ROWS_QUERIES``). ``--in-projection packed,rule``
 times the whole layer with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
-``CPU_WEIGHT_FIRST_ROWS`` rows). These are
+``CPU_WEIGHT_FIRST_ROWS`` rows). ``--row-max after,before`` times the whole layer with the key loop's row maximum
+taken after the scale or before it (``before``: what ``noxton.functional._blockwise.MAX_BEFORE_SCALE`` turns on;
+the layer takes the key loop past ``WHOLE_KEYS_MAX`` keys). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
 behind that constant.
 """
@@ -71,6 +73,12 @@ def main(argv=None) -> None:
         help="self-attention's in-projection: one packed product always, or as the rule decides (packed, rule; "
         "comma-separated; the whole layer, auto, at each)",
     )
+    ap.add_argument(
+        "--row-max",
+        default="",
+        help="the key loop's row maximum taken after the scale or before it (after, before; comma-separated; the "
+        "whole layer, auto, at each)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -97,8 +105,13 @@ def main(argv=None) -> None:
     in_projection = [v for v in args.in_projection.split(",") if v]
     if set(in_projection) - {"packed", "rule"}:
         ap.error(f"--in-projection takes packed and rule, got {args.in_projection!r}")
-    if not any((tiles, chunks, rows, normalise, chunk_rule, in_projection)):
-        ap.error("give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule or --in-projection")
+    row_max = [v for v in args.row_max.split(",") if v]
+    if set(row_max) - {"after", "before"}:
+        ap.error(f"--row-max takes after and before, got {args.row_max!r}")
+    if not any((tiles, chunks, rows, normalise, chunk_rule, in_projection, row_max)):
+        ap.error(
+            "give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule, --in-projection or --row-max"
+        )
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
@@ -107,7 +120,8 @@ def main(argv=None) -> None:
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
     names = (
-        *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget, "NORMALISE_AFTER", "NORMALISED_FIRST"),
+        *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget),
+        *("NORMALISE_AFTER", "NORMALISED_FIRST", "MAX_BEFORE_SCALE"),
         *blockwise.CHUNK_RULES_OFF,
     )
     saved = {n: getattr(blockwise, n) for n in names}
@@ -145,6 +159,8 @@ def main(argv=None) -> None:
             if how == "packed":
                 attention._packed_in_projection = lambda x: True
             variant(f"auto in-projection {how}", "noxton_eqx")
+        for how in row_max:
+            variant(f"auto row maximum {how} the scale", "noxton_eqx", MAX_BEFORE_SCALE=how == "before")
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}

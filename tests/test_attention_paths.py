@@ -544,6 +544,34 @@ def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
         assert programs[0].count("dot_general") == programs[256].count("dot_general") + 2  # three products, not one
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("masks", ["none", "causal", "key_padding"])
+@pytest.mark.parametrize("scale", [0.25, 1.0, 3.0, -0.5])
+def test_key_loop_row_maximum_before_the_scale_is_bit_for_bit(monkeypatch, dtype, masks, scale):
+    """The key loop's forward takes each block's row maximum before the scale where that is the same number
+    (``MAX_BEFORE_SCALE``: no additive mask, a positive scale; hidden keys and padded blocks included): its
+    output, and the gradients through it, equal those with the maximum taken after the scale, bit for bit."""
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.normal(size=(N, n, H, 4)) * 3, dtype) for n in (L, S, S))
+    kp = jnp.asarray(np.where(rng.random((N, S)) < 0.3, -np.inf, 0.0)) if masks == "key_padding" else None
+    m = Masks(kp, None, masks == "causal", S)
+    results, programs = {}, {}
+    for before in (False, True):
+        monkeypatch.setattr(blockwise_module, "MAX_BEFORE_SCALE", before)
+
+        def f(q, k, v):  # a new function for each value: JAX caches a function's trace
+            return blockwise_attention(q, k, v, m, block_q=4, block_k=3, scale=scale)  # 3 x 3 blocks, padded
+
+        programs[before] = str(jax.make_jaxpr(f)(q, k, v))
+        out, vjp = jax.vjp(jax.jit(f), q, k, v)
+        results[before] = (out, *vjp(jnp.ones_like(out)))
+    for a, b in zip(results[False], results[True], strict=True):
+        np.testing.assert_array_equal(np.asarray(a, np.float32), np.asarray(b, np.float32))
+    # the rule moves the maximum exactly where no additive mask is added and the scale is positive (a scale
+    # of 1 is no multiply, so there the two programs are one)
+    assert (programs[False] != programs[True]) == (masks != "key_padding" and scale > 0 and scale != 1.0)
+
+
 # the Intel Xeon's values, and the other CPUs' (the rules off)
 INTEL_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
 INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21, "ALL_ROWS_QUERIES": 4096}

@@ -219,15 +219,49 @@ def _scaled(cfg: _Config, x, sdtype):
     return x if cfg.scale == 1.0 else x * jnp.asarray(cfg.scale, sdtype)
 
 
-def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
-    """The block's masked scores ``einsum(spec, a, b)``: ``[..., bq, bk]`` (``[..., bk, bq]`` with ``keys_first``)."""
-    s = _scaled(cfg, _product(cfg, spec, a, b, sdtype), sdtype)
-    bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
+#: The key loop's forward takes each block's row maximum before the scale (``_scores_and_max``) where it
+#: is the same number, bit for bit: with no additive mask and a positive, finite scale, since rounding is monotone
+#: (``-inf`` for a row all hidden either way). The maximum then reads the product's output and the scale is applied
+#: again inside the kernel that exponentiates the scores; taken after the scale, XLA's CPU backend wrote the scaled
+#: scores out for the maximum and the exponential to read, one more pass over every block. Measured on the 2-core
+#: Intel Xeon, the layer (``noxton.nn.MultiheadAttention``, ``auto``, which takes the key loop past ``WHOLE_KEYS_MAX``
+#: keys) at B=1, E=256, H=8 with ``python -m benchmarks.tiles 1,256,8 10240,16384 fwd --row-max after,before --peers
+#: torch --reps 3`` (and the same with ``fwd_bwd`` at 16384), 2026-12-05, ms, after the scale against before it
+#: (torch beside): forward at L=10240 1084.0 / 955.4 (601.3); L=16384 2710.1 / 2385.2 (1525.8); forward and backward
+#: at L=16384 8180.3 / 7809.9 (4762.8; the backward takes the saved log-sum-exp, not a maximum). The attention core
+#: alone (``blockwise_attention`` jitted, L = S = 16384, 8 heads of 32): 2655 / 2379 ms, and 2296 with no scale at
+#: all. The whole-key pass keeps the maximum after the scale: before it, its chunks were 6-11% slower in the layer's
+#: forward at B=1, E=256, L = 512, 1024 and 2048 and at B=8, L=512 (3% faster at L=4096), and the fused kernel's
+#: rounding moved by about an ulp; the dense path's softmax was level either way (B=8, L=512, H=8, D=64).
+MAX_BEFORE_SCALE = True
+
+
+def _masked_scores(cfg: _Config, s, bias, hide, sdtype):
+    """The product ``s`` scaled, then ``bias`` added and ``-inf`` where ``hide`` (each ``None``: none)."""
+    s = _scaled(cfg, s, sdtype)
     if bias is not None:
         s = s + bias
     if hide is not None:
         s = jnp.where(hide[None, None], -jnp.inf, s)
     return s
+
+
+def _scores(spec, a, b, cfg, kp, am, i, j, sdtype, keys_first=False):
+    """The block's masked scores ``einsum(spec, a, b)``: ``[..., bq, bk]`` (``[..., bk, bq]`` with ``keys_first``)."""
+    bias, hide = _block_bias(cfg, kp, am, i, j, keys_first)
+    return _masked_scores(cfg, _product(cfg, spec, a, b, sdtype), bias, hide, sdtype)
+
+
+def _scores_and_max(spec, a, b, cfg, kp, am, i, j, sdtype):
+    """``_scores`` and their maximum over the keys (the last axis), taken before the scale where that gives the
+    same number (see ``MAX_BEFORE_SCALE``)."""
+    s = _product(cfg, spec, a, b, sdtype)
+    bias, hide = _block_bias(cfg, kp, am, i, j)
+    if MAX_BEFORE_SCALE and bias is None and 0.0 < cfg.scale < math.inf:
+        s = _masked_scores(cfg._replace(scale=1.0), s, None, hide, sdtype)
+        return _scaled(cfg, s, sdtype), _scaled(cfg, jnp.max(s, axis=-1), sdtype)
+    s = _masked_scores(cfg, s, bias, hide, sdtype)
+    return s, jnp.max(s, axis=-1)
 
 
 def _dropout_keep(dropout: float, key, i, j, shape):
@@ -253,8 +287,8 @@ def _forward(cfg: _Config, dropout, q, k, v, kp, am, key):
             m, l, acc = carry
             k_blk = lax.dynamic_slice_in_dim(kt, j * bk, bk, axis=3)
             v_blk = lax.dynamic_slice_in_dim(v, j * bk, bk, axis=2)
-            s = _scores("nhqd,nhdk->nhqk", q_blk, k_blk, cfg, kp, am, i, j, sdtype)
-            m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+            s, s_max = _scores_and_max("nhqd,nhdk->nhqk", q_blk, k_blk, cfg, kp, am, i, j, sdtype)
+            m_new = jnp.maximum(m, s_max)
             m_safe = m_new if finite else finite_shift(m_new, sdtype)
             p = jnp.exp(s - m_safe[..., None])
             alpha = jnp.exp(m - m_safe)
