@@ -12,7 +12,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # A compilation cache entry left empty, as a worker that has opened it for writing leaves it for a moment.
 _TRUNCATED_ENTRY = """
-import glob, json, os, sys, warnings
+import glob, json, os, warnings
 import jax, jax.numpy as jnp
 
 f = jax.jit(lambda x: jnp.sin(x) * 2.0)

@@ -258,7 +258,7 @@ def _scores_and_max(spec, a, b, cfg, kp, am, i, j, sdtype):
     s = _product(cfg, spec, a, b, sdtype)
     bias, hide = _block_bias(cfg, kp, am, i, j)
     if MAX_BEFORE_SCALE and bias is None and 0.0 < cfg.scale < math.inf:
-        s = _masked_scores(cfg._replace(scale=1.0), s, None, hide, sdtype)
+        s = _masked_scores(cfg._replace(scale=1.0), s, None, hide, sdtype)  # hidden keys only, not yet scaled
         return _scaled(cfg, s, sdtype), _scaled(cfg, jnp.max(s, axis=-1), sdtype)
     s = _masked_scores(cfg, s, bias, hide, sdtype)
     return s, jnp.max(s, axis=-1)
