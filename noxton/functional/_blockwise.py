@@ -566,18 +566,15 @@ def _chunk_scores(cfg: _Config, chunks, a_c, b_c, kp, am, a, b, i, sdtype, keys_
     ``[rows, S, D]`` and queries ``[rows, c, D]``, ``einsum("rxd,ryd->rxy")``."""
     nb, hb, _ = chunks
     # 3-d products over the folded rows: the form XLA's CPU backend fuses with the softmax
-    s = _scaled(cfg, _product(cfg, "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, sdtype), sdtype)
+    s = _product(cfg, "rxd,ryd->rxy" if keys_first else "rxd,rdy->rxy", a_c, b_c, sdtype)
     # the key loop's masks, as one block of c queries and all keys
     part = functools.partial(_chunk_part, chunks)
     kp_c = None if kp is None else part(kp, a, b)
     bias, hide = _block_bias(cfg, kp_c, None if am is None else part(am, a, b), i, 0, keys_first)
     if bias is None and hide is None:
-        return s
-    s = s.reshape(nb, hb, *s.shape[1:])
-    if bias is not None:
-        s = s + bias
-    if hide is not None:
-        s = jnp.where(hide[None, None], -jnp.inf, s)
+        return _scaled(cfg, s, sdtype)
+    # masked as the key loop's [N, H, ...] blocks are: the chunk's rows seen as its examples and heads
+    s = _masked_scores(cfg, s.reshape(nb, hb, *s.shape[1:]), bias, hide, sdtype)
     return s.reshape(nb * hb, *s.shape[2:])
 
 
