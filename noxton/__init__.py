@@ -6,7 +6,7 @@
 - ``noxton.functional``: the maths both front ends run.
 - ``noxton.interop``: torch ``state_dict`` <-> Haiku params and Equinox models.
 
-Importing ``noxton`` sets glibc's ``malloc`` thresholds where XLA's CPU kernels run at their best
+Importing ``noxton`` sets glibc's ``malloc`` thresholds and top padding where XLA's CPU kernels run at their best
 (``noxton._malloc``; ``NOXTON_KEEP_MALLOC=1`` leaves them alone).
 """
 

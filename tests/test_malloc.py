@@ -1,4 +1,5 @@
-"""``import noxton`` sets glibc's malloc thresholds (``noxton._malloc``), and leaves the user's choice alone."""
+"""``import noxton`` sets glibc's malloc thresholds and top padding (``noxton._malloc``), and leaves the user's choice
+alone."""
 
 import os
 import subprocess
@@ -22,11 +23,32 @@ print("heap" if lo <= p < hi else "mmap")
 """
 
 
-def _probe(**env):
+# A thread allocates three 24 MiB blocks: the third does not fit in its arena's first heap (64 MiB) and takes
+# a heap of its own. The main thread frees it, as Python frees a jitted call's result that a worker thread of
+# XLA allocated: is that heap still mapped, for the next call's block, or unmapped (faulted in again next time)?
+HEAP_PROBE = """
+import ctypes
+import threading
+import noxton
+libc = ctypes.CDLL(None)
+libc.malloc.restype = ctypes.c_void_p
+libc.malloc.argtypes = [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+blocks = []
+thread = threading.Thread(target=lambda: blocks.extend(libc.malloc(24 << 20) for _ in range(3)))
+thread.start()
+thread.join()
+libc.free(blocks[-1])
+maps = [[int(v, 16) for v in line.split()[0].split("-")] for line in open("/proc/self/maps")]
+print("kept" if any(lo <= blocks[-1] < hi for lo, hi in maps) else "unmapped")
+"""
+
+
+def _probe(probe=PROBE, **env):
     base = {k: v for k, v in os.environ.items() if k not in (*_malloc.USER_SETTINGS, "NOXTON_KEEP_MALLOC")}
     base.pop("GLIBC_TUNABLES", None)
     out = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**base, **env}, capture_output=True, text=True, check=True, timeout=300
+        [sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True, check=True, timeout=300
     )
     return out.stdout.strip()
 
@@ -36,6 +58,14 @@ def test_import_raises_the_mmap_threshold():
     assert _probe() == "heap"
     assert _probe(NOXTON_KEEP_MALLOC="1") == "mmap"
     assert _probe(MALLOC_TRIM_THRESHOLD_="131072") == "mmap"
+
+
+@pytest.mark.skipif(_malloc._glibc() is None, reason="glibc only")
+def test_import_keeps_a_thread_heap_that_another_thread_emptied():
+    assert _probe(HEAP_PROBE) == "kept"
+    # noxton's two thresholds alone, set by the user, with glibc's own top padding: the heap goes
+    thresholds = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(64 << 20)}
+    assert _probe(HEAP_PROBE, **thresholds) == "unmapped"
 
 
 class FakeLibc:
@@ -62,5 +92,9 @@ class FakeLibc:
 def test_tune_malloc_respects_the_environment(environ, tuned):
     libc = FakeLibc()
     assert _malloc.tune_malloc(environ, libc) is tuned
-    expected = [(_malloc.M_MMAP_THRESHOLD, 32 * 2**20), (_malloc.M_TRIM_THRESHOLD, 64 * 2**20)]
+    expected = [
+        (_malloc.M_MMAP_THRESHOLD, 32 * 2**20),
+        (_malloc.M_TRIM_THRESHOLD, 64 * 2**20),
+        (_malloc.M_TOP_PAD, 64 * 2**20),
+    ]
     assert libc.calls == (expected if tuned else [])
