@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import jax
 import pytest
 
 from noxton import _malloc
@@ -45,8 +46,9 @@ print("kept" if any(lo <= blocks[-1] < hi for lo, hi in maps) else "unmapped")
 
 
 def _probe(probe=PROBE, **env):
-    base = {k: v for k, v in os.environ.items() if k not in (*_malloc.USER_SETTINGS, "NOXTON_KEEP_MALLOC")}
-    base.pop("GLIBC_TUNABLES", None)
+    # this process's own settings left out: XLA_FLAGS holds the cap since it imported noxton
+    unset = (*_malloc.USER_SETTINGS, "NOXTON_KEEP_MALLOC", "GLIBC_TUNABLES", "XLA_FLAGS")
+    base = {k: v for k, v in os.environ.items() if k not in unset}
     out = subprocess.run(
         [sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True, check=True, timeout=300
     )
@@ -98,3 +100,72 @@ def test_tune_malloc_respects_the_environment(environ, tuned):
         (_malloc.M_TOP_PAD, 64 * 2**20),
     ]
     assert libc.calls == (expected if tuned else [])
+
+
+# The layer's forward at B=8, L=512, E=512, whose intermediates XLA packs into 40 MiB of temporaries (above glibc's
+# largest mmap threshold): minor page faults per call after two warm-up calls, median of five.
+FAULTS_PROBE = """
+import os
+import resource
+import statistics
+import jax
+import equinox as eqx
+import noxton
+from noxton.nn import MultiheadAttention
+print("XLA_FLAGS=" + os.environ.get("XLA_FLAGS", ""))
+m = MultiheadAttention(512, 8, key=jax.random.PRNGKey(0))
+x = jax.random.normal(jax.random.PRNGKey(1), (8, 512, 512))
+f = eqx.filter_jit(lambda m, x: jax.vmap(lambda xi: m(xi, xi, xi, need_weights=False)[0])(x))
+faults = []
+for _ in range(7):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    f(m, x).block_until_ready()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(statistics.median(faults[2:]))
+"""
+
+
+@pytest.mark.skipif(_malloc._glibc() is None, reason="glibc only")
+def test_import_caps_xla_temporaries_below_the_mmap_threshold():
+    # Without the cap, about two processes in three fault the 40 MiB in on every call (10240 pages; measured
+    # with XLA_FLAGS=--xla_multiheap_size_constraint_per_heap=-1: 10242, 0, 10241, 10241, 2048, 11022).
+    for _ in range(2):
+        flags, faults = _probe(FAULTS_PROBE, JAX_PLATFORMS="cpu").splitlines()
+        assert f"--{_malloc.TEMP_FLAG}={_malloc.TEMP_CAP}" in flags
+        assert float(faults) < 1000
+    flags, _ = _probe(FAULTS_PROBE, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--{_malloc.TEMP_FLAG}=-1").splitlines()
+    assert flags == f"XLA_FLAGS=--{_malloc.TEMP_FLAG}=-1"  # the user's setting, left alone
+    flags, _ = _probe(FAULTS_PROBE, JAX_PLATFORMS="cpu", NOXTON_KEEP_MALLOC="1").splitlines()
+    assert flags == "XLA_FLAGS="
+
+
+@pytest.mark.parametrize(
+    ("environ", "capped"),
+    [
+        ({}, True),
+        ({"JAX_PLATFORMS": "cpu"}, True),
+        ({"XLA_FLAGS": "--xla_cpu_enable_fast_math=false"}, True),
+        ({"JAX_PLATFORMS": "cuda,cpu"}, False),
+        ({"JAX_PLATFORMS": "tpu"}, False),
+        ({"XLA_FLAGS": f"--{_malloc.TEMP_FLAG}=1048576"}, False),
+    ],
+)
+def test_cap_xla_temporaries_respects_the_environment(monkeypatch, environ, capped):
+    monkeypatch.setattr(_malloc, "_backend_started", lambda: False)
+    monkeypatch.setattr(_malloc, "_accelerator_plugins", lambda: False)
+    before = environ.get("XLA_FLAGS", "")
+    environ = dict(environ)
+    assert _malloc.cap_xla_temporaries(environ) is capped
+    cap = f"--{_malloc.TEMP_FLAG}={_malloc.TEMP_CAP}"
+    assert environ.get("XLA_FLAGS", "") == (f"{before} {cap}".strip() if capped else before)
+
+
+def test_cap_xla_temporaries_waits_for_no_started_backend_and_no_accelerator(monkeypatch):
+    monkeypatch.setattr(_malloc, "_accelerator_plugins", lambda: False)
+    jax.numpy.zeros(1).block_until_ready()
+    assert _malloc._backend_started()  # this process has computed: too late for XLA's flags
+    assert _malloc.cap_xla_temporaries({"JAX_PLATFORMS": "cpu"}) is False
+    monkeypatch.setattr(_malloc, "_backend_started", lambda: False)
+    monkeypatch.setattr(_malloc, "_accelerator_plugins", lambda: True)
+    assert _malloc.cap_xla_temporaries({}) is False
+    assert _malloc.cap_xla_temporaries({"JAX_PLATFORMS": "cpu"}) is True
