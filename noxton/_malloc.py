@@ -58,6 +58,7 @@ import importlib.metadata
 import importlib.util
 import os
 import pkgutil
+import re
 import sys
 from collections.abc import Mapping, MutableMapping
 
@@ -78,6 +79,11 @@ TOP_PAD = 2 * MMAP_THRESHOLD
 #: intermediate larger than that gets a buffer of its own), and the cap noxton gives it: below ``MMAP_THRESHOLD``.
 TEMP_FLAG = "xla_multiheap_size_constraint_per_heap"
 TEMP_CAP = 30 * 2**20
+#: The newest jaxlib (major, minor) whose XLA is known to take ``TEMP_FLAG``: XLA aborts the process on an unknown
+#: flag in ``XLA_FLAGS``, so a later jaxlib gets no cap until it is checked. Checked: the flag's name is in
+#: jaxlib 0.4.38's ``xla_extension.so``, 0.10.2's and 0.12.0.1's ``libjax_common.so``, and tox runs the tests on
+#: 0.4.38, 0.10.2 and the newest release.
+TEMP_FLAG_JAXLIB = (0, 12)
 #: Environment variables through which a user sets glibc's thresholds themselves.
 USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_")
 
@@ -114,7 +120,9 @@ def _accelerator_possible(environ: Mapping[str, str]) -> bool:
     """JAX may run on something other than the CPU here: a platform asked for, or a GPU or TPU plugin installed."""
     import jax
 
-    platforms = environ.get("JAX_PLATFORMS") or getattr(jax.config, "jax_platforms", None) or ""
+    # JAX_PLATFORMS as JAX read it at import, unless the environment given says otherwise (the tests' fakes)
+    platforms = environ["JAX_PLATFORMS"] if "JAX_PLATFORMS" in environ else getattr(jax.config, "jax_platforms", None)
+    platforms = platforms or ""
     if platforms:
         return any(name.strip() not in ("", "cpu") for name in platforms.split(","))
     return _accelerator_plugins()
@@ -126,6 +134,16 @@ def _accelerator_plugins() -> bool:
         return True
     spec = importlib.util.find_spec("jax_plugins")
     return spec is not None and any(pkgutil.iter_modules(spec.submodule_search_locations or []))
+
+
+def _jaxlib_takes_the_flag(version: str | None = None) -> bool:
+    """``jaxlib``'s (major, minor) is at most ``TEMP_FLAG_JAXLIB``."""
+    if version is None:
+        try:
+            version = importlib.metadata.version("jaxlib")
+        except importlib.metadata.PackageNotFoundError:
+            return False
+    return tuple(int(part) for part in re.findall(r"\d+", version)[:2]) <= TEMP_FLAG_JAXLIB
 
 
 def _backend_started() -> bool:
@@ -140,7 +158,7 @@ def cap_xla_temporaries(environ: MutableMapping[str, str] | None = None) -> bool
     says; ``True`` if it was added."""
     environ = os.environ if environ is None else environ
     flags = environ.get("XLA_FLAGS", "")
-    if TEMP_FLAG in flags or _accelerator_possible(environ) or _backend_started():
+    if TEMP_FLAG in flags or not _jaxlib_takes_the_flag() or _accelerator_possible(environ) or _backend_started():
         return False
     environ["XLA_FLAGS"] = f"{flags} --{TEMP_FLAG}={TEMP_CAP}".strip()
     return True

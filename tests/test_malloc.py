@@ -128,11 +128,12 @@ print(statistics.median(faults[2:]))
 @pytest.mark.skipif(_malloc._glibc() is None, reason="glibc only")
 def test_import_caps_xla_temporaries_below_the_mmap_threshold():
     # Without the cap, about two processes in three fault the 40 MiB in on every call (10240 pages; measured
-    # with XLA_FLAGS=--xla_multiheap_size_constraint_per_heap=-1: 10242, 0, 10241, 10241, 2048, 11022).
+    # with XLA_FLAGS=--xla_multiheap_size_constraint_per_heap=-1: 10242, 0, 10241, 10241, 2048, 11022). With it,
+    # 0 or 1 in 24 of 25 processes, and once (beside another xdist worker) 4096: a 16 MiB piece, not the whole.
     for _ in range(2):
         flags, faults = _probe(FAULTS_PROBE, JAX_PLATFORMS="cpu").splitlines()
         assert f"--{_malloc.TEMP_FLAG}={_malloc.TEMP_CAP}" in flags
-        assert float(faults) < 1000
+        assert float(faults) < 5000
     flags, _ = _probe(FAULTS_PROBE, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--{_malloc.TEMP_FLAG}=-1").splitlines()
     assert flags == f"XLA_FLAGS=--{_malloc.TEMP_FLAG}=-1"  # the user's setting, left alone
     flags, _ = _probe(FAULTS_PROBE, JAX_PLATFORMS="cpu", NOXTON_KEEP_MALLOC="1").splitlines()
@@ -160,6 +161,16 @@ def test_cap_xla_temporaries_respects_the_environment(monkeypatch, environ, capp
     assert environ.get("XLA_FLAGS", "") == (f"{before} {cap}".strip() if capped else before)
 
 
+@pytest.mark.parametrize(
+    ("version", "takes"), [("0.4.38", True), ("0.10.2", True), ("0.12.0.1", True), ("0.13.0", False), ("1.0", False)]
+)
+def test_the_cap_waits_for_a_jaxlib_known_to_take_the_flag(monkeypatch, version, takes):
+    assert _malloc._jaxlib_takes_the_flag(version) is takes
+    monkeypatch.setattr(_malloc, "_jaxlib_takes_the_flag", lambda: takes)
+    monkeypatch.setattr(_malloc, "_backend_started", lambda: False)
+    assert _malloc.cap_xla_temporaries({"JAX_PLATFORMS": "cpu"}) is takes
+
+
 def test_cap_xla_temporaries_waits_for_no_started_backend_and_no_accelerator(monkeypatch):
     monkeypatch.setattr(_malloc, "_accelerator_plugins", lambda: False)
     jax.numpy.zeros(1).block_until_ready()
@@ -167,5 +178,5 @@ def test_cap_xla_temporaries_waits_for_no_started_backend_and_no_accelerator(mon
     assert _malloc.cap_xla_temporaries({"JAX_PLATFORMS": "cpu"}) is False
     monkeypatch.setattr(_malloc, "_backend_started", lambda: False)
     monkeypatch.setattr(_malloc, "_accelerator_plugins", lambda: True)
-    assert _malloc.cap_xla_temporaries({}) is False
+    assert _malloc.cap_xla_temporaries({"JAX_PLATFORMS": ""}) is False  # no platform asked for: JAX's default
     assert _malloc.cap_xla_temporaries({"JAX_PLATFORMS": "cpu"}) is True
