@@ -46,9 +46,10 @@ torch's in the same run, without / with: forward at B=8, L=512, E=512 1.32, 1.23
 L=512, E=1024 1.20, 1.19 / 1.07, 1.07; forward and backward at B=8, L=512, E=512 1.16, 1.19 / 1.09, 1.09;
 within the runs' spread at B=8, L=512, E=256 (forward and backward 1.18, 1.24 / 1.22, 1.20) and B=1,
 L=2048, E=1024 (forward 1.34, 1.30 / 1.33, 1.29). XLA reads its flags when JAX starts its first backend,
-so the cap applies when ``noxton`` is imported before the process's first JAX computation, and only where JAX runs
-on the CPU alone (no ``JAX_PLATFORMS`` other than ``cpu``, no GPU or TPU plugin installed); it is left
-alone where ``XLA_FLAGS`` already sets it.
+so the cap applies when ``noxton`` is imported before the process's first JAX computation; only where JAX
+runs on the CPU alone (no ``JAX_PLATFORMS`` other than ``cpu``, no GPU or TPU plugin installed) and on a
+jaxlib known to take the flag (``TEMP_FLAG_JAXLIB``); and it is left alone where ``XLA_FLAGS`` already
+sets it.
 """
 
 from __future__ import annotations
