@@ -123,7 +123,6 @@ def _accelerator_possible(environ: Mapping[str, str]) -> bool:
 
     # JAX_PLATFORMS as JAX read it at import, unless the environment given says otherwise (the tests' fakes)
     platforms = environ["JAX_PLATFORMS"] if "JAX_PLATFORMS" in environ else getattr(jax.config, "jax_platforms", None)
-    platforms = platforms or ""
     if platforms:
         return any(name.strip() not in ("", "cpu") for name in platforms.split(","))
     return _accelerator_plugins()
