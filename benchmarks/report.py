@@ -119,7 +119,7 @@ with that process's peak resident memory. Dense contenders are not started where
 would exceed the memory budget (`--mem-budget-gib`). Which attention path `implementation="auto"`
 takes is described in the [API reference](api/functional.md). It also times the compilation of
 Transformer stacks against their depth. torch and the JAX peers run in the process that imported
-noxton, and so with the glibc `malloc` settings and the XLA flag that `import noxton` makes
+noxton, and so with the glibc `malloc` settings that `import noxton` makes
 ([Differences](differences.md#the-processs-allocator)); the long-sequence rows' processes too.
 
 The same command runs on a CUDA machine: JAX takes its default device, torch takes CUDA when it sees it,

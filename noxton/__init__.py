@@ -6,20 +6,17 @@
 - ``noxton.functional``: the maths both front ends run.
 - ``noxton.interop``: torch ``state_dict`` <-> Haiku params and Equinox models.
 
-Importing ``noxton`` sets glibc's ``malloc`` thresholds and top padding where XLA's CPU kernels run at their best,
-and on the CPU caps XLA's temporary buffers below glibc's ``mmap`` threshold (``noxton._malloc``;
-``NOXTON_KEEP_MALLOC=1`` leaves both alone).
+Importing ``noxton`` sets glibc's ``malloc`` thresholds and top padding where XLA's CPU kernels run at their best
+(``noxton._malloc``; ``NOXTON_KEEP_MALLOC=1`` leaves them alone).
 """
 
 from noxton import functional as functional
 from noxton import haiku as haiku
 from noxton import interop as interop
 from noxton import nn as nn
-from noxton._malloc import cap_xla_temporaries as _cap_xla_temporaries
 from noxton._malloc import tune_malloc as _tune_malloc
 
-if _tune_malloc():
-    _cap_xla_temporaries()
+_tune_malloc()
 
 __version__ = "0.1.0"
 
