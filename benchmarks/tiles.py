@@ -14,12 +14,15 @@ fresh ``mmap``, so a program whose temporaries pass it faults its pages in again
 than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
 every whole-key chunk dividing by the softmax's sum before the second product (``before``: what
 ``noxton.functional._blockwise.NORMALISE_AFTER`` turns off), after it (``after``), or after it except for
-``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on Intel CPUs, turns on).
+``NORMALISED_FIRST``'s chunks (``rule``: what ``NORMALISE_AFTER``, on CPUs with AVX-512, turns on).
 ``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
-alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: on Intel CPUs, one row of
+alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: with AVX-512, one row of
 up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head sizes up
 to ``NARROW_HEAD``, small calls as one chunk, forward and backward, and, forward only, chunks of every head of
-whole examples from 257 to 512 keys, ``ALL_ROWS_QUERIES``). ``--in-projection packed,rule``
+whole examples from 257 to 512 keys, ``ALL_ROWS_QUERIES``; the backward's one chunk on Intel CPUs).
+``--avx512-rules off,rule`` times the whole layer with the forward's rules that AVX-512 turns on
+(``noxton.functional._blockwise.AVX512``) off, as CPUs without it take them, or as this CPU takes them.
+``--in-projection packed,rule``
 times the whole layer with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
 ``CPU_WEIGHT_FIRST_ROWS`` rows). ``--row-max after,before`` times the whole layer with the key loop's row maximum
@@ -68,6 +71,12 @@ def main(argv=None) -> None:
         "(former, rule; comma-separated; the whole layer, auto, at each)",
     )
     ap.add_argument(
+        "--avx512-rules",
+        default="",
+        help="the forward's rules that AVX-512 turns on: off (as CPUs without it), or as this CPU takes them (off, "
+        "rule; comma-separated; the whole layer, auto, at each)",
+    )
+    ap.add_argument(
         "--in-projection",
         default="",
         help="self-attention's in-projection: one packed product always, or as the rule decides (packed, rule; "
@@ -102,15 +111,19 @@ def main(argv=None) -> None:
     chunk_rule = [v for v in args.chunk_rule.split(",") if v]
     if set(chunk_rule) - {"former", "rule"}:
         ap.error(f"--chunk-rule takes former and rule, got {args.chunk_rule!r}")
+    avx512_rules = [v for v in args.avx512_rules.split(",") if v]
+    if set(avx512_rules) - {"off", "rule"}:
+        ap.error(f"--avx512-rules takes off and rule, got {args.avx512_rules!r}")
     in_projection = [v for v in args.in_projection.split(",") if v]
     if set(in_projection) - {"packed", "rule"}:
         ap.error(f"--in-projection takes packed and rule, got {args.in_projection!r}")
     row_max = [v for v in args.row_max.split(",") if v]
     if set(row_max) - {"after", "before"}:
         ap.error(f"--row-max takes after and before, got {args.row_max!r}")
-    if not any((tiles, chunks, rows, normalise, chunk_rule, in_projection, row_max)):
+    if not any((tiles, chunks, rows, normalise, chunk_rule, avx512_rules, in_projection, row_max)):
         ap.error(
-            "give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule, --in-projection or --row-max"
+            "give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule, --avx512-rules, "
+            "--in-projection or --row-max"
         )
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
@@ -123,6 +136,7 @@ def main(argv=None) -> None:
         *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget),
         *("NORMALISE_AFTER", "NORMALISED_FIRST", "MAX_BEFORE_SCALE"),
         *blockwise.CHUNK_RULES_OFF,
+        *blockwise.AVX512_RULES_OFF,
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
@@ -155,6 +169,8 @@ def main(argv=None) -> None:
             variant(f"auto normalised {how}", "noxton_eqx", **after)
         for how in chunk_rule:
             variant(f"auto chunk rule {how}", "noxton_eqx", **(blockwise.CHUNK_RULES_OFF if how == "former" else {}))
+        for how in avx512_rules:
+            variant(f"auto AVX-512 rules {how}", "noxton_eqx", **(blockwise.AVX512_RULES_OFF if how == "off" else {}))
         for how in in_projection:
             if how == "packed":
                 attention._packed_in_projection = lambda x: True

@@ -586,6 +586,20 @@ def test_key_loop_row_maximum_before_the_scale_is_bit_for_bit(monkeypatch, dtype
     assert (programs[False] != programs[True]) == (masks != "key_padding" and scale > 0 and scale != 1.0)
 
 
+def test_the_cpu_facts_the_rules_are_keyed_on(tmp_path):
+    info = tmp_path / "cpuinfo"
+    flags = "fpu vme sse2 avx2 avx512f avx512dq avx512bw"
+    info.write_text(f"processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: {flags}\n\nprocessor\t: 1\n")
+    assert blockwise_module.cpu_info("vendor_id", str(info)) == "AuthenticAMD"
+    assert blockwise_module.has_avx512(str(info))
+    info.write_text("vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512_vnni_like\n")
+    assert not blockwise_module.has_avx512(str(info))  # the foundation flag itself, not a name that contains it
+    assert not blockwise_module.has_avx512(str(tmp_path / "missing"))
+    # each forward rule that AVX-512 turns on is off here exactly when this CPU has no AVX-512
+    for name, off in blockwise_module.AVX512_RULES_OFF.items():
+        assert (getattr(blockwise_module, name) == off) is not blockwise_module.AVX512, name
+
+
 # the Intel Xeon's values, and the other CPUs' (the rules off)
 INTEL_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
 INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21, "ALL_ROWS_QUERIES": 4096}

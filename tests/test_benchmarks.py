@@ -122,10 +122,12 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
     names += ("NORMALISE_AFTER", "NORMALISED_FIRST", "MAX_BEFORE_SCALE", *blockwise.CHUNK_RULES_OFF)
+    names += tuple(blockwise.AVX512_RULES_OFF)
     before = {n: getattr(blockwise, n) for n in names}
     rows, packed = attention.CPU_WEIGHT_FIRST_ROWS, attention._packed_in_projection
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
     argv += ["--chunk-rule", "former,rule", "--in-projection", "packed,rule", "--row-max", "after,before"]
+    argv += ["--avx512-rules", "off,rule"]
     tiles.main([*argv, "--normalise", "before,after,rule", "--peers", "torch", "--reps", "1"])
     out = capsys.readouterr().out
     assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1" in out
@@ -135,6 +137,7 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     assert all(f"auto normalised {how} " in out for how in ("before", "after", "rule"))
     assert all(f"auto chunk rule {how} " in out for how in ("former", "rule"))
     assert all(f"auto in-projection {how} " in out for how in ("packed", "rule"))
+    assert all(f"auto AVX-512 rules {how} " in out for how in ("off", "rule"))
     assert all(f"auto row maximum {how} the scale " in out for how in ("after", "before"))
     assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
     assert attention._packed_in_projection is packed
@@ -144,6 +147,8 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
         tiles.main(["1,16,2", "16", "fwd", "--normalise", "sideways"])
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd", "--row-max", "during"])
+    with pytest.raises(SystemExit):
+        tiles.main(["1,16,2", "16", "fwd", "--avx512-rules", "on"])
 
 
 def test_a_run_past_its_deadline_writes_its_page_with_the_rest_marked_not_run(tmp_path):

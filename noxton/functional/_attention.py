@@ -109,8 +109,8 @@ def select_implementation(
        (measured faster than dense and than ``jax.nn.dot_product_attention``).
        Up to 8192 keys its forward makes one pass over all keys in chunks of
        rows and queries of about 8 MiB of scores, which XLA fuses into one
-       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``); on Intel
-       CPUs a call of up to 256 queries and 16 MiB of scores is one chunk, from
+       kernel per chunk up to 1024 keys (``_blockwise.FUSED_KEYS_MAX``); on CPUs
+       with AVX-512 a call of up to 256 queries and 16 MiB of scores is one chunk, from
        257 to 512 keys a chunk takes every head of whole examples and 64 or 128
        queries (up to 16 MiB of scores), and past 1024 keys a chunk takes up to
        1024 queries, up to 32 MiB of scores (``_blockwise.forward_chunks``). Its

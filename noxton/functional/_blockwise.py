@@ -45,11 +45,11 @@ from noxton.functional._checks import dot_precision, finite_shift, softmax_dtype
 from noxton.functional._masks import Masks
 
 
-def cpu_info(field: str) -> str:
-    """The first ``field`` of ``/proc/cpuinfo`` (``"vendor_id"``, ``"model name"``), or ``""`` where that file
-    cannot be read or has no such field."""
+def cpu_info(field: str, path: str = "/proc/cpuinfo") -> str:
+    """The first ``field`` of ``/proc/cpuinfo`` (``"vendor_id"``, ``"model name"``, ``"flags"``), or ``""`` where
+    that file cannot be read or has no such field."""
     try:
-        with open("/proc/cpuinfo") as f:
+        with open(path) as f:
             for line in f:
                 name, _, value = line.partition(":")
                 if name.strip() == field:
@@ -61,13 +61,35 @@ def cpu_info(field: str) -> str:
 
 def cpu_vendor() -> str:
     """The host CPU's vendor as ``/proc/cpuinfo`` names it (``"GenuineIntel"``, ``"AuthenticAMD"``), or ``""``
-    where that file cannot be read: the static fact that the CPU's tile and chunk rules below are keyed on. They were
-    measured on two 2-core x86 machines, an AMD EPYC and an Intel Xeon with AVX-512 (jaxlib 0.10's YNNPACK
-    fusions on both); where the faster choice on one was the slower on the other, the rule names both."""
+    where that file cannot be read: one of the two static facts that the CPU's tile and chunk rules below are keyed
+    on (the other is ``has_avx512``). They were measured on 2-core x86 machines, an AMD EPYC and an Intel Xeon with
+    AVX-512 (jaxlib 0.10's YNNPACK fusions on both), then the forward's again on an AMD EPYC with AVX-512; where
+    the faster choice on one was the slower on another, the rule names them."""
     return cpu_info("vendor_id")
 
 
+def has_avx512(path: str = "/proc/cpuinfo") -> bool:
+    """The host CPU has AVX-512 (``avx512f`` among the ``flags`` of ``/proc/cpuinfo``)."""
+    return "avx512f" in cpu_info("flags", path).split()
+
+
 INTEL = cpu_vendor() == "GenuineIntel"
+#: The forward's whole-key rules below (``NORMALISE_AFTER``, ``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES``,
+#: ``ONE_CHUNK_SCORES``, ``ALL_ROWS_QUERIES``) hold on CPUs with AVX-512; the backward's (``CHUNK_SCORES_VJP``,
+#: ``ONE_CHUNK_SCORES_VJP``) and the key loop's tiles stay the Intel Xeon's. They were measured first on the Intel
+#: Xeon; on a 2-core AMD EPYC with AVX-512 (2026-12-05, jaxlib 0.10.2) they were the faster forward too, and level
+#: or faster forward and backward, while the backward's Intel values were level or slower there at 5 of 6 points.
+#: The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted), ratios to torch's MHA in one process,
+#: the rules off (as without AVX-512) / on, eqx.nn beside, with ``python -m benchmarks.tiles B,E,H L,... MODE
+#: --avx512-rules off,rule --reps 9``; forward at (B, E, L): (1, 256, 512) 1.43 / 1.13 (eqx.nn 1.41); (1, 256,
+#: 1024) 1.17 / 1.03 (1.16); (1, 256, 2048) 1.17 / 1.04 (2.44); (8, 256, 256) 1.10 / 0.78 (1.49); (1, 1024, 256),
+#: H=16, 1.10 / 0.94 (1.01); forward and backward: (1, 256, 512) 0.98 / 0.92; (1, 256, 1024) 0.96 / 0.94. The
+#: same comparison in a scratch script (medians of 5-9), forward: (1, 256, 4096) 1.15 / 1.02 (2.47); (8, 256,
+#: 1024) 1.14 / 1.09 (3.04); (1, 1024, 2048) 1.06 / 0.99 (1.53); level at (1, 256, 256), (8, 256, 512), (1, 512,
+#: 1024), (8, 512, 512) and (8, 512, 1024); forward and backward: (1, 256, 2048) 0.95 / 0.93; (8, 256, 256) 1.07
+#: / 0.99; (1, 1024, 256) 0.99 / 0.93; (8, 256, 512) 0.96 / 0.99, and with the backward's Intel values as well
+#: 1.00, 1.08, 0.90 and 1.01.
+AVX512 = has_avx512()
 
 
 #: Target number of scores in one block, batch rows and heads together (32 MiB in
@@ -390,7 +412,7 @@ WHOLE_KEYS_MAX = CHUNK_SCORES // LONG_CHUNK_Q
 #: L=512 110.3 / 105.3 (77.5, 176.0); B=8, E=512, L=128 35.2 / 28.2 (31.1, 26.9); L=256 90.2 / 90.9
 #: (67.4, 77.5), the level one. 2**21 faulted 34 MiB per call at B=1, L=512 there too (21.8 ms).
 CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
-#: With ``NORMALISE_AFTER`` (on the Intel Xeon), ``_forward_whole_keys`` divides by the softmax's sum after
+#: With ``NORMALISE_AFTER`` (with AVX-512, ``AVX512``), ``_forward_whole_keys`` divides by the softmax's sum after
 #: the second product (``(P @ V) / l``, a scale of ``[queries, D]`` rather than of ``[queries, keys]``, as
 #: torch's CPU flash kernel does), except for chunks of ``NORMALISED_FIRST``'s ``(queries, keys)``; without
 #: it, and for those, it takes ``(P / l) @ V``. Both round alike: ``P`` or ``P / l`` is rounded once to
@@ -410,11 +432,11 @@ CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
 #: E/H in {256/8, 512/8, 1024/16}, L in {64, ..., 1024}. Forward and backward were level or up to 7%
 #: faster, measured while the gradient's forward still wrote the log-sum-exp (see ``_backward_whole_keys``). On the
 #: AMD EPYC, dividing after was slower at a chunk of 8 x 256 x 256, D=64 (2.72 against 2.22 ms, with the
-#: all-masked-row guard of then), so other CPUs keep dividing first; that machine was not at hand to
-#: measure this rule again.
-NORMALISE_AFTER = INTEL
+#: all-masked-row guard of then), so CPUs without AVX-512 keep dividing first; that machine was not at hand to
+#: measure this rule again (an AMD EPYC with AVX-512 was, see ``AVX512``).
+NORMALISE_AFTER = AVX512
 NORMALISED_FIRST = frozenset({(512, 512)})
-#: On the Intel Xeon (``INTEL``), ``forward_chunks`` gives the forward's chunks past ``FUSED_KEYS_MAX`` keys up to
+#: With AVX-512 (``AVX512``), ``forward_chunks`` gives the forward's chunks past ``FUSED_KEYS_MAX`` keys up to
 #: ``LONG_ROW_CHUNK_Q`` queries each (one row, when a row has that many; fewer queries, as many rows as ``CHUNK_SCORES``
 #: holds), rather than ``LONG_CHUNK_Q`` queries (past 8192 keys a chunk of 1024 queries holds 2**23 scores, 32 MiB in
 #: float32); and a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES`` scores in all runs as one chunk
@@ -436,12 +458,12 @@ NORMALISED_FIRST = frozenset({(512, 512)})
 #: measured with as many queries as keys). Other CPUs keep ``whole_key_chunks``'s rule (``None`` and 0 turn these off).
 #: The command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd --chunk-rule
 #: former,rule``.
-LONG_ROW_CHUNK_Q: int | None = 1024 if INTEL else None
-NARROW_CHUNK_SCORES = 2**20 if INTEL else 0
+LONG_ROW_CHUNK_Q: int | None = 1024 if AVX512 else None
+NARROW_CHUNK_SCORES = 2**20 if AVX512 else 0
 NARROW_HEAD = 32
-ONE_CHUNK_SCORES = 2**22 if INTEL else 0
+ONE_CHUNK_SCORES = 2**22 if AVX512 else 0
 ONE_CHUNK_MAX_Q = 256
-#: On the Intel Xeon (``INTEL``), from a quarter to half of ``FUSED_KEYS_MAX`` keys (257 to 512) with at least as many
+#: With AVX-512 (``AVX512``), from a quarter to half of ``FUSED_KEYS_MAX`` keys (257 to 512) with at least as many
 #: queries (measured at L = S) and head sizes up to ``ALL_ROWS_MAX_HEAD`` (measured at 32 and 64), ``forward_chunks``
 #: takes chunks of every head of whole examples (all of them, up to ``ALL_ROWS_MAX_SCORES`` scores, the most measured:
 #: 16 MiB of float32) and ``ALL_ROWS_CHUNK_Q`` queries, half as many where a row's keys times the head size reach
@@ -465,7 +487,7 @@ ONE_CHUNK_MAX_Q = 256
 #: and 256, and B=8, E=512, L=384. The same chunks in the backward were 8-18% faster in the core at D = 32 but slower in
 #: the layer's gradient (B=8, E=256, L=512: 125.0 against 112.2 ms; L=384: 86.5 against 74.0), so ``backward_chunks``
 #: keeps its own. 0 turns the rule off (other CPUs).
-ALL_ROWS_QUERIES = 4096 if INTEL else 0
+ALL_ROWS_QUERIES = 4096 if AVX512 else 0
 ALL_ROWS_CHUNK_Q = 128
 ALL_ROWS_WIDE_ROW = 2**15
 ALL_ROWS_MAX_SCORES = 2**22
@@ -480,13 +502,22 @@ ALL_ROWS_MAX_HEAD = 64
 ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 0
 
 
-#: The values that turn every Intel chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on
+#: The values that turn every chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on
 #: other CPUs): what the tiles tool's ``--chunk-rule former`` and the tests patch.
 CHUNK_RULES_OFF = {
     "LONG_ROW_CHUNK_Q": None,
     "NARROW_CHUNK_SCORES": 0,
     "ONE_CHUNK_SCORES": 0,
     "ONE_CHUNK_SCORES_VJP": 0,
+    "ALL_ROWS_QUERIES": 0,
+}
+#: The forward's rules that ``AVX512`` turns on, as CPUs without AVX-512 take them: what the tiles tool's
+#: ``--avx512-rules off`` patches.
+AVX512_RULES_OFF = {
+    "NORMALISE_AFTER": False,
+    "LONG_ROW_CHUNK_Q": None,
+    "NARROW_CHUNK_SCORES": 0,
+    "ONE_CHUNK_SCORES": 0,
     "ALL_ROWS_QUERIES": 0,
 }
 
@@ -522,8 +553,8 @@ def _one_chunk(n: int, h: int, lq: int, sk: int, limit: int) -> bool:
 
 def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, int]:
     """The chunks of ``_forward_whole_keys`` for head size ``d``: ``whole_key_chunks`` with ``CHUNK_SCORES``,
-    except on the Intel Xeon (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES``, ``ONE_CHUNK_SCORES`` and
-    ``ALL_ROWS_QUERIES``, which say why)."""
+    except on CPUs with AVX-512 (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES``, ``ONE_CHUNK_SCORES`` and
+    ``ALL_ROWS_QUERIES``, which say why; ``AVX512``)."""
     if sk > FUSED_KEYS_MAX and LONG_ROW_CHUNK_Q:
         c = _balanced(lq, LONG_ROW_CHUNK_Q)
         return whole_key_chunks(n, h, lq, sk, max(CHUNK_SCORES, c * sk), c)
