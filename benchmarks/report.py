@@ -36,11 +36,13 @@ def device() -> str:
 
 
 def cpu_name() -> str:
-    """The CPU's model name from ``/proc/cpuinfo`` with its architecture (the CPU rules of
-    ``noxton.functional._blockwise`` differ by vendor), or the architecture alone where that file is not there."""
-    from noxton.functional._blockwise import cpu_info
+    """The CPU's model name from ``/proc/cpuinfo`` with its architecture and, where it has it, AVX-512 (the CPU
+    rules of ``noxton.functional._blockwise`` differ by vendor and by AVX-512), or the architecture alone where
+    that file is not there."""
+    from noxton.functional._blockwise import cpu_info, has_avx512
 
     arch = platform.processor() or platform.machine()
+    arch += ", AVX-512" if has_avx512() else ""
     model = cpu_info("model name")
     return f"{model} ({arch})" if model else arch
 

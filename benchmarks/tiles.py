@@ -1,14 +1,15 @@
 """The blockwise path's tile sizes, side by side: ``python -m benchmarks.tiles B,E,H L[,L...] MODE [TILES]``.
 
 ``TILES`` is a comma-separated list of ``log2(BLOCK_SCORES):MAX_BLOCK_Q:MAX_BLOCK_K``, for example
-``23:512:1024,23:256:512``; ``--chunk-scores 21,19`` instead (or as well) times the CPU's whole-key
-passes with chunks of ``2**21`` and ``2**19`` scores: ``CHUNK_SCORES`` for ``fwd``, ``CHUNK_SCORES_VJP``
-for ``fwd_bwd`` (the forward keeps its own), with the Intel rules of ``forward_chunks`` and
-``backward_chunks`` off, so that the budget alone sets the chunks. For each length, every variant is compiled once
-and timed against torch's MHA (and any ``--peers``) in one process, the repeats interleaved and their
-order shuffled; each row also gives the memory that one call faults in (the process's minor page
-faults times the page size): glibc serves every allocation of more than its ``mmap`` threshold with a
-fresh ``mmap``, so a program whose temporaries pass it faults its pages in again on every call.
+``23:512:1024,23:256:512``; ``--chunk-scores 21,19`` instead (or as well) times the CPU's whole-key passes
+with chunks of ``2**21`` and ``2**19`` scores: ``CHUNK_SCORES`` for ``fwd``, ``CHUNK_SCORES_VJP`` for
+``fwd_bwd`` (the forward keeps its own), with the chunk rules of ``forward_chunks`` and ``backward_chunks``
+(``CHUNK_RULES_OFF``: the AVX-512 forward's and the Intel backward's) off, so that the budget alone sets the
+chunks. For each length, every variant is compiled once and timed against torch's MHA (and any ``--peers``) in
+one process, the repeats interleaved and their order shuffled; each row also gives the memory that one call
+faults in (the process's minor page faults times the page size): glibc serves every allocation of more than
+its ``mmap`` threshold with a fresh ``mmap``, so a program whose temporaries pass it faults its pages in again
+on every call.
 ``--weight-first-rows 0,256`` times the whole layer (``implementation="auto"``) with
 ``noxton.functional._attention.CPU_WEIGHT_FIRST_ROWS`` at each value: the projections of fewer rows
 than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
@@ -18,8 +19,8 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 ``--chunk-rule former,rule`` times the whole layer with the whole-key chunks of ``whole_key_chunks``
 alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: with AVX-512, one row of
 up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head sizes up
-to ``NARROW_HEAD``, small calls as one chunk, forward and backward, and, forward only, chunks of every head of
-whole examples from 257 to 512 keys, ``ALL_ROWS_QUERIES``; the backward's one chunk on Intel CPUs).
+to ``NARROW_HEAD``, small calls as one chunk, and chunks of every head of whole examples from 257 to 512 keys,
+``ALL_ROWS_QUERIES``; on Intel CPUs, the backward's small calls as one chunk).
 ``--avx512-rules off,rule`` times the whole layer with the forward's rules that AVX-512 turns on
 (``noxton.functional._blockwise.AVX512``) off, as CPUs without it take them, or as this CPU takes them.
 ``--in-projection packed,rule``
@@ -67,7 +68,7 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--chunk-rule",
         default="",
-        help="the whole-key chunks: whole_key_chunks alone, or the Intel rules of forward_chunks and backward_chunks "
+        help="the whole-key chunks: whole_key_chunks alone, or the rules of forward_chunks and backward_chunks "
         "(former, rule; comma-separated; the whole layer, auto, at each)",
     )
     ap.add_argument(

@@ -25,7 +25,7 @@ itself reaches after freeing one 32 MiB block (``M_MMAP_THRESHOLD`` 32 MiB, ``M_
 64 MiB), so every process starts where the fast ones ended up, and the top padding to a thread heap's
 size (64 MiB), so that an emptied heap stays mapped for the next call. It is process-wide: each
 thread's heaps, once used, stay mapped and keep their freed memory for reuse instead of returning it,
-and the main heap keeps up to 64 MiB at its top. Blocks over 32 MiB (the temporaries of a large call,
+and the main heap keeps up to 64 MiB at its top. Blocks of 32 MiB or more (the temporaries of a large call,
 such as the 40 MiB that XLA packs the intermediates of the layer's forward at B=8, L=512, E=512 into)
 are still a fresh ``mmap`` each call: glibc allows no higher threshold, and turning ``mmap`` off
 (``M_MMAP_MAX`` 0) would keep every large block a program frees, a torch checkpoint's tensors among

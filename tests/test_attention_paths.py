@@ -197,7 +197,7 @@ WHOLE_KEY_CASES = [
 ] + [("self", "causal_kpm", 200), ("cross-zeroattn", "attn_bool", 200), ("self", "causal_kpm", "long")]
 # and past WHOLE_KEYS_MAX keys, the key loop with its own block sizes
 WHOLE_KEY_CASES += [("kv-biaskv-zeroattn", "rows_masked", "beyond")]
-# The Intel forward's chunks (``forward_chunks``), with backward chunks of other shapes: "long-rows", past
+# The AVX-512 forward's chunks (``forward_chunks``), with backward chunks of other shapes: "long-rows", past
 # FUSED_KEYS_MAX keys one row of up to LONG_ROW_CHUNK_Q queries (here 5 of 9, the last chunk padded, against
 # the backward's 3); "narrow", from half of FUSED_KEYS_MAX keys at a head size up to NARROW_HEAD, chunks of
 # NARROW_CHUNK_SCORES (one row, against the backward's two); "one-chunk", a small call as one chunk (the
@@ -214,8 +214,8 @@ WHOLE_KEY_CASES += [
     ("cross-zeroattn", "attn_bool", "all-rows"),
     ("kv-biaskv-zeroattn", "rows_masked", "all-rows-capped"),
 ]
-# Every case divides by the softmax's sum after the second product, ((P @ V) / l), as the Intel CPUs do; these
-# also before it (other CPUs, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
+# Every case divides by the softmax's sum after the second product, ((P @ V) / l), as CPUs with AVX-512 do; these also
+# before it (CPUs without it, and the chunks of NORMALISED_FIRST's shapes), masked rows and all-masked rows included.
 WHOLE_KEY_CASES = (
     [(*case, False) for case in WHOLE_KEY_CASES]
     + [("kv-biaskv-zeroattn", m, 40, True) for m in ("none", "batch_heads_float", "rows_masked", "all_masked")]
@@ -236,7 +236,7 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
         monkeypatch.setattr(blockwise_module, "WHOLE_KEYS_MAX", 4)
         assert not blockwise_module._whole_keys(blockwise_module._Static(False, S, None, None), None, S + 2)
         budget = 40
-    # the forward's chunks are whole_key_chunks's, as on other CPUs, unless the case names the Intel rules
+    # the chunks are whole_key_chunks's, as on a CPU neither Intel nor with AVX-512, unless the case names a rule
     for name, value in blockwise_module.CHUNK_RULES_OFF.items():
         monkeypatch.setattr(blockwise_module, name, value)
     forward = backward = None
@@ -595,23 +595,33 @@ def test_the_cpu_facts_the_rules_are_keyed_on(tmp_path):
     info.write_text("vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512_vnni_like\n")
     assert not blockwise_module.has_avx512(str(info))  # the foundation flag itself, not a name that contains it
     assert not blockwise_module.has_avx512(str(tmp_path / "missing"))
-    # each forward rule that AVX-512 turns on is off here exactly when this CPU has no AVX-512
+    # the forward's rules follow this CPU's AVX-512, the backward's its vendor
+    assert blockwise_module.AVX512 == blockwise_module.has_avx512()
+    assert blockwise_module.INTEL == (blockwise_module.cpu_vendor() == "GenuineIntel")
     for name, off in blockwise_module.AVX512_RULES_OFF.items():
         assert (getattr(blockwise_module, name) == off) is not blockwise_module.AVX512, name
+    assert blockwise_module.ONE_CHUNK_SCORES_VJP == (2**21 if blockwise_module.INTEL else 0)
+    assert blockwise_module.CHUNK_SCORES_VJP == (2**20 if blockwise_module.INTEL else 2**19)
 
 
-# the Intel Xeon's values, and the other CPUs' (the rules off)
-INTEL_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
-INTEL_CHUNK_RULES |= {"ONE_CHUNK_SCORES_VJP": 2**21, "ALL_ROWS_QUERIES": 4096}
+# the values with AVX-512 (the forward's rules) and on Intel CPUs (the backward's), and with neither (the rules off)
+AVX512_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
+AVX512_CHUNK_RULES |= {"ALL_ROWS_QUERIES": 4096}
+INTEL_CHUNK_RULES = {"ONE_CHUNK_SCORES_VJP": 2**21}
 OTHER_CHUNK_RULES = blockwise_module.CHUNK_RULES_OFF
-assert INTEL_CHUNK_RULES.keys() == OTHER_CHUNK_RULES.keys()  # a new rule is pinned both on and off
+# a new rule is pinned both on and off
+assert (AVX512_CHUNK_RULES | INTEL_CHUNK_RULES).keys() == OTHER_CHUNK_RULES.keys()
+assert AVX512_CHUNK_RULES.keys() < blockwise_module.AVX512_RULES_OFF.keys()
 
 
+@pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("intel", [False, True])
-def test_forward_and_backward_chunks(monkeypatch, intel):
-    """The whole-key passes' chunks with the Intel rules on (the Xeon's values) and off (other CPUs, where both are
-    ``whole_key_chunks``'s, forward with ``CHUNK_SCORES`` and backward with ``CHUNK_SCORES_VJP``)."""
-    for name, value in (INTEL_CHUNK_RULES if intel else OTHER_CHUNK_RULES).items():
+def test_forward_and_backward_chunks(monkeypatch, avx512, intel):
+    """The whole-key passes' chunks with the forward's rules on (a CPU with AVX-512) or off, and the backward's on
+    (an Intel CPU) or off, in each of the four combinations; off, a pass's chunks are ``whole_key_chunks``'s
+    (forward with ``CHUNK_SCORES``, backward with ``CHUNK_SCORES_VJP``)."""
+    rules = OTHER_CHUNK_RULES | (AVX512_CHUNK_RULES if avx512 else {}) | (INTEL_CHUNK_RULES if intel else {})
+    for name, value in rules.items():
         monkeypatch.setattr(blockwise_module, name, value)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", 2**21)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", 2**20)
@@ -623,8 +633,16 @@ def test_forward_and_backward_chunks(monkeypatch, intel):
     shapes += [(4, 8, 512, 512, 64), (4, 16, 384, 384, 64), (8, 8, 768, 768, 64), (8, 8, 256, 512, 64)]
     shapes += [(4, 8, 512, 512, 32), (8, 8, 400, 400, 64), (64, 16, 512, 512, 64), (8, 8, 512, 512, 128)]
     got = {s: (forward(*s), backward(*s[:4])) for s in shapes}
+    off = {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**20)) for s in shapes}
+    if not avx512:
+        assert {s: g[0] for s, g in got.items()} == {s: o[0] for s, o in off.items()}
     if not intel:
-        assert got == {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**20)) for s in shapes}
+        assert {s: g[1] for s, g in got.items()} == {s: o[1] for s, o in off.items()}
+    if intel:
+        assert got[8, 16, 128, 128, 64][1] == (8, 16, 128)  # the backward: one chunk up to 2**21 scores
+        assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**20)
+        assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**20)  # the backward's long chunks
+    if not avx512:
         return
     assert got[1, 8, 2048, 2048, 32][0] == (1, 1, 1024)  # past FUSED_KEYS_MAX: one row of 1024 queries
     assert got[1, 8, 8192, 8192, 32][0] == (1, 1, 1024)
@@ -645,6 +663,3 @@ def test_forward_and_backward_chunks(monkeypatch, intel):
     assert got[8, 8, 400, 400, 64][0] == (8, 8, 100)  # 4 equal chunks of queries, none padded
     assert got[64, 16, 512, 512, 64][0] == (8, 16, 64)  # at most ALL_ROWS_MAX_SCORES: 8 of 64 examples
     assert got[8, 8, 512, 512, 128][0] == whole_key_chunks(8, 8, 512, 512)  # head wider than ALL_ROWS_MAX_HEAD
-    assert got[8, 16, 128, 128, 64][1] == (8, 16, 128)  # the backward: one chunk up to 2**21 scores
-    assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**20)
-    assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**20)  # the backward's long chunks

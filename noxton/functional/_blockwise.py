@@ -47,7 +47,7 @@ from noxton.functional._masks import Masks
 
 def cpu_info(field: str, path: str = "/proc/cpuinfo") -> str:
     """The first ``field`` of ``/proc/cpuinfo`` (``"vendor_id"``, ``"model name"``, ``"flags"``), or ``""`` where
-    that file cannot be read or has no such field."""
+    that file cannot be read or has no such field; ``path`` reads another file of that format (the tests')."""
     try:
         with open(path) as f:
             for line in f:
@@ -78,7 +78,8 @@ INTEL = cpu_vendor() == "GenuineIntel"
 #: ``ONE_CHUNK_SCORES``, ``ALL_ROWS_QUERIES``) hold on CPUs with AVX-512; the backward's (``CHUNK_SCORES_VJP``,
 #: ``ONE_CHUNK_SCORES_VJP``) and the key loop's tiles stay the Intel Xeon's. They were measured first on the Intel
 #: Xeon; on a 2-core AMD EPYC with AVX-512 (2026-12-05, jaxlib 0.10.2) they were the faster forward too, and level
-#: or faster forward and backward, while the backward's Intel values were level or slower there at 5 of 6 points.
+#: or faster forward and backward (one point 3% slower), while the backward's Intel values were slower there at 4 of 6
+#: points.
 #: The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted), ratios to torch's MHA in one process,
 #: the rules off (as without AVX-512) / on, eqx.nn beside, with ``python -m benchmarks.tiles B,E,H L,... MODE
 #: --avx512-rules off,rule --reps 9``; forward at (B, E, L): (1, 256, 512) 1.43 / 1.13 (eqx.nn 1.41); (1, 256,
@@ -87,8 +88,9 @@ INTEL = cpu_vendor() == "GenuineIntel"
 #: same comparison in a scratch script (medians of 5-9), forward: (1, 256, 4096) 1.15 / 1.02 (2.47); (8, 256,
 #: 1024) 1.14 / 1.09 (3.04); (1, 1024, 2048) 1.06 / 0.99 (1.53); level at (1, 256, 256), (8, 256, 512), (1, 512,
 #: 1024), (8, 512, 512) and (8, 512, 1024); forward and backward: (1, 256, 2048) 0.95 / 0.93; (8, 256, 256) 1.07
-#: / 0.99; (1, 1024, 256) 0.99 / 0.93; (8, 256, 512) 0.96 / 0.99, and with the backward's Intel values as well
-#: 1.00, 1.08, 0.90 and 1.01.
+#: / 0.99; (1, 1024, 256) 0.99 / 0.93; (8, 256, 512) 0.96 / 0.99; with the backward's Intel values as well, in
+#: the order (1, 256, 512), (1, 256, 1024), (1, 256, 2048), (8, 256, 256), (1, 1024, 256), (8, 256, 512): 0.96,
+#: 0.99, 1.00, 1.08, 0.90, 1.01, against the forward rules alone 0.97, 0.94, 0.93, 0.99, 0.93, 0.99.
 AVX512 = has_avx512()
 
 
@@ -432,8 +434,10 @@ CHUNK_SCORES_VJP = 2**20 if INTEL else 2**19
 #: E/H in {256/8, 512/8, 1024/16}, L in {64, ..., 1024}. Forward and backward were level or up to 7%
 #: faster, measured while the gradient's forward still wrote the log-sum-exp (see ``_backward_whole_keys``). On the
 #: AMD EPYC, dividing after was slower at a chunk of 8 x 256 x 256, D=64 (2.72 against 2.22 ms, with the
-#: all-masked-row guard of then), so CPUs without AVX-512 keep dividing first; that machine was not at hand to
-#: measure this rule again (an AMD EPYC with AVX-512 was, see ``AVX512``).
+#: all-masked-row guard of then), so CPUs without AVX-512 keep dividing first. Whether that EPYC had AVX-512 is not
+#: recorded, and it was not at hand to measure this rule again. On an AMD EPYC with AVX-512 (2026-12-05), this rule
+#: alone, the same command with ``--peers torch --reps 9-11``, before / rule: (8, 256, 128) 1.30 / 1.00; (8, 256,
+#: 256) 1.40 / 0.88; (8, 512, 256) 1.12 / 0.92; (1, 1024, 256), H=16, 1.24 / 0.84; (1, 256, 1024) 1.33 / 1.07.
 NORMALISE_AFTER = AVX512
 NORMALISED_FIRST = frozenset({(512, 512)})
 #: With AVX-512 (``AVX512``), ``forward_chunks`` gives the forward's chunks past ``FUSED_KEYS_MAX`` keys up to
@@ -455,9 +459,9 @@ NORMALISED_FIRST = frozenset({(512, 512)})
 #: against 1 x 1 x 768 4.73 (torch 2.70); (8, 8, 768, 32) 45.6 / 40.6 (22.4); (1, 8, 1024, 32) 8.74 / 8.14 (4.67); (8,
 #: 8, 1024, 32) 71.2 / 67.3 (42.3). At 512 keys the larger chunk was still the faster, (1, 8, 512, 32) 1 x 8 x 512 2.49
 #: against 1 x 4 x 512 3.06, so that rule starts past half of ``FUSED_KEYS_MAX``, in keys and in queries (it was
-#: measured with as many queries as keys). Other CPUs keep ``whole_key_chunks``'s rule (``None`` and 0 turn these off).
-#: The command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd --chunk-rule
-#: former,rule``.
+#: measured with as many queries as keys). CPUs without AVX-512 keep ``whole_key_chunks``'s (``None`` and 0 turn these
+#: off). The command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd
+#: --chunk-rule former,rule``.
 LONG_ROW_CHUNK_Q: int | None = 1024 if AVX512 else None
 NARROW_CHUNK_SCORES = 2**20 if AVX512 else 0
 NARROW_HEAD = 32
@@ -486,7 +490,7 @@ ONE_CHUNK_MAX_Q = 256
 #: Forward and backward (the gradient's forward takes these chunks) were level within 6% in-process at B=8, L=512, E=512
 #: and 256, and B=8, E=512, L=384. The same chunks in the backward were 8-18% faster in the core at D = 32 but slower in
 #: the layer's gradient (B=8, E=256, L=512: 125.0 against 112.2 ms; L=384: 86.5 against 74.0), so ``backward_chunks``
-#: keeps its own. 0 turns the rule off (other CPUs).
+#: keeps its own. 0 turns the rule off (CPUs without AVX-512).
 ALL_ROWS_QUERIES = 4096 if AVX512 else 0
 ALL_ROWS_CHUNK_Q = 128
 ALL_ROWS_WIDE_ROW = 2**15
@@ -502,8 +506,8 @@ ALL_ROWS_MAX_HEAD = 64
 ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 0
 
 
-#: The values that turn every chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on
-#: other CPUs): what the tiles tool's ``--chunk-rule former`` and the tests patch.
+#: The values that turn every chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on a
+#: CPU neither Intel nor with AVX-512): what the tiles tool's ``--chunk-rule former`` and the tests patch.
 CHUNK_RULES_OFF = {
     "LONG_ROW_CHUNK_Q": None,
     "NARROW_CHUNK_SCORES": 0,
@@ -572,8 +576,9 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
 
 
 def backward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
-    """The chunks of ``_backward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES_VJP``, except that on the
-    Intel Xeon a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES_VJP`` scores is one chunk."""
+    """The chunks of ``_backward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES_VJP``, except that on
+    Intel CPUs (``INTEL``) a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES_VJP`` scores is one
+    chunk."""
     if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES_VJP):
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk, CHUNK_SCORES_VJP)
