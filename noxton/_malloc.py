@@ -29,12 +29,9 @@ and the main heap keeps up to 64 MiB at its top. Blocks of 32 MiB or more (the t
 such as the 40 MiB that XLA packs the intermediates of the layer's forward at B=8, L=512, E=512 into)
 are still a fresh ``mmap`` each call: glibc allows no higher threshold, and turning ``mmap`` off
 (``M_MMAP_MAX`` 0) would keep every large block a program frees, a torch checkpoint's tensors among
-them, in the heap. XLA's flag ``--xla_multiheap_size_constraint_per_heap`` would split those temporaries
-into buffers below the threshold (measured on a 2-core Intel Xeon, 2026-12-05: the layer's forward at B=8,
-L=512, E=512 went from 1.23-1.32x torch's time to 1.16-1.18x), but XLA then logs a warning at compile time for
-every intermediate larger than the cap, and again for each buffer it places after it: 482 lines for the
-gradient of one ``TransformerEncoderLayer`` (d_model 512) at batch 32, L=512. So noxton does not set it;
-docs/differences.md says how to set it yourself.
+them, in the heap. XLA's own flag for splitting those temporaries is left to the user, since XLA then logs a
+warning for every larger intermediate: docs/differences.md ("The process's allocator") gives its figures, its
+cost and how to set it.
 
 It does nothing off glibc, where the user has chosen the allocator's thresholds (``MALLOC_MMAP_THRESHOLD_``,
 ``MALLOC_TRIM_THRESHOLD_``, ``MALLOC_TOP_PAD_`` or a ``glibc.malloc`` tunable in ``GLIBC_TUNABLES``), or when

@@ -44,13 +44,17 @@ print("kept" if any(lo <= blocks[-1] < hi for lo, hi in maps) else "unmapped")
 """
 
 
-def _probe(probe=PROBE, **env):
-    base = {k: v for k, v in os.environ.items() if k not in (*_malloc.USER_SETTINGS, "NOXTON_KEEP_MALLOC")}
-    base.pop("GLIBC_TUNABLES", None)
-    out = subprocess.run(
+def _run(probe, unset=(), **env) -> subprocess.CompletedProcess:
+    """``probe`` in a fresh Python, without the user's allocator settings (nor the variables in ``unset``)."""
+    unset = (*_malloc.USER_SETTINGS, "NOXTON_KEEP_MALLOC", "GLIBC_TUNABLES", *unset)
+    base = {k: v for k, v in os.environ.items() if k not in unset}
+    return subprocess.run(
         [sys.executable, "-c", probe], env={**base, **env}, capture_output=True, text=True, check=True, timeout=300
     )
-    return out.stdout.strip()
+
+
+def _probe(probe=PROBE, **env):
+    return _run(probe, **env).stdout.strip()
 
 
 @pytest.mark.skipif(_malloc._glibc() is None, reason="glibc only")
@@ -82,10 +86,7 @@ print(os.environ.get("XLA_FLAGS"))
 
 
 def test_import_leaves_xla_flags_and_its_log_alone():
-    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL")}
-    out = subprocess.run(
-        [sys.executable, "-c", COMPILE_PROBE], env=env, capture_output=True, text=True, check=True, timeout=300
-    )
+    out = _run(COMPILE_PROBE, unset=("XLA_FLAGS", "TF_CPP_MIN_LOG_LEVEL"))
     assert out.stdout.strip() == "None"
     assert "heap_simulator" not in out.stderr, out.stderr[:2000]
 

@@ -515,14 +515,11 @@ CHUNK_RULES_OFF = {
     "ONE_CHUNK_SCORES_VJP": 0,
     "ALL_ROWS_QUERIES": 0,
 }
-#: The forward's rules that ``AVX512`` turns on, as CPUs without AVX-512 take them: what the tiles tool's
-#: ``--avx512-rules off`` patches.
+#: The forward's rules that ``AVX512`` turns on, as CPUs without AVX-512 take them (the chunk rules above but the
+#: backward's, and dividing first): what the tiles tool's ``--avx512-rules off`` patches.
 AVX512_RULES_OFF = {
     "NORMALISE_AFTER": False,
-    "LONG_ROW_CHUNK_Q": None,
-    "NARROW_CHUNK_SCORES": 0,
-    "ONE_CHUNK_SCORES": 0,
-    "ALL_ROWS_QUERIES": 0,
+    **{name: off for name, off in CHUNK_RULES_OFF.items() if name != "ONE_CHUNK_SCORES_VJP"},
 }
 
 
