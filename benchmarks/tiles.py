@@ -28,9 +28,14 @@ times the whole layer with self-attention's in-projection as one ``(3E, E)`` pro
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
 ``CPU_WEIGHT_FIRST_ROWS`` rows). ``--row-max after,before`` times the whole layer with the key loop's row maximum
 taken after the scale or before it (``before``: what ``noxton.functional._blockwise.MAX_BEFORE_SCALE`` turns on;
-the layer takes the key loop past ``WHOLE_KEYS_MAX`` keys). These are
-the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and
-behind that constant.
+the layer takes the key loop past ``WHOLE_KEYS_MAX`` keys).
+``--set 'ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21'`` times the whole layer with any of
+``noxton.functional._blockwise``'s constants set, one variant per ``;``-separated group of ``NAME=VALUE`` pairs
+(``,`` between pairs; a value is an integer, ``2**N``, ``None``, ``True`` or ``False``). ``--settle 1`` makes one
+untimed call of the same variant before each timed one: torch's OpenMP threads spin on a core for a few ms after
+each call, which slows the call that comes next (at B=1, L=S=1024, E=256, forward, a JAX layer's 12 ms call took
+17 ms right after torch's), so that with it no call is timed right after another's. These are the figures behind
+``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and behind that constant.
 """
 
 from __future__ import annotations
@@ -89,6 +94,18 @@ def main(argv=None) -> None:
         help="the key loop's row maximum taken after the scale or before it (after, before; comma-separated; the "
         "whole layer, auto, at each)",
     )
+    ap.add_argument(
+        "--set",
+        default="",
+        help="variants of the whole layer (auto) with noxton.functional._blockwise constants set: NAME=VALUE pairs "
+        "separated by ',', variants by ';' (a value: an integer, 2**N, None, True or False)",
+    )
+    ap.add_argument(
+        "--settle",
+        type=int,
+        default=0,
+        help="untimed calls of the same variant before each timed one (default 0)",
+    )
     ap.add_argument("--peers", default="torch,eqx", help="contenders timed alongside (the first is the reference)")
     ap.add_argument("--reps", type=int, default=7)
     args = ap.parse_args(argv)
@@ -121,10 +138,16 @@ def main(argv=None) -> None:
     row_max = [v for v in args.row_max.split(",") if v]
     if set(row_max) - {"after", "before"}:
         ap.error(f"--row-max takes after and before, got {args.row_max!r}")
-    if not any((tiles, chunks, rows, normalise, chunk_rule, avx512_rules, in_projection, row_max)):
+    try:
+        settings = [_settings(group, blockwise) for group in args.set.split(";") if group]
+    except ValueError as e:
+        ap.error(f"--set: {e}")
+    if args.settle < 0:
+        ap.error(f"--settle must be 0 or more, got {args.settle}")
+    if not any((tiles, chunks, rows, normalise, chunk_rule, avx512_rules, in_projection, row_max, settings)):
         ap.error(
             "give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule, --avx512-rules, "
-            "--in-projection or --row-max"
+            "--in-projection, --row-max or --set"
         )
     budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
@@ -138,6 +161,7 @@ def main(argv=None) -> None:
         *("NORMALISE_AFTER", "NORMALISED_FIRST", "MAX_BEFORE_SCALE"),
         *blockwise.CHUNK_RULES_OFF,
         *blockwise.AVX512_RULES_OFF,
+        *(name for values in settings for name in values),
     )
     saved = {n: getattr(blockwise, n) for n in names}
     saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
@@ -178,6 +202,8 @@ def main(argv=None) -> None:
             variant(f"auto in-projection {how}", "noxton_eqx")
         for how in row_max:
             variant(f"auto row maximum {how} the scale", "noxton_eqx", MAX_BEFORE_SCALE=how == "before")
+        for values in settings:
+            variant("auto " + ", ".join(f"{n}={v!r}" for n, v in values.items()), "noxton_eqx", **values)
         for call in calls.values():
             call()
         times: dict[str, list[float]] = {n: [] for n in calls}
@@ -186,16 +212,39 @@ def main(argv=None) -> None:
         for _ in range(args.reps):  # a new order each repeat, as in measure.medians
             rng.shuffle(order)
             for n, call in order:
+                for _ in range(args.settle):
+                    call()
                 f, t = faults(), time.perf_counter()
                 call()
                 times[n].append(time.perf_counter() - t)
                 faulted[n].append(faults() - f)
         ref = statistics.median(times[peers[0]])
-        print(f"B={B} E={E} H={H} L=S={L} {args.mode}, medians of {args.reps} (load {os.getloadavg()[0]:.2f}):")
+        settled = f", each after {args.settle} untimed call(s) of its own" if args.settle else ""
+        print(
+            f"B={B} E={E} H={H} L=S={L} {args.mode}, medians of {args.reps}{settled} (load {os.getloadavg()[0]:.2f}):"
+        )
         for n in calls:
             m = statistics.median(times[n])
             mib = statistics.median(faulted[n]) * page / 2**20
             print(f"  {n:44s} {m * 1e3:9.1f} ms  {m / ref:5.2f}x  {mib:6.0f} MiB faulted per call", flush=True)
+
+
+def _settings(group: str, module) -> dict:
+    """``"NAME=VALUE,NAME=VALUE"`` as ``{NAME: value}``, each name a constant of ``module``."""
+    out = {}
+    for pair in group.split(","):
+        name, sep, text = (part.strip() for part in pair.partition("="))
+        if not sep or not hasattr(module, name) or not name.isupper():
+            raise ValueError(f"expected NAME=VALUE with NAME a constant of {module.__name__}, got {pair!r}")
+        base, power, exponent = text.partition("**")
+        try:
+            if power:
+                out[name] = int(base) ** int(exponent)
+            else:
+                out[name] = {"None": None, "True": True, "False": False}[text] if text[:1].isalpha() else int(text)
+        except (KeyError, ValueError):
+            raise ValueError(f"{name}: expected an integer, 2**N, None, True or False, got {text!r}") from None
+    return out
 
 
 if __name__ == "__main__":

@@ -600,31 +600,33 @@ def test_the_cpu_facts_the_rules_are_keyed_on(tmp_path):
     assert blockwise_module.INTEL == (blockwise_module.cpu_vendor() == "GenuineIntel")
     for name, off in blockwise_module.AVX512_RULES_OFF.items():
         assert (getattr(blockwise_module, name) == off) is not blockwise_module.AVX512, name
-    assert blockwise_module.ONE_CHUNK_SCORES_VJP == (2**21 if blockwise_module.INTEL else 0)
+    one_chunk_vjp = 2**21 if blockwise_module.INTEL else 2**20 if blockwise_module.AVX512 else 0
+    assert blockwise_module.ONE_CHUNK_SCORES_VJP == one_chunk_vjp
     assert blockwise_module.CHUNK_SCORES_VJP == (2**20 if blockwise_module.INTEL else 2**19)
 
 
-# the values with AVX-512 (the forward's rules) and on Intel CPUs (the backward's), and with neither (the rules off)
+# the values with AVX-512 (the forward's rules, and the backward's one chunk of 2**20 scores) and on Intel CPUs (the
+# backward's one chunk of 2**21), and with neither (the rules off)
 AVX512_CHUNK_RULES = {"LONG_ROW_CHUNK_Q": 1024, "NARROW_CHUNK_SCORES": 2**20, "ONE_CHUNK_SCORES": 2**22}
-AVX512_CHUNK_RULES |= {"ALL_ROWS_QUERIES": 4096}
+AVX512_CHUNK_RULES |= {"ALL_ROWS_QUERIES": 4096, "ONE_CHUNK_SCORES_VJP": 2**20}
 INTEL_CHUNK_RULES = {"ONE_CHUNK_SCORES_VJP": 2**21}
 OTHER_CHUNK_RULES = blockwise_module.CHUNK_RULES_OFF
 # a new rule is pinned both on and off
 assert (AVX512_CHUNK_RULES | INTEL_CHUNK_RULES).keys() == OTHER_CHUNK_RULES.keys()
-assert AVX512_CHUNK_RULES.keys() < blockwise_module.AVX512_RULES_OFF.keys()
+assert AVX512_CHUNK_RULES.keys() - {"ONE_CHUNK_SCORES_VJP"} < blockwise_module.AVX512_RULES_OFF.keys()
 
 
 @pytest.mark.parametrize("avx512", [False, True])
 @pytest.mark.parametrize("intel", [False, True])
 def test_forward_and_backward_chunks(monkeypatch, avx512, intel):
-    """The whole-key passes' chunks with the forward's rules on (a CPU with AVX-512) or off, and the backward's on
-    (an Intel CPU) or off, in each of the four combinations; off, a pass's chunks are ``whole_key_chunks``'s
-    (forward with ``CHUNK_SCORES``, backward with ``CHUNK_SCORES_VJP``)."""
+    """The whole-key passes' chunks with the forward's rules on (a CPU with AVX-512) or off, and the backward's one
+    chunk for an Intel CPU, for AVX-512 or off, in each of the four combinations; off, a pass's chunks are
+    ``whole_key_chunks``'s (forward with ``CHUNK_SCORES``, backward with ``CHUNK_SCORES_VJP``)."""
     rules = OTHER_CHUNK_RULES | (AVX512_CHUNK_RULES if avx512 else {}) | (INTEL_CHUNK_RULES if intel else {})
     for name, value in rules.items():
         monkeypatch.setattr(blockwise_module, name, value)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", 2**21)
-    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", 2**20)
+    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", 2**19)
     forward, backward = blockwise_module.forward_chunks, blockwise_module.backward_chunks
     whole_key_chunks = blockwise_module.whole_key_chunks
     shapes = [(1, 8, 2048, 2048, 32), (1, 8, 8192, 8192, 32), (2, 8, 300, 2048, 32), (1, 8, 1024, 1024, 32)]
@@ -632,16 +634,21 @@ def test_forward_and_backward_chunks(monkeypatch, avx512, intel):
     shapes += [(8, 16, 256, 256, 64), (1, 16, 512, 512, 64), (8, 8, 512, 512, 64), (8, 8, 512, 512, 32)]
     shapes += [(4, 8, 512, 512, 64), (4, 16, 384, 384, 64), (8, 8, 768, 768, 64), (8, 8, 256, 512, 64)]
     shapes += [(4, 8, 512, 512, 32), (8, 8, 400, 400, 64), (64, 16, 512, 512, 64), (8, 8, 512, 512, 128)]
+    shapes += [(8, 8, 128, 128, 64)]
     got = {s: (forward(*s), backward(*s[:4])) for s in shapes}
-    off = {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**20)) for s in shapes}
+    off = {s: (whole_key_chunks(*s[:4]), whole_key_chunks(*s[:4], 2**19)) for s in shapes}
     if not avx512:
         assert {s: g[0] for s, g in got.items()} == {s: o[0] for s, o in off.items()}
-    if not intel:
+    if not (intel or avx512):
         assert {s: g[1] for s, g in got.items()} == {s: o[1] for s, o in off.items()}
+    if intel or avx512:
+        assert off[8, 8, 128, 128, 64][1] == (4, 8, 128)  # 2**19 scores a chunk
+        assert got[8, 8, 128, 128, 64][1] == (8, 8, 128)  # the backward: one chunk up to 2**20 scores
+        one_chunk = (8, 16, 128) if intel else off[8, 16, 128, 128, 64][1]
+        assert got[8, 16, 128, 128, 64][1] == one_chunk  # and up to 2**21 on Intel CPUs
     if intel:
-        assert got[8, 16, 128, 128, 64][1] == (8, 16, 128)  # the backward: one chunk up to 2**21 scores
-        assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**20)
-        assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**20)  # the backward's long chunks
+        assert got[8, 16, 256, 256, 64][1] == whole_key_chunks(8, 16, 256, 256, 2**19)
+        assert got[1, 8, 2048, 2048, 32][1] == whole_key_chunks(1, 8, 2048, 2048, 2**19)  # the backward's long chunks
     if not avx512:
         return
     assert got[1, 8, 2048, 2048, 32][0] == (1, 1, 1024)  # past FUSED_KEYS_MAX: one row of 1024 queries

@@ -122,15 +122,16 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
 
     names = ("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", "CHUNK_SCORES", "CHUNK_SCORES_VJP")
     names += ("NORMALISE_AFTER", "NORMALISED_FIRST", "MAX_BEFORE_SCALE", *blockwise.CHUNK_RULES_OFF)
-    names += tuple(blockwise.AVX512_RULES_OFF)
+    names += (*blockwise.AVX512_RULES_OFF, "ONE_CHUNK_SCORES_VJP")
     before = {n: getattr(blockwise, n) for n in names}
     rows, packed = attention.CPU_WEIGHT_FIRST_ROWS, attention._packed_in_projection
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
     argv += ["--chunk-rule", "former,rule", "--in-projection", "packed,rule", "--row-max", "after,before"]
-    argv += ["--avx512-rules", "off,rule"]
-    tiles.main([*argv, "--normalise", "before,after,rule", "--peers", "torch", "--reps", "1"])
+    argv += ["--avx512-rules", "off,rule", "--set", "ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21,MAX_BLOCK_Q=8"]
+    tiles.main([*argv, "--normalise", "before,after,rule", "--peers", "torch", "--reps", "1", "--settle", "1"])
     out = capsys.readouterr().out
-    assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1" in out
+    assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1, each after 1 untimed call(s) of its own" in out
+    assert "auto ONE_CHUNK_SCORES_VJP=0 " in out and "auto ONE_CHUNK_SCORES_VJP=2097152, MAX_BLOCK_Q=8 " in out
     assert "blockwise 10:8:8 -> (8, 8)" in out
     assert "blockwise CHUNK_SCORES_VJP=2**9 " in out and "blockwise CHUNK_SCORES_VJP=2**12 " in out
     assert "auto CPU_WEIGHT_FIRST_ROWS=0 " in out and "auto CPU_WEIGHT_FIRST_ROWS=256 " in out
@@ -149,6 +150,11 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
         tiles.main(["1,16,2", "16", "fwd", "--row-max", "during"])
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd", "--avx512-rules", "on"])
+    for bad in ("NO_SUCH_CONSTANT=1", "MAX_BLOCK_Q", "MAX_BLOCK_Q=big", "MAX_BLOCK_Q=2**x"):
+        with pytest.raises(SystemExit):
+            tiles.main(["1,16,2", "16", "fwd", "--set", bad])
+    with pytest.raises(SystemExit):
+        tiles.main(["1,16,2", "16", "fwd", "--set", "MAX_BLOCK_Q=8", "--settle", "-1"])
 
 
 def test_a_run_past_its_deadline_writes_its_page_with_the_rest_marked_not_run(tmp_path):

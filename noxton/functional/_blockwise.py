@@ -75,11 +75,11 @@ def has_avx512(path: str = "/proc/cpuinfo") -> bool:
 
 INTEL = cpu_vendor() == "GenuineIntel"
 #: The forward's whole-key rules below (``NORMALISE_AFTER``, ``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES``,
-#: ``ONE_CHUNK_SCORES``, ``ALL_ROWS_QUERIES``) hold on CPUs with AVX-512; the backward's (``CHUNK_SCORES_VJP``,
-#: ``ONE_CHUNK_SCORES_VJP``) and the key loop's tiles stay the Intel Xeon's. They were measured first on the Intel
-#: Xeon; on a 2-core AMD EPYC with AVX-512 (2026-12-05, jaxlib 0.10.2) they were the faster forward too, and level
-#: or faster forward and backward (one point 3% slower), while the backward's Intel values were slower there at 4 of 6
-#: points.
+#: ``ONE_CHUNK_SCORES``, ``ALL_ROWS_QUERIES``) hold on CPUs with AVX-512; the backward's budget (``CHUNK_SCORES_VJP``)
+#: and the key loop's tiles stay the Intel Xeon's, and the backward's one chunk (``ONE_CHUNK_SCORES_VJP``) takes
+#: both. They were measured first on the Intel Xeon; on a 2-core AMD EPYC with AVX-512 (2026-12-05, jaxlib 0.10.2)
+#: they were the faster forward too, and level or faster forward and backward (one point 3% slower), while the
+#: backward's Intel values (its budget and one chunk together) were slower there at 4 of 6 points.
 #: The layer (``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted), ratios to torch's MHA in one process,
 #: the rules off (as without AVX-512) / on, eqx.nn beside, with ``python -m benchmarks.tiles B,E,H L,... MODE
 #: --avx512-rules off,rule --reps 9``; forward at (B, E, L): (1, 256, 512) 1.43 / 1.13 (eqx.nn 1.41); (1, 256,
@@ -503,7 +503,19 @@ ALL_ROWS_MAX_HEAD = 64
 #: 8,1024,16 128 fwd_bwd --chunk-scores 20,21``, medians of 7, twice): 108.4 against 102.8 ms and 103.2 against
 #: 97.6 (eqx.nn 102.0 and 96.9). With 2**22, at (8, 8, 256, 64), one chunk of 8 x 8 x 256 took 38.2 ms
 #: against 26.5 for 2 x 8 x 256.
-ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 0
+#:
+#: On the AMD EPYC with AVX-512 (``AVX512``), a half of that: one chunk of 2**21 scores at D = 64 held 36 MiB of
+#: temporaries, over glibc's 32 MiB ``mmap`` ceiling, so every call faulted them in afresh. The layer's gradient,
+#: ``python -m benchmarks.tiles B,E,H L fwd_bwd --set 'ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21' --settle 1
+#: --peers torch,eqx --reps 9`` on 2026-12-05, ms, no rule / one chunk (torch, eqx.nn): B=1, E=1024, H=16, L=256
+#: 42.8 / 40.4 (45.3, 40.2); B=8, E=512, L=128 40.5 / 38.9 (44.3, 38.8); B=4, E=1024, H=16, L=128 73.2 / 71.4
+#: (83.1, 70.7); B=8, E=256, L=128 13.8 / 13.9 (15.5, 14.2); B=8, E=256, L=96 9.8 / 9.9 (11.3, 9.1); and at 2**21
+#: scores, B=8, E=1024, H=16, L=128, 139.3 / 143.5 (159.6, 138.0), 36 MiB faulted per call. A scratch script timing
+#: each variant in blocks of 3 calls (medians of 5-7 rounds; two compilations of one program differed by up to 4%)
+#: gave the one chunk 0.92-1.00 of the time without it at those points and at (B, E, L) = (8, 256, 256) and (8,
+#: 1024, 128) (there 0.95-0.96 with 2**21, against the tiles tool's 1.03). Without AVX-512 (the AMD EPYC of
+#: ``CHUNK_SCORES_VJP``'s table) it is not measured, and off.
+ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 2**20 if AVX512 else 0
 
 
 #: The values that turn every chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on a
@@ -574,8 +586,8 @@ def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, 
 
 def backward_chunks(n: int, h: int, lq: int, sk: int) -> tuple[int, int, int]:
     """The chunks of ``_backward_whole_keys``: ``whole_key_chunks`` with ``CHUNK_SCORES_VJP``, except that on
-    Intel CPUs (``INTEL``) a call of at most ``ONE_CHUNK_MAX_Q`` queries and ``ONE_CHUNK_SCORES_VJP`` scores is one
-    chunk."""
+    Intel CPUs (``INTEL``) and CPUs with AVX-512 (``AVX512``) a call of at most ``ONE_CHUNK_MAX_Q`` queries and
+    ``ONE_CHUNK_SCORES_VJP`` scores is one chunk."""
     if _one_chunk(n, h, lq, sk, ONE_CHUNK_SCORES_VJP):
         return n, h, lq
     return whole_key_chunks(n, h, lq, sk, CHUNK_SCORES_VJP)
