@@ -344,6 +344,13 @@ def parse_args(argv=None):
     ap.add_argument("--grid-max-scores", type=int, help="skip grid points with more scores B*H*L*L than this")
     ap.add_argument("--grid-repeats", type=int, help="timed runs per grid point (default: 7; --quick: 3)")
     ap.add_argument(
+        "--grid-settle",
+        type=int,
+        default=1,
+        help="untimed calls of a grid contender before a timed one that comes right after another library's "
+        "(default: 1; 0 times every call as it comes)",
+    )
+    ap.add_argument(
         "--dtype", default="float32", help=f"dtypes of the grid and long tables, comma-separated ({', '.join(DTYPES)})"
     )
     ap.add_argument(
@@ -395,6 +402,8 @@ def parse_args(argv=None):
     unknown = [d for d in args.dtypes if d not in DTYPES]
     if unknown:
         ap.error(f"--dtype: unknown {', '.join(unknown)}; choose from {', '.join(DTYPES)}")
+    if args.grid_settle < 0:
+        ap.error(f"--grid-settle must be 0 or more, got {args.grid_settle}")
     args.shape = tuple(int(x) for x in args.shape.split(","))
     if args.long_contenders is not None:
         args.long_contenders = args.long_contenders.split(",")

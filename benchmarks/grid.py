@@ -1,7 +1,8 @@
 """The grid: every contender at every (mode, batch, width, length), side by side, and its heat map.
 
 At each point of the grid all contenders are built, warmed up (compiled) and timed in one round robin,
-so that load on the machine enters every ratio at that point alike. A point is skipped when its
+so that load on the machine enters every ratio at that point alike; a call right after another library's is
+first made ``--grid-settle`` times untimed (``measure.medians``). A point is skipped when its
 scores ``B * H * L * L`` exceed ``--grid-max-scores`` (its run would take too long); a dense
 contender is not started where its score matrices would exceed the memory budget.
 """
@@ -84,6 +85,22 @@ def grid_contenders(args) -> list[str]:
     return [n for n in GRID_CONTENDERS if n in asked | {"torch", SUBJECT}]
 
 
+def library(name: str) -> str:
+    """A contender's library, as ``measure.medians`` tells a switch between two."""
+    return "torch" if name.startswith("torch") else "jax"
+
+
+def settled(settle: int) -> str:
+    """How the page says what ``--grid-settle`` did."""
+    if not settle:
+        return "each call timed as it came, right after another library's or not"
+    calls = "one untimed call" if settle == 1 else f"{settle} untimed calls"
+    return (
+        f"a call that came right after another library's was first made as {calls} of its own, since torch's "
+        "OpenMP threads spin on a core for a few ms after each call and slowed the JAX call after it by up to 40%"
+    )
+
+
 def grid_table(args, results) -> str:
     """Time every contender at every grid point; a Markdown table of ratios to torch, and the figures."""
     from benchmarks import contenders
@@ -107,7 +124,7 @@ def grid_table(args, results) -> str:
             calls[n]()  # compiles
             if n.startswith("torch"):  # JAX's peak counts from the process's start: not one contender's
                 peaks[n] = device_peak_gib(n)
-        med = medians(calls, reps)
+        med = medians(calls, reps, settle=args.grid_settle, library=library)
         torch_s = med["torch"]
         point = dict(mode=mode, B=B, E=E, H=H, L=L, dtype=dtype, median_s=med, device_peak_gib=peaks)
         results["grid"].append(point)
@@ -134,8 +151,9 @@ def grid_table(args, results) -> str:
         rows = [r + [""] * (len(headers) - len(r)) for r in rows]
     title = (
         f"## The grid: self-attention, need_weights=False, {dtype}\n\n"
-        f"At each point every contender is compiled, then timed in one round robin (median of {reps}); ratios "
-        "are to torch's time at that point (below 1: faster than torch). `auto / fastest` is noxton's "
+        f"At each point every contender is compiled, then timed in one round robin (median of {reps}; "
+        + settled(args.grid_settle)
+        + "); ratios are to torch's time at that point (below 1: faster than torch). `auto / fastest` is noxton's "
         "Equinox front end with `implementation='auto'` against the fastest of torch and the JAX peers "
         "(eqx.nn, hk, flax.nnx, jax.nn.dot_product_attention). A dash: not run (its score matrices would "
         f"exceed {args.mem_budget_gib} GiB). Points whose B·H·L² exceeds {max_scores(args):.2g} are not "

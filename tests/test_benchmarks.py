@@ -114,6 +114,35 @@ def test_page_rewrite_keeps_the_gpu_and_decoding_sections(tmp_path):
     assert text.endswith(f"## Main\n\nnew\n\n{gpu}\n\n## Decoding with a key/value cache\n\n| a |\n|---|\n")
 
 
+@pytest.mark.parametrize("settle", [0, 2])
+def test_medians_settles_a_call_that_follows_another_librarys(monkeypatch, settle):
+    """With ``settle``, a call right after another library's is first made ``settle`` times untimed; a call after
+    one of its own library is timed as it comes."""
+    from benchmarks import measure
+    from benchmarks.grid import library
+
+    log = []
+    clock = iter(range(10**6))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: log.append("clock") or next(clock))
+    names = ("torch", "noxton_eqx", "eqx", "torch_matmul")
+    med = measure.medians({n: lambda n=n: log.append(n) for n in names}, 6, 1, settle, library)
+    assert med == dict.fromkeys(names, 1)  # each timed call: two clock readings around it, one tick apart
+    log = log[len(names) :]  # after the warm-up calls
+    timed, previous, switches = 0, None, 0
+    while log:
+        untimed = []
+        while log[0] != "clock":
+            untimed.append(log.pop(0))
+        assert log[:3] == ["clock", log[1], "clock"], log[:3]  # a timed call
+        name = log[1]
+        del log[:3]
+        switched = previous is not None and library(previous) != library(name)
+        switches += switched
+        assert untimed == [name] * (settle if switched else 0), (previous, name, untimed)
+        previous, timed = name, timed + 1
+    assert timed == 6 * len(names) and switches > 0
+
+
 def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     pytest.importorskip("torch", reason="the tiles benchmark times torch alongside")
     import noxton.functional._attention as attention
@@ -226,7 +255,7 @@ def test_grid_starts_no_point_that_the_longest_so_far_would_carry_past_the_deadl
         return call
 
     monkeypatch.setattr(grid, "build", build)
-    monkeypatch.setattr(grid, "medians", lambda calls, reps: dict.fromkeys(calls, 1e-3))
+    monkeypatch.setattr(grid, "medians", lambda calls, reps, **how: dict.fromkeys(calls, 1e-3))
     monkeypatch.setattr(grid, "reset_device_peak", lambda name: None)  # no torch needed (the lowest env has none)
     monkeypatch.setattr(grid, "device_peak_gib", lambda name: None)
     results = {"grid": []}
