@@ -116,9 +116,10 @@ def select_implementation(
        1024 queries, up to 32 MiB of scores (``_blockwise.forward_chunks``). Its
        backward takes chunks a quarter that size (half on Intel CPUs), and a
        call of up to 256 queries as one chunk up to 8 MiB of scores on Intel
-       CPUs, 4 MiB with AVX-512 (``_blockwise.backward_chunks``); past 8192 keys both loop over key blocks
-       in tiles that ``block_sizes`` keeps under glibc's 32 MiB ``mmap`` ceiling
-       at small batch, so that no call faults its scores in afresh.
+       CPUs, 4 MiB with AVX-512 (``_blockwise.backward_chunks``); past 8192
+       keys both loop over key blocks in tiles that ``block_sizes`` keeps
+       under glibc's 32 MiB ``mmap`` ceiling at small batch, so that no call
+       faults its scores in afresh.
     4. GPU/TPU, no dropout, float16/bfloat16/float32 inputs: fused.
     5. Otherwise (dropout, or float64 inputs off the CPU) dense: ``"auto"`` never
        trades precision for speed.
