@@ -35,8 +35,7 @@ def medians(
 
     With ``settle`` and ``library`` (each key's library, ``"torch"`` or ``"jax"``), a call that comes right after
     another library's is first made ``settle`` times untimed, so that no call is timed in the wake of the other
-    library's threads: at B=1, L=S=1024, E=256, forward, both eqx.nn's and noxton's 12 ms call took 17 ms right
-    after torch's, whichever of the two came there (2026-12-05, the AMD EPYC with AVX-512), and 12 ms 10 ms later.
+    library's threads (docs/differences.md, "Timing beside torch in one process", has the figures).
     """
     for call in calls.values():
         for _ in range(warmup):

@@ -4,7 +4,7 @@
 ``23:512:1024,23:256:512``; ``--chunk-scores 21,19`` instead (or as well) times the CPU's whole-key passes
 with chunks of ``2**21`` and ``2**19`` scores: ``CHUNK_SCORES`` for ``fwd``, ``CHUNK_SCORES_VJP`` for
 ``fwd_bwd`` (the forward keeps its own), with the chunk rules of ``forward_chunks`` and ``backward_chunks``
-(``CHUNK_RULES_OFF``: the AVX-512 forward's and the Intel backward's) off, so that the budget alone sets the
+(``CHUNK_RULES_OFF``: the AVX-512 forward's and the backward's one chunk) off, so that the budget alone sets the
 chunks. For each length, every variant is compiled once and timed against torch's MHA (and any ``--peers``) in
 one process, the repeats interleaved and their order shuffled; each row also gives the memory that one call
 faults in (the process's minor page faults times the page size): glibc serves every allocation of more than
@@ -20,7 +20,7 @@ every whole-key chunk dividing by the softmax's sum before the second product (`
 alone (``former``) or of ``forward_chunks`` and ``backward_chunks`` (``rule``: with AVX-512, one row of
 up to ``LONG_ROW_CHUNK_Q`` queries past ``FUSED_KEYS_MAX`` keys, one row from half of it at head sizes up
 to ``NARROW_HEAD``, small calls as one chunk, and chunks of every head of whole examples from 257 to 512 keys,
-``ALL_ROWS_QUERIES``; on Intel CPUs, the backward's small calls as one chunk).
+``ALL_ROWS_QUERIES``; on Intel CPUs and with AVX-512, the backward's small calls as one chunk).
 ``--avx512-rules off,rule`` times the whole layer with the forward's rules that AVX-512 turns on
 (``noxton.functional._blockwise.AVX512``) off, as CPUs without it take them, or as this CPU takes them.
 ``--in-projection packed,rule``
@@ -32,10 +32,10 @@ the layer takes the key loop past ``WHOLE_KEYS_MAX`` keys).
 ``--set 'ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21'`` times the whole layer with any of
 ``noxton.functional._blockwise``'s constants set, one variant per ``;``-separated group of ``NAME=VALUE`` pairs
 (``,`` between pairs; a value is an integer, ``2**N``, ``None``, ``True`` or ``False``). ``--settle 1`` makes one
-untimed call of the same variant before each timed one: torch's OpenMP threads spin on a core for a few ms after
-each call, which slows the call that comes next (at B=1, L=S=1024, E=256, forward, a JAX layer's 12 ms call took
-17 ms right after torch's), so that with it no call is timed right after another's. These are the figures behind
-``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and behind that constant.
+untimed call of the same variant before each timed one, so that no call is timed right after another's (torch's
+OpenMP threads slow the call after theirs: docs/differences.md, "Timing beside torch in one process"). These are
+the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and behind
+that constant.
 """
 
 from __future__ import annotations
