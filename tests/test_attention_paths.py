@@ -595,7 +595,7 @@ def test_the_cpu_facts_the_rules_are_keyed_on(tmp_path):
     info.write_text("vendor_id\t: GenuineIntel\nflags\t\t: fpu sse2 avx2 avx512_vnni_like\n")
     assert not blockwise_module.has_avx512(str(info))  # the foundation flag itself, not a name that contains it
     assert not blockwise_module.has_avx512(str(tmp_path / "missing"))
-    # the forward's rules follow this CPU's AVX-512, the backward's its vendor
+    # the forward's rules follow this CPU's AVX-512, the backward's budget its vendor, its one chunk both
     assert blockwise_module.AVX512 == blockwise_module.has_avx512()
     assert blockwise_module.INTEL == (blockwise_module.cpu_vendor() == "GenuineIntel")
     for name, off in blockwise_module.AVX512_RULES_OFF.items():
