@@ -17,14 +17,17 @@ from benchmarks import contenders
 from benchmarks.contenders import DENSE, build
 
 
-def medians(
+def samples(
     calls: dict[Any, Callable[[], Any]],
     reps: int,
     warmup: int = 1,
     settle: int = 0,
     library: Callable[[Any], str] | None = None,
-) -> dict[Any, float]:
-    """Median seconds per call, after ``warmup`` calls each (compilation included there).
+    counter: Callable[[], int] | None = None,
+) -> dict[Any, list[tuple[float, int]]]:
+    """Each key's timed calls: seconds, and how much ``counter`` (a count that only grows, such as the
+    process's minor page faults; 0 without one) grew over the call. ``warmup`` calls each come first
+    (compilation included there).
 
     The repeats are interleaved, so that noise from the machine hits every contender alike, and each
     repeat runs the calls in a new order (shuffled, with a fixed seed): torch's OpenMP threads spin
@@ -33,28 +36,41 @@ def medians(
     in every repeat (a rotation keeps the cyclic order): measured, two compilations of the same
     program gave 1.28x and 1.00x torch's time, the slower one always run right after torch.
 
-    With ``settle`` and ``library`` (each key's library, ``"torch"`` or ``"jax"``), a call that comes right after
-    another library's is first made ``settle`` times untimed, so that no call is timed in the wake of the other
-    library's threads (docs/differences.md, "Timing beside torch in one process", has the figures).
+    ``settle`` untimed calls of the same key come before a timed call: before every one, or with ``library``
+    (each key's library, ``"torch"`` or ``"jax"``) only before one that comes right after another library's, so
+    that no call is timed in the wake of the other library's threads (docs/differences.md, "Timing beside
+    torch in one process", has the figures).
     """
     for call in calls.values():
         for _ in range(warmup):
             call()
-    times: dict[Any, list[float]] = {k: [] for k in calls}
+    timed: dict[Any, list[tuple[float, int]]] = {k: [] for k in calls}
     order = list(calls.items())
     rng = random.Random(0)
     previous = None
+    count = counter or (lambda: 0)
     for _ in range(reps):
         rng.shuffle(order)
         for k, call in order:
-            if library is not None and previous is not None and library(k) != library(previous):
+            if library is None or (previous is not None and library(k) != library(previous)):
                 for _ in range(settle):
                     call()
             previous = k
-            t = time.perf_counter()
+            c, t = count(), time.perf_counter()
             call()
-            times[k].append(time.perf_counter() - t)
-    return {k: statistics.median(v) for k, v in times.items()}
+            timed[k].append((time.perf_counter() - t, count() - c))
+    return timed
+
+
+def medians(
+    calls: dict[Any, Callable[[], Any]],
+    reps: int,
+    warmup: int = 1,
+    settle: int = 0,
+    library: Callable[[Any], str] | None = None,
+) -> dict[Any, float]:
+    """Median seconds per call of :func:`samples`."""
+    return {k: statistics.median(t for t, _ in v) for k, v in samples(calls, reps, warmup, settle, library).items()}
 
 
 def elapsed(args) -> float:

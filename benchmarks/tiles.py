@@ -42,10 +42,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
 import resource
 import statistics
-import time
 
 
 def main(argv=None) -> None:
@@ -117,6 +115,7 @@ def main(argv=None) -> None:
     import noxton.functional._attention as attention
     import noxton.functional._blockwise as blockwise
     from benchmarks.contenders import THREADS, build
+    from benchmarks.measure import samples
 
     torch.set_num_threads(THREADS)
     B, E, H = (int(x) for x in args.shape.split(","))
@@ -204,20 +203,9 @@ def main(argv=None) -> None:
             variant(f"auto row maximum {how} the scale", "noxton_eqx", MAX_BEFORE_SCALE=how == "before")
         for values in settings:
             variant("auto " + ", ".join(f"{n}={v!r}" for n, v in values.items()), "noxton_eqx", **values)
-        for call in calls.values():
-            call()
-        times: dict[str, list[float]] = {n: [] for n in calls}
-        faulted: dict[str, list[int]] = {n: [] for n in calls}
-        order, rng = list(calls.items()), random.Random(0)
-        for _ in range(args.reps):  # a new order each repeat, as in measure.medians
-            rng.shuffle(order)
-            for n, call in order:
-                for _ in range(args.settle):
-                    call()
-                f, t = faults(), time.perf_counter()
-                call()
-                times[n].append(time.perf_counter() - t)
-                faulted[n].append(faults() - f)
+        timed = samples(calls, args.reps, settle=args.settle, counter=faults)
+        times = {n: [t for t, _ in v] for n, v in timed.items()}
+        faulted = {n: [f for _, f in v] for n, v in timed.items()}
         ref = statistics.median(times[peers[0]])
         settled = f", each after {args.settle} untimed call(s) of its own" if args.settle else ""
         print(

@@ -143,6 +143,30 @@ def test_medians_settles_a_call_that_follows_another_librarys(monkeypatch, settl
     assert timed == 6 * len(names) and switches > 0
 
 
+def test_samples_settles_every_call_without_a_library_and_counts_what_each_call_adds(monkeypatch):
+    """Without ``library``, every timed call is first made ``settle`` times untimed; ``counter``'s growth over each
+    timed call (the untimed ones not counted) is recorded beside its time."""
+    from benchmarks import measure
+
+    log, count = [], [0]
+    clock = iter(range(10**6))
+    monkeypatch.setattr(measure.time, "perf_counter", lambda: next(clock))
+
+    def call(n):
+        def f():
+            log.append(n)
+            count[0] += n
+
+        return f
+
+    keys = (1, 2, 3)
+    out = measure.samples({n: call(n) for n in keys}, 4, warmup=1, settle=2, counter=lambda: count[0])
+    assert out == {n: [(1, n)] * 4 for n in keys}  # one tick per timed call; the counter grew by n
+    assert log[:3] == list(keys)  # the warm-up
+    runs = [log[i : i + 3] for i in range(3, len(log), 3)]
+    assert len(runs) == 4 * len(keys) and all(run == [run[0]] * 3 for run in runs)  # 2 untimed, then the timed
+
+
 def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     pytest.importorskip("torch", reason="the tiles benchmark times torch alongside")
     import noxton.functional._attention as attention
