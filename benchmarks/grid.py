@@ -94,9 +94,9 @@ def settled(settle: int) -> str:
     """How the page says what ``--grid-settle`` did."""
     if not settle:
         return "each call timed as it came, right after another library's or not"
-    calls = "one untimed call" if settle == 1 else f"{settle} untimed calls"
+    times = "once" if settle == 1 else f"{settle} times"
     return (
-        f"a call that came right after another library's was first made as {calls} of its own, since torch's "
+        f"a call that came right after another library's was first made {times} untimed, since torch's "
         "OpenMP threads spin on a core for a few ms after each call and slowed the JAX call after it by up to 40%"
     )
 
