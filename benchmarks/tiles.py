@@ -30,10 +30,14 @@ times the whole layer with self-attention's in-projection as one ``(3E, E)`` pro
 taken after the scale or before it (``before``: what ``noxton.functional._blockwise.MAX_BEFORE_SCALE`` turns on;
 the layer takes the key loop past ``WHOLE_KEYS_MAX`` keys).
 ``--set 'ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21'`` times the whole layer with any of
-``noxton.functional._blockwise``'s constants set, one variant per ``;``-separated group of ``NAME=VALUE`` pairs
-(``,`` between pairs; a value is an integer, ``2**N``, ``None``, ``True`` or ``False``). ``--settle 1`` makes one
-untimed call of the same variant before each timed one, so that no call is timed right after another's (torch's
-OpenMP threads slow the call after theirs: docs/differences.md, "Timing beside torch in one process"). These are
+``noxton.functional._blockwise``'s (or ``noxton.functional._attention``'s) constants set, one variant per
+``;``-separated group of ``NAME=VALUE`` pairs (``,`` between pairs; a value is an integer, ``2**N``, ``None``,
+``True`` or ``False``). The flags before it are named spellings of such groups (``--row-max before`` is
+``MAX_BEFORE_SCALE=True``, ``--weight-first-rows 0`` is ``CPU_WEIGHT_FIRST_ROWS=0``, ``--chunk-rule former`` is
+``CHUNK_RULES_OFF``'s values), kept for the commands that the comments beside the constants quote.
+``--settle 1`` makes one untimed call of the same variant before each timed one, so that no call is timed right
+after another's (torch's OpenMP threads slow the call after theirs: docs/differences.md, "Timing beside torch in
+one process"). These are
 the figures behind ``noxton/functional/_blockwise.py``'s tile sizes, chunk budgets and normalisation, and behind
 that constant.
 """
@@ -41,6 +45,7 @@ that constant.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import resource
 import statistics
@@ -95,7 +100,8 @@ def main(argv=None) -> None:
     ap.add_argument(
         "--set",
         default="",
-        help="variants of the whole layer (auto) with noxton.functional._blockwise constants set: NAME=VALUE pairs "
+        help="variants of the whole layer (auto) with constants of noxton.functional._blockwise or _attention set: "
+        "NAME=VALUE pairs "
         "separated by ',', variants by ';' (a value: an integer, 2**N, None, True or False)",
     )
     ap.add_argument(
@@ -119,90 +125,32 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(THREADS)
     B, E, H = (int(x) for x in args.shape.split(","))
-    tiles = [tuple(int(v) for v in t.split(":")) for t in args.tiles.split(",") if t]
-    chunks = [int(v) for v in args.chunk_scores.split(",") if v]
-    rows = [int(v) for v in args.weight_first_rows.split(",") if v]
-    normalise = [v for v in args.normalise.split(",") if v]
-    if set(normalise) - {"before", "after", "rule"}:
-        ap.error(f"--normalise takes before, after and rule, got {args.normalise!r}")
-    chunk_rule = [v for v in args.chunk_rule.split(",") if v]
-    if set(chunk_rule) - {"former", "rule"}:
-        ap.error(f"--chunk-rule takes former and rule, got {args.chunk_rule!r}")
-    avx512_rules = [v for v in args.avx512_rules.split(",") if v]
-    if set(avx512_rules) - {"off", "rule"}:
-        ap.error(f"--avx512-rules takes off and rule, got {args.avx512_rules!r}")
-    in_projection = [v for v in args.in_projection.split(",") if v]
-    if set(in_projection) - {"packed", "rule"}:
-        ap.error(f"--in-projection takes packed and rule, got {args.in_projection!r}")
-    row_max = [v for v in args.row_max.split(",") if v]
-    if set(row_max) - {"after", "before"}:
-        ap.error(f"--row-max takes after and before, got {args.row_max!r}")
     try:
-        settings = [_settings(group, blockwise) for group in args.set.split(";") if group]
+        plan = _plan(args, blockwise, attention)
     except ValueError as e:
-        ap.error(f"--set: {e}")
+        ap.error(str(e))
     if args.settle < 0:
         ap.error(f"--settle must be 0 or more, got {args.settle}")
-    if not any((tiles, chunks, rows, normalise, chunk_rule, avx512_rules, in_projection, row_max, settings)):
+    if not plan:
         ap.error(
             "give TILES, --chunk-scores, --weight-first-rows, --normalise, --chunk-rule, --avx512-rules, "
             "--in-projection, --row-max or --set"
         )
-    budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
     peers = args.peers.split(",")
     page = os.sysconf("SC_PAGE_SIZE")
 
     def faults():
         return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
-    names = (
-        *("BLOCK_SCORES", "MAX_BLOCK_Q", "MAX_BLOCK_K", budget),
-        *("NORMALISE_AFTER", "NORMALISED_FIRST", "MAX_BEFORE_SCALE"),
-        *blockwise.CHUNK_RULES_OFF,
-        *blockwise.AVX512_RULES_OFF,
-        *(name for values in settings for name in values),
-    )
-    saved = {n: getattr(blockwise, n) for n in names}
-    saved_rows = attention.CPU_WEIGHT_FIRST_ROWS
-    saved_packed = attention._packed_in_projection
-
-    def variant(label, contender="noxton_eqx_blockwise", **values):
-        blockwise.__dict__.update(values)
-        try:
-            if "BLOCK_SCORES" in values:
-                label += f" -> {blockwise.block_sizes(B * H, L, L)}"
-            call = build(contender, B, L, E, H, args.mode)
-            call()  # compiles with these values
-        finally:
-            blockwise.__dict__.update(saved)
-            attention.CPU_WEIGHT_FIRST_ROWS = saved_rows
-            attention._packed_in_projection = saved_packed
-        calls[label] = call
-
     for L in (int(x) for x in args.lengths.split(",")):
         calls = {n: build(n, B, L, E, H, args.mode) for n in peers}
-        for log2, max_q, max_k in tiles:
-            variant(f"blockwise {log2}:{max_q}:{max_k}", BLOCK_SCORES=2**log2, MAX_BLOCK_Q=max_q, MAX_BLOCK_K=max_k)
-        for log2 in chunks:
-            variant(f"blockwise {budget}=2**{log2}", **{budget: 2**log2}, **blockwise.CHUNK_RULES_OFF)
-        for n in rows:
-            attention.CPU_WEIGHT_FIRST_ROWS = n
-            variant(f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx")
-        for how in normalise:
-            after = {"NORMALISE_AFTER": how != "before"} | ({"NORMALISED_FIRST": frozenset()} if how == "after" else {})
-            variant(f"auto normalised {how}", "noxton_eqx", **after)
-        for how in chunk_rule:
-            variant(f"auto chunk rule {how}", "noxton_eqx", **(blockwise.CHUNK_RULES_OFF if how == "former" else {}))
-        for how in avx512_rules:
-            variant(f"auto AVX-512 rules {how}", "noxton_eqx", **(blockwise.AVX512_RULES_OFF if how == "off" else {}))
-        for how in in_projection:
-            if how == "packed":
-                attention._packed_in_projection = lambda x: True
-            variant(f"auto in-projection {how}", "noxton_eqx")
-        for how in row_max:
-            variant(f"auto row maximum {how} the scale", "noxton_eqx", MAX_BEFORE_SCALE=how == "before")
-        for values in settings:
-            variant("auto " + ", ".join(f"{n}={v!r}" for n, v in values.items()), "noxton_eqx", **values)
+        for label, contender, values in plan:
+            with _patched(values, (blockwise, attention)):
+                if "BLOCK_SCORES" in values:
+                    label += f" -> {blockwise.block_sizes(B * H, L, L)}"
+                call = build(contender, B, L, E, H, args.mode)
+                call()  # compiles with these values
+            calls[label] = call
         timed = samples(calls, args.reps, settle=args.settle, counter=faults)
         times = {n: [t for t, _ in v] for n, v in timed.items()}
         faulted = {n: [f for _, f in v] for n, v in timed.items()}
@@ -217,13 +165,73 @@ def main(argv=None) -> None:
             print(f"  {n:44s} {m * 1e3:9.1f} ms  {m / ref:5.2f}x  {mib:6.0f} MiB faulted per call", flush=True)
 
 
-def _settings(group: str, module) -> dict:
-    """``"NAME=VALUE,NAME=VALUE"`` as ``{NAME: value}``, each name a constant of ``module``."""
+def _plan(args, blockwise, attention) -> list[tuple[str, str, dict]]:
+    """Every variant the flags ask for, as ``(label, contender, {NAME: value})``. The older flags are spellings of
+    ``--set`` groups (``--row-max before`` is ``MAX_BEFORE_SCALE=True``) under labels of their own; a choice called
+    ``rule`` leaves the constants as this CPU takes them (``--normalise rule`` turns ``NORMALISE_AFTER`` on)."""
+    budget = "CHUNK_SCORES" if args.mode == "fwd" else "CHUNK_SCORES_VJP"
+    # flag -> (label of a choice, {choice: values})
+    choices = {
+        "normalise": (
+            "auto normalised {}",
+            {
+                "before": {"NORMALISE_AFTER": False},
+                "after": {"NORMALISE_AFTER": True, "NORMALISED_FIRST": frozenset()},
+                "rule": {"NORMALISE_AFTER": True},
+            },
+        ),
+        "chunk_rule": ("auto chunk rule {}", {"former": blockwise.CHUNK_RULES_OFF, "rule": {}}),
+        "avx512_rules": ("auto AVX-512 rules {}", {"off": blockwise.AVX512_RULES_OFF, "rule": {}}),
+        "in_projection": ("auto in-projection {}", {"packed": {"_packed_in_projection": lambda x: True}, "rule": {}}),
+        "row_max": (
+            "auto row maximum {} the scale",
+            {"after": {"MAX_BEFORE_SCALE": False}, "before": {"MAX_BEFORE_SCALE": True}},
+        ),
+    }
+    plan = []
+    for text in (t for t in args.tiles.split(",") if t):
+        log2, max_q, max_k = (int(v) for v in text.split(":"))
+        values = {"BLOCK_SCORES": 2**log2, "MAX_BLOCK_Q": max_q, "MAX_BLOCK_K": max_k}
+        plan.append((f"blockwise {log2}:{max_q}:{max_k}", "noxton_eqx_blockwise", values))
+    for log2 in (int(v) for v in args.chunk_scores.split(",") if v):
+        values = {budget: 2**log2, **blockwise.CHUNK_RULES_OFF}
+        plan.append((f"blockwise {budget}=2**{log2}", "noxton_eqx_blockwise", values))
+    for n in (int(v) for v in args.weight_first_rows.split(",") if v):
+        plan.append((f"auto CPU_WEIGHT_FIRST_ROWS={n}", "noxton_eqx", {"CPU_WEIGHT_FIRST_ROWS": n}))
+    for flag, (label, table) in choices.items():
+        for how in (v for v in getattr(args, flag).split(",") if v):
+            if how not in table:
+                name = "--" + flag.replace("_", "-")
+                raise ValueError(f"{name} takes {', '.join(table)}, got {getattr(args, flag)!r}")
+            plan.append((label.format(how), "noxton_eqx", dict(table[how])))
+    for group in (g for g in args.set.split(";") if g):
+        values = _settings(group, (blockwise, attention))
+        plan.append(("auto " + ", ".join(f"{n}={v!r}" for n, v in values.items()), "noxton_eqx", values))
+    return plan
+
+
+@contextlib.contextmanager
+def _patched(values: dict, modules):
+    """Each ``NAME`` of ``values`` set in the first of ``modules`` that has it, for the ``with`` block."""
+    owners = {name: next(m for m in modules if hasattr(m, name)) for name in values}
+    saved = {name: getattr(owners[name], name) for name in values}
+    try:
+        for name, value in values.items():
+            setattr(owners[name], name, value)
+        yield
+    finally:
+        for name, value in saved.items():
+            setattr(owners[name], name, value)
+
+
+def _settings(group: str, modules) -> dict:
+    """``"NAME=VALUE,NAME=VALUE"`` as ``{NAME: value}``, each name a constant of one of ``modules``."""
     out = {}
     for pair in group.split(","):
         name, sep, text = (part.strip() for part in pair.partition("="))
-        if not sep or not hasattr(module, name) or not name.isupper():
-            raise ValueError(f"expected NAME=VALUE with NAME a constant of {module.__name__}, got {pair!r}")
+        if not sep or not name.isupper() or not any(hasattr(m, name) for m in modules):
+            where = " or ".join(m.__name__ for m in modules)
+            raise ValueError(f"--set: expected NAME=VALUE with NAME a constant of {where}, got {pair!r}")
         base, power, exponent = text.partition("**")
         try:
             if power:
@@ -231,7 +239,7 @@ def _settings(group: str, module) -> dict:
             else:
                 out[name] = {"None": None, "True": True, "False": False}[text] if text[:1].isalpha() else int(text)
         except (KeyError, ValueError):
-            raise ValueError(f"{name}: expected an integer, 2**N, None, True or False, got {text!r}") from None
+            raise ValueError(f"--set: {name}: expected an integer, 2**N, None, True or False, got {text!r}") from None
     return out
 
 

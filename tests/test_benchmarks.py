@@ -181,6 +181,7 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     argv = ["1,16,2", "16", "fwd_bwd", "10:8:8", "--chunk-scores", "9,12", "--weight-first-rows", "0,256"]
     argv += ["--chunk-rule", "former,rule", "--in-projection", "packed,rule", "--row-max", "after,before"]
     argv += ["--avx512-rules", "off,rule", "--set", "ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21,MAX_BLOCK_Q=8"]
+    argv[-1] += ";CPU_WEIGHT_FIRST_ROWS=0,MAX_BEFORE_SCALE=False"  # a constant of _attention's beside _blockwise's
     tiles.main([*argv, "--normalise", "before,after,rule", "--peers", "torch", "--reps", "1", "--settle", "1"])
     out = capsys.readouterr().out
     assert "B=1 E=16 H=2 L=S=16 fwd_bwd, medians of 1, each after 1 untimed call(s) of its own" in out
@@ -193,6 +194,7 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     assert all(f"auto in-projection {how} " in out for how in ("packed", "rule"))
     assert all(f"auto AVX-512 rules {how} " in out for how in ("off", "rule"))
     assert all(f"auto row maximum {how} the scale " in out for how in ("after", "before"))
+    assert "auto CPU_WEIGHT_FIRST_ROWS=0, MAX_BEFORE_SCALE=False " in out
     assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
     assert attention._packed_in_projection is packed
     with pytest.raises(SystemExit):
@@ -203,7 +205,9 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
         tiles.main(["1,16,2", "16", "fwd", "--row-max", "during"])
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd", "--avx512-rules", "on"])
-    for bad in ("NO_SUCH_CONSTANT=1", "MAX_BLOCK_Q", "MAX_BLOCK_Q=big", "MAX_BLOCK_Q=2**x"):
+    with pytest.raises(SystemExit):
+        tiles.main(["1,16,2", "16", "fwd", "--in-projection", "split"])
+    for bad in ("NO_SUCH_CONSTANT=1", "MAX_BLOCK_Q", "MAX_BLOCK_Q=big", "MAX_BLOCK_Q=2**x", "_packed_in_projection=1"):
         with pytest.raises(SystemExit):
             tiles.main(["1,16,2", "16", "fwd", "--set", bad])
     with pytest.raises(SystemExit):
