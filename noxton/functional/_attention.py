@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from noxton.functional._blockwise import blockwise_attention
+from noxton.functional._blockwise import INTEL, blockwise_attention
 from noxton.functional._checks import (
     check_array,
     check_bool,
@@ -175,8 +175,19 @@ def select_implementation(
 #: gave, at B=1, E=1024 and L=16, 64 and 128, 4.0 / 2.3, 7.0 / 5.2 and 12.9 / 9.8 ms (eqx.nn 2.2, 5.3, 9.6); a
 #: decoding step of 8 rows at E=512, 1.13 / 0.87. Forward and backward were level at each of these points within
 #: 4% (B, E, L = 1, 512, 256: 17.0 / 16.5 ms; 1, 1024, 256: 48.8 / 49.7; 8, 512, 64: 20.3 / 20.6), as was a
-#: ``TransformerEncoderLayer`` forward (1, 512, 512: 23.0 / 22.6; 8, 512, 64: 20.8 / 19.4).
-CPU_WEIGHT_FIRST_ROWS = 1024
+#: ``TransformerEncoderLayer`` forward (1, 512, 512: 23.0 / 22.6; 8, 512, 64: 20.8 / 19.4). Those were Intel's
+#: figures (a Xeon with AVX-512). On a 2-core AMD EPYC with AVX-512 (2026-12-05, jaxlib 0.10.2) input first was the
+#: faster forward from 512 rows, so there the limit is 512. The same command with ``--weight-first-rows 1024,512
+#: --settle 1 --reps 13-15``, one process per line, ms, weight first (1024) / input first (512), torch and eqx.nn
+#: beside: (B, E, L) = (1, 256, 512): 6.3 / 4.6 (4.4, 5.1), 4.5 / 4.1 (3.8, 4.4), 4.5 / 4.4 (3.9, 4.6), 4.9 / 4.5
+#: (4.4, 4.8); (1, 512, 512): 11.5 / 11.8 (11.6, 11.9), 11.1 / 10.6 (9.9, 10.1), 11.6 / 11.0 (10.7, 10.5); (8, 256,
+#: 64): 2.8 / 2.1 (2.2, 2.5), 2.4 / 2.2 (2.2, 2.4); (8, 512, 64): 7.7 / 6.4 (6.8, 7.0), 7.2 / 6.3 (6.8, 6.7). Forward
+#: and backward, level: (1, 256, 512) 12.9 / 13.0 and 12.8 / 13.1; (1, 512, 512) 32.4 / 30.8 and 32.5 / 33.7; (8,
+#: 512, 64) 18.7 / 18.4 and 20.2 / 22.1. At 384 rows the forward was level or input first faster ((1, 256, 384) 4.2
+#: / 3.2, (1, 512, 384) 7.5 / 7.5, (1, 1024, 384) 23.2 / 23.7, one run each), and at 256 and 128 rows weight first
+#: was level or faster ((1, 256, 128) 1.2 / 1.3, (1, 512, 128) 2.4 / 2.9 ms), so the AMD limit stays at 512. Other
+#: CPUs (without AVX-512 among them) take it unmeasured.
+CPU_WEIGHT_FIRST_ROWS = 1024 if INTEL else 512
 
 
 def _few_cpu_rows(x, axis: int = -1) -> bool:
