@@ -26,9 +26,9 @@ itself reaches after freeing one 32 MiB block (``M_MMAP_THRESHOLD`` 32 MiB, ``M_
 size (64 MiB), so that an emptied heap stays mapped for the next call. It is process-wide: each
 thread's heaps, once used, stay mapped and keep their freed memory for reuse instead of returning it,
 and the main heap keeps up to 64 MiB at its top. Blocks of 32 MiB or more (the temporaries of a large call,
-such as the 40 MiB that XLA packs the intermediates of the layer's forward at B=8, L=512, E=512 into)
-are still a fresh ``mmap`` each call: glibc allows no higher threshold, and turning ``mmap`` off
-(``M_MMAP_MAX`` 0) would keep every large block a program frees, a torch checkpoint's tensors among
+such as the 50 MiB that XLA packs the intermediates of the layer's forward at B=8, L=512, E=1024 into)
+still get a fresh ``mmap`` whenever no heap has room for them: glibc allows no higher threshold, and turning
+``mmap`` off (``M_MMAP_MAX`` 0) would keep every large block a program frees, a torch checkpoint's tensors among
 them, in the heap. XLA's own flag for splitting those temporaries is left to the user, since XLA then logs a
 warning for every larger intermediate: docs/differences.md ("The process's allocator") gives its figures, its
 cost and how to set it.

@@ -153,13 +153,17 @@ def run(struct, mask_case):
             for impl in ("dense", *PATHS)
         }
 
+    def primal(params, q, k, v):  # no gradient: the blockwise pass that writes its output over the queries
+        return loss(params, q, k, v, "blockwise")[1]
+
     def loss(params, q, k, v, impl):
         if inputs["self_attn"]:
             k = v = q
         out = f.apply(params, None, q, k, v, impl)
         return jnp.sum(out * r), out
 
-    return {impl: (out, grads) for impl, ((_, out), grads) in jax.jit(every_path)(params, q, k, v).items()}
+    results = {impl: (out, grads) for impl, ((_, out), grads) in jax.jit(every_path)(params, q, k, v).items()}
+    return results | {"blockwise primal": (jax.jit(primal)(params, q, k, v), None)}
 
 
 # Every mask on the richest structure (appended keys, kdim/vdim); the common ones on the rest.
@@ -282,10 +286,45 @@ def test_whole_key_chunks_match_dense(struct, mask_case, budget, normalised_firs
     out_b, g_b = results["blockwise"]
     assert np.all(np.isfinite(np.asarray(out_b)))
     assert_close(out_b, out_d, ATOL, "blockwise output")
+    # without a gradient the chunks write their outputs over the queries (OUTPUT_OVER_QUERIES): the same numbers
+    assert_close(results["blockwise primal"][0], out_b, 1e-6, "blockwise output without a gradient")
     for (path, gd), (_, gb) in zip(
         jax.tree_util.tree_flatten_with_path(g_d)[0], jax.tree_util.tree_flatten_with_path(g_b)[0], strict=True
     ):
         assert_close(gb, gd, ATOL, f"blockwise {jax.tree_util.keystr(path)}")
+
+
+@pytest.mark.parametrize("vmapped", [False, True])
+def test_output_over_queries_matches_the_stacked_chunks(vmapped, monkeypatch):
+    """Without a gradient the whole-key pass writes each chunk's output over its own queries
+    (``OUTPUT_OVER_QUERIES``): the same numbers as stacking the chunks' outputs, in chunks that split
+    examples, heads and queries (the last chunk padded), under a causal mask, and under ``jax.vmap``."""
+    monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_Q", None)  # the whole-key pass, as the CPU runs it
+    monkeypatch.setattr(blockwise_module, "DEFAULT_BLOCK_K", None)
+    for name, value in blockwise_module.CHUNK_RULES_OFF.items():
+        monkeypatch.setattr(blockwise_module, name, value)
+    monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", 40)  # chunks of one row and 5 of 9 queries (padded)
+    n, h, length, d = 2, 3, 9, 4
+    assert blockwise_module.forward_chunks(n, h, length, length, d) == (1, 1, 5)
+    q, k, v = _raw((n, length, h, d), (n, length, h, d), 7)
+    masks = Masks(key_padding=None, attn=None, causal=True, src_len=length)
+    args = (q[None].repeat(2, 0), k[None].repeat(2, 0), v[None].repeat(2, 0)) if vmapped else (q, k, v)
+    outs = {}
+    for over in (False, True):
+        monkeypatch.setattr(blockwise_module, "OUTPUT_OVER_QUERIES", over)
+
+        def attend(q, k, v):  # a new function for each setting: JAX keeps a function's first trace
+            return blockwise_attention(q, k, v, masks)
+
+        f = jax.vmap(attend) if vmapped else attend
+        jaxpr = str(jax.make_jaxpr(f)(*args))
+        assert ("dynamic_update_slice" in jaxpr) == over, "the pass must write over the queries only when told"
+        outs[over] = jax.jit(f)(*args)
+        if over:  # the gradient's forward keeps the queries, and agrees
+            out_grad, _ = jax.vjp(f, *args)
+            assert "dynamic_update_slice" not in str(jax.make_jaxpr(lambda *a, f=f: jax.vjp(f, *a)[0])(*args))
+            assert_close(out_grad, outs[True], 1e-6, "the gradient's forward")
+    assert_close(outs[True], outs[False], 1e-6, "output over the queries")
 
 
 def _raw(shape_q, shape_kv, seed):

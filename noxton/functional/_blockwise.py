@@ -518,6 +518,25 @@ ALL_ROWS_MAX_HEAD = 64
 ONE_CHUNK_SCORES_VJP = 2**21 if INTEL else 2**20 if AVX512 else 0
 
 
+#: Without a gradient (``_attention_core``'s primal), the whole-key pass writes each chunk's output over its own
+#: queries, in one ``[N, H, L, D]`` buffer carried through the loop, rather than stacking the chunks' outputs and
+#: moving them into place: one activation fewer is live (the queries, the keys, the values and the output were four),
+#: and no copy puts the output in place. The gradient's forward keeps the queries (the backward needs them). XLA's
+#: temporaries of the layer's forward (``compiled.memory_analysis()``, ``noxton.nn.MultiheadAttention`` under
+#: ``jax.vmap``, jitted), MiB, stacked / over the queries: (B, E, H, L) = (8, 512, 8, 512) 40.0 / 25.0; (1, 1024, 16,
+#: 2048) 40.0 / 25.3; (8, 256, 8, 1024) 40.0 / 24.4; (8, 256, 8, 512) 20.0 / 13.0. Under 32 MiB glibc serves them from
+#: its heaps, where they stay (``noxton._malloc``); over it, with a fresh ``mmap`` whenever no heap has room, and a
+#: call that faults 40 MiB in took 84-89 ms at (8, 512, 8, 512) against 72-76 for one that did not. In processes that
+#: ran that point alone (no torch, 8 calls each, 2026-12-05, AMD EPYC), the calls faulted 40-44 MiB in 2 to 5 of 8
+#: stacked, and at most 31 MiB in 2 of 8 over the queries. Times were level: medians of 10 alternating calls in one
+#: process, ms, stacked / over the queries, 79.2 / 83.7 and 75.1 / 78.0 at (8, 512, 8, 512), 196.6 / 192.5 at (1,
+#: 1024, 16, 2048), 94.9 / 92.0 at (8, 256, 8, 1024); and ``python -m benchmarks.tiles B,E,H L fwd --set
+#: 'OUTPUT_OVER_QUERIES=False;OUTPUT_OVER_QUERIES=True' --settle 1 --reps 9``: 73.5 / 74.8 and 72.7 / 71.1, 243.1 /
+#: 245.9, 91.5 / 90.6; (1, 256, 8, 512) 3.9 / 4.8, 5.2 / 4.9 and 4.6 / 4.1; (1, 256, 8, 2048) 38.0 / 38.5; (8, 256, 8,
+#: 128) 4.1 / 4.0.
+OUTPUT_OVER_QUERIES = True
+
+
 #: The values that turn every chunk rule above off, so that ``whole_key_chunks`` alone sets the chunks (as on a
 #: CPU neither Intel nor with AVX-512): what the tiles tool's ``--chunk-rule former`` and the tests patch.
 CHUNK_RULES_OFF = {
@@ -653,11 +672,13 @@ def _unchunk(counts, chunks, n, h, lq, x):
     return x.reshape(n, h, lq, *x.shape[6:])
 
 
-def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp, am):
+def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp, am, in_place: bool = False):
     """``_forward`` with one block of keys and no dropout: ``out [N, H, L, D]`` and ``lse [N, H, L]``.
 
     ``chunks`` is ``forward_chunks``'s ``(examples, heads, queries)``; ``q`` (and ``am``) are padded
-    to whole query chunks, the keys are not padded.
+    to whole query chunks, the keys are not padded. With ``in_place`` (where ``out`` has ``q``'s shape and
+    dtype), each chunk's output overwrites its own queries in one ``[N, H, L, D]`` buffer, and ``lse`` is
+    ``None``: see ``OUTPUT_OVER_QUERIES``.
     """
     sdtype = softmax_dtype(q.dtype)
     n, h, lq, d = q.shape
@@ -671,10 +692,10 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     after = NORMALISE_AFTER and (c, sk) not in NORMALISED_FIRST
     part = functools.partial(_chunk_part, chunks)
 
-    def chunk(idx):
+    def chunk(idx, queries=q):
         a, rest = jnp.divmod(idx, counts[1] * counts[2])
         b, i = jnp.divmod(rest, counts[2])
-        qc = part(q, a, b, i).reshape(rows, c, d)
+        qc = part(queries, a, b, i).reshape(rows, c, d)
         s = _chunk_scores(cfg, chunks, qc, part(kt, a, b).reshape(rows, d, sk), kp, am, a, b, i, sdtype)
         m, p, l = _chunk_exp(s, -1, masked)
         vc = part(v, a, b).reshape(rows, sk, dv)
@@ -690,6 +711,15 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     total = counts[0] * counts[1] * counts[2]
     if total == 1:
         return chunk(jnp.int32(0))
+    if in_place:
+
+        def into(idx, buf):
+            a, rest = jnp.divmod(idx, counts[1] * counts[2])
+            b, i = jnp.divmod(rest, counts[2])
+            out, _ = chunk(idx, buf)
+            return lax.dynamic_update_slice(buf, out.astype(buf.dtype), (a * nb, b * hb, i * c, 0))
+
+        return lax.fori_loop(0, total, into, q), None
     outs, lses = lax.map(chunk, jnp.arange(total, dtype=jnp.int32))
     return _unchunk(counts, chunks, n, h, lq, outs), _unchunk(counts, chunks, n, h, lq, lses)
 
@@ -925,8 +955,9 @@ def _whole_keys(static: _Static, dropout, total_len: int) -> bool:
     return cpu and dropout is None and not forced and total_len <= WHOLE_KEYS_MAX
 
 
-def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
-    """``_forward`` on shapes that need not be whole blocks: pads, runs, and cuts back to ``L``."""
+def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key, in_place: bool = False):
+    """``_forward`` on shapes that need not be whole blocks: pads, runs, and cuts back to ``L``. With ``in_place``
+    (the primal, which needs no ``lse``) the whole-key pass writes its output over the queries where it can."""
 
     def impl(q, k, v, kp, am, key):
         cfg = _plan(static, q, k)
@@ -934,14 +965,19 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key):
         if _whole_keys(static, dropout, cfg.total_len):
             chunks = forward_chunks(n, h, tgt_len, cfg.total_len, q.shape[-1])
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
+            over_q = in_place and v.shape[-1] == q.shape[-1] and q.dtype == softmax_dtype(q.dtype)
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
-            out, lse = _forward_whole_keys(cfg, chunks, q, k, v, kp, am)
+            out, lse = _forward_whole_keys(cfg, chunks, q, k, v, kp, am, in_place=over_q)
         else:
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, lse = _forward(cfg, dropout, q, k, v, kp, am, key)
+        if in_place:  # the same outputs whichever pass ran, so that a vmapped call folds its rows alike
+            return out[:, :, :tgt_len]
+        assert lse is not None  # only the pass over the queries leaves it out
         return out[:, :, :tgt_len], lse[:, :, :tgt_len]
 
-    return _fold_vmapped_rows(impl, am_index=4, key_index=5)(q, k, v, kp, am, key)
+    outs = _fold_vmapped_rows(impl, am_index=4, key_index=5)(q, k, v, kp, am, key)
+    return (outs, None) if in_place else outs
 
 
 def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout):
@@ -973,7 +1009,7 @@ def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention_core(static, dropout, q, k, v, kp, am, key):
-    out, _ = _padded_forward(static, dropout, q, k, v, kp, am, key)
+    out, _ = _padded_forward(static, dropout, q, k, v, kp, am, key, in_place=OUTPUT_OVER_QUERIES)
     return out
 
 
