@@ -692,9 +692,12 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     after = NORMALISE_AFTER and (c, sk) not in NORMALISED_FIRST
     part = functools.partial(_chunk_part, chunks)
 
-    def chunk(idx, queries=q):
+    def place(idx):  # chunk ``idx``'s numbers among the examples', heads' and queries' chunks
         a, rest = jnp.divmod(idx, counts[1] * counts[2])
-        b, i = jnp.divmod(rest, counts[2])
+        return (a, *jnp.divmod(rest, counts[2]))
+
+    def chunk(idx, queries=q):
+        a, b, i = place(idx)
         qc = part(queries, a, b, i).reshape(rows, c, d)
         s = _chunk_scores(cfg, chunks, qc, part(kt, a, b).reshape(rows, d, sk), kp, am, a, b, i, sdtype)
         m, p, l = _chunk_exp(s, -1, masked)
@@ -714,8 +717,7 @@ def _forward_whole_keys(cfg: _Config, chunks: tuple[int, int, int], q, k, v, kp,
     if in_place:
 
         def into(idx, buf):
-            a, rest = jnp.divmod(idx, counts[1] * counts[2])
-            b, i = jnp.divmod(rest, counts[2])
+            a, b, i = place(idx)
             out, _ = chunk(idx, buf)
             return lax.dynamic_update_slice(buf, out.astype(buf.dtype), (a * nb, b * hb, i * c, 0))
 
