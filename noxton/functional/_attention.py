@@ -190,11 +190,11 @@ def select_implementation(
 CPU_WEIGHT_FIRST_ROWS = 1024 if INTEL else 512
 
 
-def _few_cpu_rows(x, axis: int = -1) -> bool:
-    """On the CPU, ``x`` has fewer than ``CPU_WEIGHT_FIRST_ROWS`` rows, those of the ``jax.vmap`` axes that map it
-    counted (its features on ``axis``)."""
+def _few_cpu_rows(x, axis: int = -1, limit: int | None = None) -> bool:
+    """On the CPU, ``x`` has fewer than ``limit`` (``CPU_WEIGHT_FIRST_ROWS``) rows, those of the ``jax.vmap`` axes
+    that map it counted (its features on ``axis``)."""
     rows = math.prod(x.shape) // x.shape[axis] * vmapped_size(x)
-    return rows < CPU_WEIGHT_FIRST_ROWS and jax.default_backend() == "cpu"
+    return rows < (CPU_WEIGHT_FIRST_ROWS if limit is None else limit) and jax.default_backend() == "cpu"
 
 
 def _linear(x, weight, bias, *, axis: int = -1):
@@ -229,11 +229,6 @@ def split_heads(x, num_heads: int, *, heads_first: bool = False):
     return jnp.swapaxes(x, -3, -2) if heads_first else x
 
 
-def _packed_in_projection(x) -> bool:
-    """Self-attention projects ``x`` with one ``(3E, E)`` product rather than three (see ``_in_projection``)."""
-    return jax.default_backend() != "cpu" or _few_cpu_rows(x)
-
-
 def _split_in_proj(params):
     """The query, key and value projections' ``(weight, bias)`` pairs (biases ``None`` without ``in_proj_bias``)."""
     b = params.get("in_proj_bias")
@@ -245,9 +240,10 @@ def _split_in_proj(params):
     return tuple(zip(ws, bs, strict=True))
 
 
-#: Self-attention's in-projection is one ``(3E, E)`` product, except on the CPU from ``CPU_WEIGHT_FIRST_ROWS``
-#: rows (those that ``_linear`` takes input first), where it is three ``(E, E)`` products: there the packed
-#: product's gradient took up to 22% longer, and was at most 2% faster. Measured on the 2-core Intel Xeon with
+#: Self-attention's in-projection is one ``(3E, E)`` product, except on the CPU from ``CPU_PACKED_ROWS`` rows
+#: (at most ``CPU_WEIGHT_FIRST_ROWS``, from which ``_linear`` takes them input first), where it is three ``(E, E)``
+#: products. On the Intel Xeon the two limits are one: from it the packed product's gradient took up to 22%
+#: longer, and was at most 2% faster. Measured on the 2-core Intel Xeon with
 #: ``noxton.nn.MultiheadAttention`` under ``jax.vmap``, jitted, medians of 9-11 interleaved rounds in one process,
 #: packed against three products, ms (eqx.nn beside), with ``python -m benchmarks.tiles B,E,H L,... MODE
 #: --in-projection packed,rule``, 2026-12-04. Forward and backward at (B, E, L) = (8, 512, 256): 94.2 / 77.0
@@ -256,6 +252,27 @@ def _split_in_proj(params):
 #: or faster: (8, 256, 256) 7.93 / 7.86; (8, 512, 256) 21.4 / 20.7; (8, 512, 512) 81.5 / 80.0; (8, 1024,
 #: 128) 33.9 / 34.7. Below that many rows, where the products run weight first, the packed one was the
 #: faster: (1, 512, 256) forward and backward 9.40 / 10.07, forward 3.49 / 3.58; (8, 512, 64) 12.95 / 13.45.
+#: So on Intel the limit is ``CPU_WEIGHT_FIRST_ROWS``. On the 2-core AMD EPYC with AVX-512 (jaxlib 0.10.2, whose
+#: products are YNNPACK fusions) three products were the faster forward from 256 rows, weight first as well, so
+#: there the packed product stops at 256 rows (``CPU_PACKED_ROWS``). ``python -m benchmarks.tiles 1,E,H 128,256,384
+#: MODE --set 'CPU_PACKED_ROWS=512;CPU_PACKED_ROWS=256' --settle 1 --peers torch,eqx --reps 15`` (and ``8,E,H
+#: 16,32,48``), 2026-12-05, forward, ratios to torch, packed / three (eqx.nn): (B, E, L) = (1, 256, 256) 1.49 /
+#: 1.26 (1.26); (1, 256, 384) 1.63 / 1.33 (1.50); (1, 512, 256) 1.27 / 1.10 (1.10); (1, 512, 384) 1.19 / 1.05
+#: (1.07); (1, 1024, 256) 1.02 / 0.94 (0.96); (8, 512, 32) 1.45 / 1.16 (1.00); (8, 512, 48) 1.15 / 0.99 (0.96);
+#: level within the noise at (8, 256, 32), (8, 1024, 32) and (1, 1024, 384); one run slower, (8, 256, 48) 1.21 /
+#: 1.59, which a second run (medians of 21, one process, eqx.nn = 1) reversed: 1.20 / 1.09. The same second kind of
+#: run at (1, 256, 256), (1, 256, 384), (1, 512, 256), (1, 512, 384), (1, 1024, 256), (2, 512, 128) and (4, 512,
+#: 64): 1.13 / 0.96, 1.09 / 0.99, 1.07 / 0.99, 1.03 / 0.95, 1.12 / 0.98, 1.14 / 1.06 and 1.21 / 1.08 of eqx.nn.
+#: At 128 rows the packed product was level or faster ((1, 1024, 128) 1.00 / 1.09, (8, 1024, 16) 1.03 / 1.11 of
+#: eqx.nn), and forward and backward were level at every point above (within 5%, either way).
+CPU_PACKED_ROWS = CPU_WEIGHT_FIRST_ROWS if INTEL else 256
+
+
+def _packed_in_projection(x) -> bool:
+    """Self-attention projects ``x`` with one ``(3E, E)`` product rather than three (see ``_in_projection``)."""
+    return jax.default_backend() != "cpu" or _few_cpu_rows(x, limit=min(CPU_PACKED_ROWS, CPU_WEIGHT_FIRST_ROWS))
+
+
 def _in_projection(query, key, value, params):
     if "in_proj_weight" in params and query is key and key is value and _packed_in_projection(query):
         return tuple(jnp.split(_linear(query, params["in_proj_weight"], params.get("in_proj_bias")), 3, axis=-1))
