@@ -182,7 +182,7 @@ def _plan(args, blockwise, attention) -> list[tuple[str, str, dict]]:
         ),
         "chunk_rule": ("auto chunk rule {}", {"former": blockwise.CHUNK_RULES_OFF, "rule": {}}),
         "avx512_rules": ("auto AVX-512 rules {}", {"off": blockwise.AVX512_RULES_OFF, "rule": {}}),
-        "in_projection": ("auto in-projection {}", {"packed": {"_packed_in_projection": lambda x: True}, "rule": {}}),
+        "in_projection": ("auto in-projection {}", {"packed": {"_packed_in_projection": lambda *_: True}, "rule": {}}),
         "row_max": (
             "auto row maximum {} the scale",
             {"after": {"MAX_BEFORE_SCALE": False}, "before": {"MAX_BEFORE_SCALE": True}},

@@ -555,9 +555,9 @@ def test_linear_weight_first_and_input_first_agree(monkeypatch, dtype, axis):
 
 
 def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
-    """Self-attention projects with one ``(3E, E)`` product below ``CPU_PACKED_ROWS`` rows on the CPU and with
-    three ``(E, E)`` products from it (``_packed_in_projection``): the same values and gradients, ``in_proj_weight``'s
-    and ``in_proj_bias``'s included."""
+    """Self-attention projects with one ``(3E, E)`` product below ``CPU_PACKED_ROWS`` rows on the CPU or when
+    ``in_proj_weight`` has ``PACKED_WEIGHT_BYTES`` bytes, and with three ``(E, E)`` products otherwise
+    (``_packed_in_projection``): the same values and gradients, ``in_proj_weight``'s and ``in_proj_bias``'s included."""
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=(N, L, E)).astype(np.float32))
     r = jnp.asarray(rng.normal(size=(N, L, E)).astype(np.float32))
@@ -565,12 +565,14 @@ def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
     params = f.init(jax.random.PRNGKey(0), x)
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
     results, programs = {}, {}
-    # (weight-first rows, packed rows): every product input first, so three of them; these N x L rows weight
-    # first and packed; weight first, three products.
-    settings = ((0, 256), (256, 256), (256, 0))
+    # (weight-first rows, packed rows, packed weight bytes): every product input first, so three of them; these
+    # N x L rows weight first and packed; weight first, three products; input first, packed for its weight's bytes.
+    settings = ((0, 256, 2**40), (256, 256, 2**40), (256, 0, 2**40), (0, 0, 0))
     for setting in settings:
-        monkeypatch.setattr(attention_module, "CPU_WEIGHT_FIRST_ROWS", setting[0])
-        monkeypatch.setattr(attention_module, "CPU_PACKED_ROWS", setting[1])
+        for name, value in zip(
+            ("CPU_WEIGHT_FIRST_ROWS", "CPU_PACKED_ROWS", "PACKED_WEIGHT_BYTES"), setting, strict=True
+        ):
+            monkeypatch.setattr(attention_module, name, value)
 
         def loss(params, x):  # a new function for each value: JAX caches a function's trace
             return jnp.sum(f.apply(params, None, x) * r)
@@ -578,15 +580,16 @@ def test_self_attention_in_projection_packed_and_split_agree(monkeypatch):
         programs[setting] = str(jax.make_jaxpr(loss)(params, x))
         results[setting] = jax.value_and_grad(loss, (0, 1))(params, x)
     v0, g0 = results[settings[1]]
-    for setting in (settings[0], settings[2]):
+    for setting in (settings[0], *settings[2:]):
         v1, g1 = results[setting]
         assert_close(v1, v0, 1e-4, f"loss, {setting}")
         for (path, a), (_, b) in zip(
             jax.tree_util.tree_flatten_with_path(g1)[0], jax.tree_util.tree_flatten_with_path(g0)[0], strict=True
         ):
             assert_close(a, b, ATOL, f"{setting} {jax.tree_util.keystr(path)}")
-        if jax.default_backend() == "cpu":  # three products, not one
-            assert programs[setting].count("dot_general") == programs[settings[1]].count("dot_general") + 2
+    if jax.default_backend() == "cpu":  # three products, not one, unless the weight's bytes ask for one
+        dots = {setting: programs[setting].count("dot_general") for setting in settings}
+        assert dots[settings[0]] == dots[settings[2]] == dots[settings[1]] + 2 == dots[settings[3]] + 2
 
 
 def _operations(jaxpr) -> list[tuple[str, tuple[str, ...]]]:

@@ -267,15 +267,33 @@ def _split_in_proj(params):
 #: eqx.nn), and forward and backward were level at every point above (within 5%, either way).
 CPU_PACKED_ROWS = CPU_WEIGHT_FIRST_ROWS if INTEL else 256
 
+#: Three products slice ``in_proj_weight`` into three ``(E, E)`` weights, and XLA copies each slice into a buffer of
+#: its own on every call (``wrapped_slice`` in the compiled program): the whole weight's bytes of temporaries. From
+#: ``PACKED_WEIGHT_BYTES`` (32 MiB, glibc's ``mmap`` ceiling: see ``noxton._malloc``) the in-projection is packed
+#: at every size, so that no call copies the weight and faults it in afresh. From E = 2048 in float32 (48 MiB), on
+#: the 2-core AMD EPYC, forward, ms, three products / packed (eqx.nn, with three weights of its own): (B, E, H, L) =
+#: (1, 2048, 16, 128) 40.6 / 23.1 (23.1); (1, 2048, 16, 256) 67.3 / 50.6 (48.8); (1, 2048, 16, 512) 108.7 / 103.6
+#: (107.6); (1, 2048, 16, 1024) 233.8 / 227.9 (292.2); forward and backward 141.7 / 141.0 (129.9) at L=256, 311.6 /
+#: 289.1 (282.7) at L=512, 693.2 / 703.8 (762.7) at L=1024. Medians of 9-15 interleaved rounds in one process per
+#: point, ``noxton.nn.MultiheadAttention`` under ``jax.vmap`` and ``eqx.filter_jit``, 2026-12-05, the variants set
+#: as ``benchmarks.tiles --set`` sets them (``PACKED_WEIGHT_BYTES=2**40`` for three products; at L=128, below
+#: ``CPU_PACKED_ROWS``, ``_packed_in_projection`` returning False). Jitted alone, three products from slices took
+#: 0.63 against 0.51 ms packed at E=256, 128 rows, 5.2 against 4.2 at E=1024 and 47.7 against 34.0 at E=2048, 256
+#: rows.
+PACKED_WEIGHT_BYTES = 2**25
 
-def _packed_in_projection(x) -> bool:
+
+def _packed_in_projection(x, weight) -> bool:
     """Self-attention projects ``x`` with one ``(3E, E)`` product rather than three (see ``_in_projection``)."""
-    return jax.default_backend() != "cpu" or _few_cpu_rows(x, limit=min(CPU_PACKED_ROWS, CPU_WEIGHT_FIRST_ROWS))
+    if jax.default_backend() != "cpu" or weight.size * weight.dtype.itemsize >= PACKED_WEIGHT_BYTES:
+        return True
+    return _few_cpu_rows(x, limit=min(CPU_PACKED_ROWS, CPU_WEIGHT_FIRST_ROWS))
 
 
 def _in_projection(query, key, value, params):
-    if "in_proj_weight" in params and query is key and key is value and _packed_in_projection(query):
-        return tuple(jnp.split(_linear(query, params["in_proj_weight"], params.get("in_proj_bias")), 3, axis=-1))
+    packed = params.get("in_proj_weight")
+    if packed is not None and query is key and key is value and _packed_in_projection(query, packed):
+        return tuple(jnp.split(_linear(query, packed, params.get("in_proj_bias")), 3, axis=-1))
     (wq, bq), (wk, bk), (wv, bv) = _split_in_proj(params)
     return _linear(query, wq, bq), _linear(key, wk, bk), _linear(value, wv, bv)
 
