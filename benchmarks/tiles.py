@@ -26,9 +26,10 @@ to ``NARROW_HEAD``, small calls as one chunk, and chunks of every head of whole 
 ``--in-projection packed,rule``
 times the whole layer with self-attention's in-projection as one ``(3E, E)`` product at every size (``packed``) or as
 ``noxton.functional._attention._packed_in_projection`` decides (``rule``: on the CPU, three products from
-``CPU_PACKED_ROWS`` rows). ``--row-max after,before`` times the whole layer with the key loop's row maximum
-taken after the scale or before it (``before``: what ``noxton.functional._blockwise.MAX_BEFORE_SCALE`` turns on;
-the layer takes the key loop past ``WHOLE_KEYS_MAX`` keys).
+``CPU_PACKED_ROWS`` rows, unless the weight has ``PACKED_WEIGHT_BYTES``). ``--row-max after,before`` times
+the whole layer with the key loop's row maximum taken after the scale or before it (``before``: what
+``noxton.functional._blockwise.MAX_BEFORE_SCALE`` turns on; the layer takes the key loop past ``WHOLE_KEYS_MAX``
+keys).
 ``--set 'ONE_CHUNK_SCORES_VJP=0;ONE_CHUNK_SCORES_VJP=2**21'`` times the whole layer with any of
 ``noxton.functional._blockwise``'s (or ``noxton.functional._attention``'s) constants set, one variant per
 ``;``-separated group of ``NAME=VALUE`` pairs (``,`` between pairs; a value is an integer, ``2**N``, ``None``,
