@@ -957,9 +957,10 @@ def _whole_keys(static: _Static, dropout, total_len: int) -> bool:
     return cpu and dropout is None and not forced and total_len <= WHOLE_KEYS_MAX
 
 
-def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key, in_place: bool = False):
-    """``_forward`` on shapes that need not be whole blocks: pads, runs, and cuts back to ``L``. With ``in_place``
-    (the primal, which needs no ``lse``) the whole-key pass writes its output over the queries where it can."""
+def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key, primal: bool = False):
+    """``_forward`` on shapes that need not be whole blocks: pads, runs, and cuts back to ``L``: ``(out, lse)``.
+    With ``primal`` (no gradient, so no ``lse`` wanted: ``(out, None)``), the whole-key pass writes its output
+    over the queries where it can and ``OUTPUT_OVER_QUERIES`` is on."""
 
     def impl(q, k, v, kp, am, key):
         cfg = _plan(static, q, k)
@@ -967,19 +968,19 @@ def _padded_forward(static: _Static, dropout, q, k, v, kp, am, key, in_place: bo
         if _whole_keys(static, dropout, cfg.total_len):
             chunks = forward_chunks(n, h, tgt_len, cfg.total_len, q.shape[-1])
             cfg = cfg._replace(block_q=chunks[2], block_k=cfg.total_len)
-            over_q = in_place and v.shape[-1] == q.shape[-1] and q.dtype == softmax_dtype(q.dtype)
+            over_q = primal and OUTPUT_OVER_QUERIES and v.shape[-1] == q.shape[-1] and q.dtype == softmax_dtype(q.dtype)
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, lse = _forward_whole_keys(cfg, chunks, q, k, v, kp, am, in_place=over_q)
         else:
             _, q, k, v, kp, am = _whole_blocks(cfg, q, k, v, kp, am)
             out, lse = _forward(cfg, dropout, q, k, v, kp, am, key)
-        if in_place:  # the same outputs whichever pass ran, so that a vmapped call folds its rows alike
+        if primal:  # the same outputs whichever pass ran, so that a vmapped call folds its rows alike
             return out[:, :, :tgt_len]
         assert lse is not None  # only the pass over the queries leaves it out
         return out[:, :, :tgt_len], lse[:, :, :tgt_len]
 
     outs = _fold_vmapped_rows(impl, am_index=4, key_index=5)(q, k, v, kp, am, key)
-    return (outs, None) if in_place else outs
+    return (outs, None) if primal else outs
 
 
 def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, am, key, out, lse, dout):
@@ -1011,7 +1012,7 @@ def _padded_backward(static: _Static, dropout, need_dkp, need_dam, q, k, v, kp, 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _attention_core(static, dropout, q, k, v, kp, am, key):
-    out, _ = _padded_forward(static, dropout, q, k, v, kp, am, key, in_place=OUTPUT_OVER_QUERIES)
+    out, _ = _padded_forward(static, dropout, q, k, v, kp, am, key, primal=True)
     return out
 
 
