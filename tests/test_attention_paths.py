@@ -675,9 +675,11 @@ def test_forward_and_backward_chunks(monkeypatch, avx512, intel):
         monkeypatch.setattr(blockwise_module, name, value)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES", 2**21)
     monkeypatch.setattr(blockwise_module, "CHUNK_SCORES_VJP", 2**19)
+    monkeypatch.setattr(blockwise_module, "LONG_ROW_MAX_SCORES", 0 if intel else 2**21)  # the long rows' limit
     forward, backward = blockwise_module.forward_chunks, blockwise_module.backward_chunks
     whole_key_chunks = blockwise_module.whole_key_chunks
     shapes = [(1, 8, 2048, 2048, 32), (1, 8, 8192, 8192, 32), (2, 8, 300, 2048, 32), (1, 8, 1024, 1024, 32)]
+    shapes += [(1, 8, 4096, 4096, 32), (1, 8, 3000, 3000, 64)]
     shapes += [(1, 8, 1024, 1024, 64), (8, 8, 64, 768, 32), (8, 8, 256, 256, 32), (8, 16, 128, 128, 64)]
     shapes += [(8, 16, 256, 256, 64), (1, 16, 512, 512, 64), (8, 8, 512, 512, 64), (8, 8, 512, 512, 32)]
     shapes += [(4, 8, 512, 512, 64), (4, 16, 384, 384, 64), (8, 8, 768, 768, 64), (8, 8, 256, 512, 64)]
@@ -700,7 +702,10 @@ def test_forward_and_backward_chunks(monkeypatch, avx512, intel):
     if not avx512:
         return
     assert got[1, 8, 2048, 2048, 32][0] == (1, 1, 1024)  # past FUSED_KEYS_MAX: one row of 1024 queries
-    assert got[1, 8, 8192, 8192, 32][0] == (1, 1, 1024)
+    # off Intel, at most LONG_ROW_MAX_SCORES scores a row: fewer queries from 2049 keys (at least LONG_CHUNK_Q)
+    assert got[1, 8, 8192, 8192, 32][0] == ((1, 1, 1024) if intel else (1, 1, 256))
+    assert got[1, 8, 4096, 4096, 32][0] == ((1, 1, 1024) if intel else (1, 1, 512))
+    assert got[1, 8, 3000, 3000, 64][0] == ((1, 1, 1000) if intel else (1, 1, 600))  # 2**21 // 3000 = 699: 5 x 600
     assert got[2, 8, 300, 2048, 32][0] == (1, 2, 300)  # fewer queries: as many rows as CHUNK_SCORES holds
     assert got[1, 8, 1024, 1024, 32][0] == (1, 1, 1024)  # narrow heads: one row
     assert got[1, 8, 1024, 1024, 64][0] == (1, 2, 1024)  # wider heads: CHUNK_SCORES

@@ -463,6 +463,24 @@ NORMALISED_FIRST = frozenset({(512, 512)})
 #: off). The command that measures the layer with and without them: ``python -m benchmarks.tiles B,E,H L,... fwd
 #: --chunk-rule former,rule``.
 LONG_ROW_CHUNK_Q: int | None = 1024 if AVX512 else None
+#: Off Intel, a long row of ``LONG_ROW_CHUNK_Q`` holds at most ``LONG_ROW_MAX_SCORES`` scores (0: no limit): 1024
+#: queries up to 2048 keys, 512 at 4096 and 256 at 8192, so that XLA's temporaries stay under glibc's 32 MiB ``mmap``
+#: ceiling (``noxton._malloc``) wherever the activations leave room. With 1024 queries at B=1, L = S = 8192, E=256, H=8
+#: they were 57.1 MiB (``compiled.memory_analysis()``, the layer under ``jax.vmap``), and 26.0 MiB with 256; at B=1,
+#: L=4096, E=512 41.3 against 26.1 with 512, and at B=2, L=4096, E=256 40.6 against 25.1. Over the ceiling, the calls
+#: fault their temporaries in afresh whenever no heap has room for them, in some calls and processes and not others.
+#: Measured on the 2-core AMD EPYC with AVX-512 with ``python -m benchmarks.tiles B,E,H L MODE --set
+#: 'LONG_ROW_CHUNK_Q=1024;LONG_ROW_CHUNK_Q=512'`` (or ``=256``) ``--settle 1 --peers torch --reps 3-7``, 2026-12-05,
+#: ms, 1024 queries / the limit's (torch; MiB faulted per call where there were any): forward at (B, E, L) = (1, 256,
+#: 8192) 577.0 / 588.4 (543.9) and 589.3 / 580.9 (537.0), level; in another run 1024 queries faulted 61 MiB per call
+#: and took 673.9 (542.7), and in a third 256 queries (the budget alone) took 587.1 (536.2). Forward and backward there
+#: 2436.2 (99 MiB) / 2075.7 (75 MiB) (2062.9). Forward at (1, 512, 4096) 288.0 (41 MiB) / 277.5 (274.8) and 277.2 /
+#: 274.5 (269.4); (2, 256, 4096) 309.6 (41 MiB) / 298.4 (283.0) and 320.3 / 332.8 (287.2); level at (1, 256, 4096)
+#: (152.0 / 155.3 and 152.3 / 150.3), and at (1, 1024, 4096), H=16 (644.7 / 651.0) and (8, 256, 4096) (1232.1 /
+#: 1241.6), where both fault (their activations alone pass the ceiling). On the Intel Xeon the
+#: attention core alone ran 1024 queries faster than 256 at 8192 keys (figures above), and it was not at hand to
+#: measure the layer, so there the limit is off.
+LONG_ROW_MAX_SCORES = 0 if INTEL else 2**21
 NARROW_CHUNK_SCORES = 2**20 if AVX512 else 0
 NARROW_HEAD = 32
 ONE_CHUNK_SCORES = 2**22 if AVX512 else 0
@@ -585,10 +603,13 @@ def _one_chunk(n: int, h: int, lq: int, sk: int, limit: int) -> bool:
 
 def forward_chunks(n: int, h: int, lq: int, sk: int, d: int) -> tuple[int, int, int]:
     """The chunks of ``_forward_whole_keys`` for head size ``d``: ``whole_key_chunks`` with ``CHUNK_SCORES``,
-    except on CPUs with AVX-512 (``LONG_ROW_CHUNK_Q``, ``NARROW_CHUNK_SCORES``, ``ONE_CHUNK_SCORES`` and
-    ``ALL_ROWS_QUERIES``, which say why; ``AVX512``)."""
+    except on CPUs with AVX-512 (``LONG_ROW_CHUNK_Q`` and its ``LONG_ROW_MAX_SCORES``, ``NARROW_CHUNK_SCORES``,
+    ``ONE_CHUNK_SCORES`` and ``ALL_ROWS_QUERIES``, which say why; ``AVX512``)."""
     if sk > FUSED_KEYS_MAX and LONG_ROW_CHUNK_Q:
-        c = _balanced(lq, LONG_ROW_CHUNK_Q)
+        max_q = LONG_ROW_CHUNK_Q
+        if LONG_ROW_MAX_SCORES:
+            max_q = min(max_q, max(LONG_CHUNK_Q, LONG_ROW_MAX_SCORES // sk))
+        c = _balanced(lq, max_q)
         return whole_key_chunks(n, h, lq, sk, max(CHUNK_SCORES, c * sk), c)
     # measured with as many queries as keys: from half of FUSED_KEYS_MAX each
     if NARROW_CHUNK_SCORES and d <= NARROW_HEAD and sk <= FUSED_KEYS_MAX < 2 * min(sk, lq):
