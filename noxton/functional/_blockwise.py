@@ -470,16 +470,19 @@ LONG_ROW_CHUNK_Q: int | None = 1024 if AVX512 else None
 #: L=4096, E=512 41.3 against 26.1 with 512, and at B=2, L=4096, E=256 40.6 against 25.1. Over the ceiling, the calls
 #: fault their temporaries in afresh whenever no heap has room for them, in some calls and processes and not others.
 #: Measured on the 2-core AMD EPYC with AVX-512 with ``python -m benchmarks.tiles B,E,H L MODE --set
-#: 'LONG_ROW_CHUNK_Q=1024;LONG_ROW_CHUNK_Q=512'`` (or ``=256``) ``--settle 1 --peers torch --reps 3-7``, 2026-12-05,
-#: ms, 1024 queries / the limit's (torch; MiB faulted per call where there were any): forward at (B, E, L) = (1, 256,
-#: 8192) 577.0 / 588.4 (543.9) and 589.3 / 580.9 (537.0), level; in another run 1024 queries faulted 61 MiB per call
-#: and took 673.9 (542.7), and in a third 256 queries (the budget alone) took 587.1 (536.2). Forward and backward there
-#: 2436.2 (99 MiB) / 2075.7 (75 MiB) (2062.9). Forward at (1, 512, 4096) 288.0 (41 MiB) / 277.5 (274.8) and 277.2 /
-#: 274.5 (269.4); (2, 256, 4096) 309.6 (41 MiB) / 298.4 (283.0) and 320.3 / 332.8 (287.2); level at (1, 256, 4096)
-#: (152.0 / 155.3 and 152.3 / 150.3), and at (1, 1024, 4096), H=16 (644.7 / 651.0) and (8, 256, 4096) (1232.1 /
-#: 1241.6), where both fault (their activations alone pass the ceiling). On the Intel Xeon the
-#: attention core alone ran 1024 queries faster than 256 at 8192 keys (figures above), and it was not at hand to
-#: measure the layer, so there the limit is off.
+#: 'LONG_ROW_CHUNK_Q=1024;LONG_ROW_CHUNK_Q=512'`` (or ``=256``) ``--settle 1 --peers torch --reps 3-7``, 2026-12-05, ms,
+#: 1024 queries / the limit's (torch; MiB faulted per call where there were any): forward at (B, E, L) = (1, 256, 8192)
+#: 577.0 / 588.4 (543.9) and 589.3 / 580.9 (537.0), level; in another run 1024 queries faulted 61 MiB per call and took
+#: 673.9 (542.7), in a third 256 queries (the budget alone) took 587.1 (536.2), and with ``--set
+#: 'LONG_ROW_MAX_SCORES=0;LONG_ROW_MAX_SCORES=2**21' --reps 7`` 619.6 / 618.8 (546.8). Forward and backward there 2436.2
+#: (99 MiB) / 2075.7 (75 MiB) (2062.9), and 2023.0 (99 MiB) / 2068.8 (75 MiB) (1984.4). Forward at (1, 512, 4096) 288.0
+#: (41 MiB) / 277.5 (274.8), 277.2 / 274.5 (269.4), 274.2 / 273.8 (264.8), 286.2 (41 MiB) / 280.1 (274.8) and 275.3 /
+#: 276.8 (271.7), and once 283.2 (43 MiB) / 387.1 (269.1), one of the two speeds of docs/differences.md ("Timing beside
+#: torch in one process"); (2, 256, 4096) 309.6 (41 MiB) / 298.4 (283.0) and 320.3 / 332.8 (287.2); level at (1, 256,
+#: 4096) (152.0 / 155.3 and 152.3 / 150.3), and at (1, 1024, 4096), H=16 (644.7 / 651.0) and (8, 256, 4096) (1232.1 /
+#: 1241.6), where both fault (their activations alone pass the ceiling). On the Intel Xeon the attention core alone ran
+#: 1024 queries faster than 256 at 8192 keys (figures above), and it was not at hand to measure the layer, so there the
+#: limit is off.
 LONG_ROW_MAX_SCORES = 0 if INTEL else 2**21
 NARROW_CHUNK_SCORES = 2**20 if AVX512 else 0
 NARROW_HEAD = 32
