@@ -470,7 +470,8 @@ LONG_ROW_CHUNK_Q: int | None = 1024 if AVX512 else None
 #: L=4096, E=512 41.3 against 26.1 with 512, and at B=2, L=4096, E=256 40.6 against 25.1. Over the ceiling, the calls
 #: fault their temporaries in afresh whenever no heap has room for them, in some calls and processes and not others.
 #: Measured on the 2-core AMD EPYC with AVX-512 with ``python -m benchmarks.tiles B,E,H L MODE --set
-#: 'LONG_ROW_CHUNK_Q=1024;LONG_ROW_CHUNK_Q=512'`` (or ``=256``) ``--settle 1 --peers torch --reps 3-7``, 2026-12-05, ms,
+#: 'LONG_ROW_CHUNK_Q=1024;LONG_ROW_CHUNK_Q=512'`` (or ``=256``) ``--settle 1 --peers torch --reps 3-7``, before this
+#: limit existed (with it, 1024 queries take ``LONG_ROW_MAX_SCORES=0`` in the same group), 2026-12-05, ms,
 #: 1024 queries / the limit's (torch; MiB faulted per call where there were any): forward at (B, E, L) = (1, 256, 8192)
 #: 577.0 / 588.4 (543.9) and 589.3 / 580.9 (537.0), level; in another run 1024 queries faulted 61 MiB per call and took
 #: 673.9 (542.7), in a third 256 queries (the budget alone) took 587.1 (536.2), and with ``--set
