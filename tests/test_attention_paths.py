@@ -327,6 +327,87 @@ def test_output_over_queries_matches_the_stacked_chunks(vmapped, monkeypatch):
     assert_close(outs[True], outs[False], 1e-6, "output over the queries")
 
 
+def _loops(jaxpr) -> bool:
+    """The program loops (``lax.fori_loop`` traces as ``scan`` with static bounds, else ``while``)."""
+    return any(f" {name}[" in str(jaxpr) for name in ("scan", "while"))
+
+
+# Weights returned in blocks of 4 of the 9 queries (the last block starts at 5 and rewrites query 5 to 7 alike):
+# every mask on the richest structure, and the common ones on the rest; averaged over heads or not.
+DENSE_BLOCK_CASES = [("kv-biaskv-zeroattn", m) for m in MASKS] + [
+    (s, m) for s in ("self", "cross-zeroattn") for m in ("none", "causal_kpm", "all_masked")
+]
+
+
+@pytest.mark.cross_product
+@pytest.mark.parametrize("average", [True, False], ids=["averaged", "per-head"])
+@pytest.mark.parametrize(("struct", "mask_case"), DENSE_BLOCK_CASES, ids=[f"{s}-{m}" for s, m in DENSE_BLOCK_CASES])
+def test_dense_weights_in_blocks_match_one_block(struct, mask_case, average, monkeypatch):
+    """``need_weights=True`` on the CPU past ``DENSE_CHUNK_SCORES`` computes the weights a block of queries at a
+    time: the outputs, the weights and every gradient (of a loss of both) are those of one block."""
+    inputs, cfg = make_inputs(struct, mask_case)
+    monkeypatch.setattr(attention_module, "DENSE_CHUNK_MIN_Q", 4)
+    f = hk.transform(
+        lambda q, k, v: nxhk.MultiheadAttention(E, H, **cfg)(
+            q,
+            k,
+            v,
+            key_padding_mask=None if inputs["kpm"] is None else jnp.asarray(inputs["kpm"]),
+            attn_mask=None if inputs["attn"] is None else jnp.asarray(inputs["attn"]),
+            is_causal=inputs["causal"],
+            average_attn_weights=average,
+        )
+    )
+    q, k, v = (jnp.asarray(inputs[n]) for n in "qkv")
+    params = f.init(jax.random.PRNGKey(0), q, k, v)
+    params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(1), p.shape, p.dtype), params)
+    r = jnp.asarray(np.random.default_rng(3).normal(size=(N, L, E)).astype(np.float32))
+
+    def loss(params, q, k, v):  # of the output and the weights, each weighed by its own numbers
+        if inputs["self_attn"]:
+            k = v = q
+        out, weights = f.apply(params, None, q, k, v)
+        r_w = jnp.sin(jnp.arange(weights.size, dtype=weights.dtype)).reshape(weights.shape)
+        return jnp.sum(out * r) + jnp.sum(weights * r_w), (out, weights)
+
+    results = {}
+    for budget in (2**40, 20):  # one block; blocks of 4 queries (DENSE_CHUNK_MIN_Q)
+        monkeypatch.setattr(attention_module, "DENSE_CHUNK_SCORES", budget)
+        grad = jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2, 3), has_aux=True)  # a new trace each time
+        assert _loops(jax.make_jaxpr(grad)(params, q, k, v)) == (budget == 20), "blocks only past DENSE_CHUNK_SCORES"
+        (_, (out, weights)), grads = jax.jit(grad)(params, q, k, v)
+        results[budget] = out, weights, grads
+    (out_1, w_1, g_1), (out_b, w_b, g_b) = results[2**40], results[20]
+    assert w_b.shape == ((N, L, w_1.shape[-1]) if average else (N, H, L, w_1.shape[-1]))
+    assert_close(out_b, out_1, 1e-6, "output")
+    assert_close(w_b, w_1, 1e-6, "weights")
+    for (path, g1), (_, gb) in zip(
+        jax.tree_util.tree_flatten_with_path(g_1)[0], jax.tree_util.tree_flatten_with_path(g_b)[0], strict=True
+    ):
+        assert_close(gb, g1, 1e-5, f"gradient {jax.tree_util.keystr(path)}")
+
+
+def test_dense_weights_in_blocks_under_vmap(monkeypatch):
+    """The Equinox layer under ``jax.vmap`` counts the mapped examples in its blocks' scores, and agrees with
+    one block."""
+    monkeypatch.setattr(attention_module, "DENSE_CHUNK_MIN_Q", 4)
+    mha = MultiheadAttention(E, H, key=jax.random.PRNGKey(0), inference=True)
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, L, E))
+    results = {}
+    for budget in (2**40, H * L * L):  # one example's scores: two examples make blocks of 4 queries
+        monkeypatch.setattr(attention_module, "DENSE_CHUNK_SCORES", budget)
+
+        def call(x):  # a new function for each setting: JAX keeps a function's first trace
+            return jax.vmap(lambda xi: mha(xi, xi, xi, is_causal=True, attn_mask=jnp.triu(jnp.ones((L, L), bool), 1)))(
+                x
+            )
+
+        assert _loops(jax.make_jaxpr(call)(x)) == (budget != 2**40)
+        results[budget] = jax.jit(call)(x)
+    assert_close(results[H * L * L][0], results[2**40][0], 1e-6, "output")
+    assert_close(results[H * L * L][1], results[2**40][1], 1e-6, "weights")
+
+
 def _raw(shape_q, shape_kv, seed):
     ks = jax.random.split(jax.random.PRNGKey(seed), 3)
     return (

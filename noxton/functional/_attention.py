@@ -100,7 +100,8 @@ def select_implementation(
     both), so the batched Haiku call and the vmapped Equinox call of the same
     shapes take the same path:
 
-    1. ``need_weights=True``: dense.
+    1. ``need_weights=True``: dense (on the CPU, without dropout, in blocks of queries past
+       ``DENSE_CHUNK_SCORES`` scores: see ``dense_attention``).
     2. ``batch * H * L * S' >= LARGE_SCORES``: blockwise, on every backend and in
        every dtype. ``jax.nn.dot_product_attention`` (the fused path) runs XLA's
        composition, which holds the scores too, unless cuDNN is named (see
@@ -307,6 +308,43 @@ def masked_softmax(scores, axis: int = -1):
     return e / jnp.where(d == 0, 1.0, d).astype(e.dtype)
 
 
+def head_mean(weights):
+    """``jnp.mean(weights, axis=-3)``: the weights averaged over heads, as torch's ``mean(dim=1)``.
+
+    Taken as a product with ``1 / H``, which XLA's CPU backend runs as a product, and whose gradient is a
+    broadcast. ``jnp.mean`` over this middle axis it runs as one YNNPACK reduction, which took 8.9 ms on
+    ``[1, 8, 512, 512]`` float32 against 0.24 ms for the product (jitted alone, medians of 15; equal to the last
+    bit there, as ``1 / H`` is exact for a power of two; within one rounding otherwise), and 11.9 of the 15.8 ms
+    of the layer's forward with ``need_weights=True`` at B=1, L=S=512, E=256, H=8 (a ``jax.profiler`` trace). The
+    heads' sum as elementwise adds ran as fast forward (0.10 ms), but its gradient pads every head's slice to the
+    whole array: the layer's forward and backward there took 54.8 ms, against 17.6 with the product and 18.4 with
+    ``jnp.mean`` (torch: 15.4). 2-core AMD EPYC with AVX-512, jax 0.10.2, 2026-12-06.
+    """
+    heads = weights.shape[-3]
+    share = jnp.full((heads,), 1.0 / heads, weights.dtype)
+    return jnp.einsum("h,...hls->...ls", share, weights, precision=lax.Precision.HIGHEST)
+
+
+#: On the CPU, ``dense_attention`` computes weights that it returns (``need_weights=True``, no dropout) a block of
+#: queries at a time once a call holds more than ``DENSE_CHUNK_SCORES`` scores (elements of ``[*B, H, L, S']``, the
+#: ``jax.vmap`` axes that map it counted): each block's scores, weights and output are written into the results in
+#: place, so the temporaries stay near this many scores (8 MiB in float32), under glibc's 32 MiB ``mmap`` ceiling
+#: (``noxton._malloc``), rather than holding every score twice. The rows are those of the unchunked call, computed
+#: by the same operations.
+DENSE_CHUNK_SCORES = 2**21
+#: The fewest queries in a block: below it the loop's steps cost more than the memory they save.
+DENSE_CHUNK_MIN_Q = 8
+
+
+def _dense_chunk(rows: int, tgt_len: int, src_len: int) -> int | None:
+    """Queries per block of ``dense_attention``'s weights (see ``DENSE_CHUNK_SCORES``) for ``rows`` rows of
+    scores per query (the examples times the heads), or ``None`` for one block."""
+    if jax.default_backend() != "cpu" or rows * tgt_len * src_len <= DENSE_CHUNK_SCORES:
+        return None
+    c = max(DENSE_CHUNK_MIN_Q, DENSE_CHUNK_SCORES // (rows * src_len))
+    return c if c < tgt_len else None
+
+
 def dense_attention(
     q,
     k,
@@ -318,6 +356,7 @@ def dense_attention(
     need_weights: bool,
     scale: float = 1.0,
     kv_heads_first: bool = False,
+    average_weights: bool = False,
 ):
     """Scaled dot-product attention over heads, materialising ``[*B, H, L, S']`` scores.
 
@@ -330,27 +369,68 @@ def dense_attention(
             (``1/sqrt(D)`` for scaled dot-product attention).
         kv_heads_first: ``k`` and ``v`` are laid out heads first, as a decoding cache keeps them, so that
             the contractions read them in place.
+        average_weights: return the weights averaged over heads, ``[*B, L, S']``, as ``head_mean`` averages
+            them (torch's ``average_attn_weights``).
 
     Returns:
-        ``([*B, L, H, D] in the scores' dtype, [*B, H, L, S'] weights or None)``.
+        ``([*B, L, H, D] in the scores' dtype, weights or None)``: with ``need_weights``, ``[*B, H, L, S']``,
+        or ``[*B, L, S']`` with ``average_weights``. On the CPU, without dropout, weights of more than
+        ``DENSE_CHUNK_SCORES`` scores are computed a block of queries at a time.
     """
     sdtype = softmax_dtype(q.dtype)
     precision = dot_precision(q.dtype)  # the inputs': the weights' product below takes v widened to sdtype
-    kv = "...hsd" if kv_heads_first else "...shd"
-    scores = jnp.einsum(f"...lhd,{kv}->...hls", q, k, precision=precision, preferred_element_type=sdtype)
-    if scale != 1.0:
-        scores = scores * jnp.asarray(scale, sdtype)
-    mask = masks.dense(q.shape[-3], k.shape[-3], sdtype)
+    # Both products run heads first, as plain batched products over [*B, H]: with the heads in the middle
+    # of q's and v's layout, XLA's CPU backend took the weights' product as v^T @ weights^T and transposed
+    # the whole [*B, H, L, S'] weights for it (2 of 15.8 ms at B=1, L=S=512, E=256, H=8, need_weights=True;
+    # 0.76 ms of 5.9 once ``head_mean`` had taken the rest: a ``jax.profiler`` trace, 2-core AMD EPYC, jax 0.10.2).
+    q = jnp.swapaxes(q, -3, -2)  # [*B, H, L, D]
+    if not kv_heads_first:
+        k, v = jnp.swapaxes(k, -3, -2), jnp.swapaxes(v, -3, -2)  # [*B, H, S', D]
+    v = v.astype(sdtype)
+    tgt_len, src_len = q.shape[-2], k.shape[-2]
+    mask = masks.dense(tgt_len, src_len, sdtype)
     if mask is not None:
-        scores = scores + lift(mask, scores.ndim)
-        weights = masked_softmax(scores)
-    else:  # every row has a key: no all -inf row to guard (the guard's select keeps XLA from fusing)
-        weights = jax.nn.softmax(scores, axis=-1)
-    if dropout_p > 0.0:
-        keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
-        weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
-    out = jnp.einsum(f"...hls,{kv}->...lhd", weights, v.astype(sdtype), precision=precision)
-    return out, (weights if need_weights else None)
+        mask = lift(mask, q.ndim)
+
+    def block(qb, mb):  # the queries qb [*B, H, c, D] and their mask rows mb
+        scores = jnp.einsum("...hld,...hsd->...hls", qb, k, precision=precision, preferred_element_type=sdtype)
+        if scale != 1.0:
+            scores = scores * jnp.asarray(scale, sdtype)
+        if mb is not None:
+            weights = masked_softmax(scores + mb)
+        else:  # every row has a key: no all -inf row to guard (the guard's select keeps XLA from fusing)
+            weights = jax.nn.softmax(scores, axis=-1)
+        if dropout_p > 0.0:
+            keep = jax.random.bernoulli(dropout_key, 1.0 - dropout_p, weights.shape)
+            weights = jnp.where(keep, weights / (1.0 - dropout_p), 0.0).astype(sdtype)
+        return jnp.einsum("...hls,...hsd->...hld", weights, v, precision=precision), weights
+
+    def returned(weights):  # the weights as the caller asked for them
+        return head_mean(weights) if average_weights else weights
+
+    rows = math.prod(q.shape[:-2]) * vmapped_size(q, k, v, mask)
+    c = _dense_chunk(rows, tgt_len, src_len) if need_weights and dropout_p == 0.0 else None
+    if c is None:
+        out, weights = block(q, mask)
+        return jnp.swapaxes(out, -3, -2), (returned(weights) if need_weights else None)
+
+    # Blocks of c queries; the last one starts at L - c (it overlaps the one before, which it rewrites alike).
+    def rows_of(x, start):
+        return lax.dynamic_slice_in_dim(x, start, c, axis=x.ndim - 2)
+
+    def step(i, carry):
+        out, weights = carry
+        start = jnp.minimum(i * c, tgt_len - c)
+        mb = mask if mask is None or mask.shape[-2] == 1 else rows_of(mask, start)
+        ob, wb = block(rows_of(q, start), mb)
+        out = lax.dynamic_update_slice_in_dim(out, ob, start, axis=out.ndim - 2)
+        weights = lax.dynamic_update_slice_in_dim(weights, returned(wb), start, axis=weights.ndim - 2)
+        return out, weights
+
+    w_shape = (*q.shape[:-3], tgt_len, src_len) if average_weights else (*q.shape[:-1], src_len)
+    init = (jnp.zeros(q.shape[:-1] + v.shape[-1:], sdtype), jnp.zeros(w_shape, sdtype))
+    out, weights = lax.fori_loop(0, -(-tgt_len // c), step, init)
+    return jnp.swapaxes(out, -3, -2), weights
 
 
 def _expected(params, name):
@@ -562,11 +642,10 @@ def attend_projected(
             need_weights=need_weights,
             scale=scale,
             kv_heads_first=kv_heads_first,
+            average_weights=average_attn_weights,
         )
     attn = attn.astype(dtype).reshape(*batch_shape, tgt_len, embed_dim)
     out = _linear(attn, out_w, params.get("out_proj.bias"))
-    if weights is not None:
-        if average_attn_weights:
-            weights = jnp.mean(weights, axis=-3)
+    if weights is not None:  # averaged over heads by dense_attention where asked
         weights = weights.astype(dtype)
     return out, weights
