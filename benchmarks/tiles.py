@@ -9,7 +9,8 @@ chunks. For each length, every variant is compiled once and timed against torch'
 one process, the repeats interleaved and their order shuffled; each row also gives the memory that one call
 faults in (the process's minor page faults times the page size): glibc serves every allocation of more than
 its ``mmap`` threshold with a fresh ``mmap``, so a program whose temporaries pass it faults its pages in again
-on every call.
+on every call. ``MODE`` is ``fwd`` (``need_weights=False``), ``fwd_w`` (``need_weights=True``, where
+``noxton.functional._attention.DENSE_CHUNK_SCORES`` sets the dense path's blocks of queries) or ``fwd_bwd``.
 ``--weight-first-rows 0,256`` times the whole layer (``implementation="auto"``) with
 ``noxton.functional._attention.CPU_WEIGHT_FIRST_ROWS`` at each value: the projections of fewer rows
 than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
@@ -56,7 +57,7 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m benchmarks.tiles", description=__doc__)
     ap.add_argument("shape", help="B,E,H")
     ap.add_argument("lengths", help="L=S values, comma-separated")
-    ap.add_argument("mode", choices=("fwd", "fwd_bwd"))
+    ap.add_argument("mode", choices=("fwd", "fwd_w", "fwd_bwd"), help="fwd_w: need_weights=True")
     ap.add_argument("tiles", nargs="?", default="", help="log2(BLOCK_SCORES):MAX_BLOCK_Q:MAX_BLOCK_K, comma-separated")
     ap.add_argument(
         "--chunk-scores",

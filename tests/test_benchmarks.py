@@ -197,6 +197,12 @@ def test_tiles_times_each_variant_and_restores_the_constants(capsys):
     assert "auto CPU_WEIGHT_FIRST_ROWS=0, MAX_BEFORE_SCALE=False " in out
     assert {n: getattr(blockwise, n) for n in names} == before and attention.CPU_WEIGHT_FIRST_ROWS == rows
     assert attention._packed_in_projection is packed
+    dense_chunk = attention.DENSE_CHUNK_SCORES
+    tiles.main(["1,16,2", "16", "fwd_w", "--set", "DENSE_CHUNK_SCORES=2**40;DENSE_CHUNK_SCORES=64", "--reps", "1"])
+    out = capsys.readouterr().out  # the forward with need_weights=True, in one block and in blocks of queries
+    assert "B=1 E=16 H=2 L=S=16 fwd_w, medians of 1" in out
+    assert "auto DENSE_CHUNK_SCORES=1099511627776 " in out and "auto DENSE_CHUNK_SCORES=64 " in out
+    assert attention.DENSE_CHUNK_SCORES == dense_chunk
     with pytest.raises(SystemExit):
         tiles.main(["1,16,2", "16", "fwd"])  # no variant to time
     with pytest.raises(SystemExit):

@@ -330,7 +330,19 @@ def head_mean(weights):
 #: ``jax.vmap`` axes that map it counted): each block's scores, weights and output are written into the results in
 #: place, so the temporaries stay near this many scores (8 MiB in float32), under glibc's 32 MiB ``mmap`` ceiling
 #: (``noxton._malloc``), rather than holding every score twice. The rows are those of the unchunked call, computed
-#: by the same operations.
+#: by the same operations. Measured on the 2-core AMD EPYC with AVX-512 (jax 0.10.2), ``noxton.nn.MultiheadAttention``
+#: under ``jax.vmap``, with ``python -m benchmarks.tiles B,E,H L fwd_w --set 'DENSE_CHUNK_SCORES=2**40;
+#: DENSE_CHUNK_SCORES=2**21;DENSE_CHUNK_SCORES=2**22;DENSE_CHUNK_SCORES=2**23' --settle 1 --peers torch --reps 7``
+#: (9 at B=1), 2026-12-06, ms, one block / 2**21 / 2**22 / 2**23 (torch; MiB faulted per call where any): (B, E, H,
+#: L) = (1, 256, 8, 2048) 152.1 (306 MiB) / 68.5 / 71.3 / 57.5 (145.0, 256 MiB); (1, 256, 8, 1024) 20.6 / 22.6 /
+#: 19.6 / 20.7 (42.7, 64 MiB); (8, 512, 8, 512) 151.6 (202 MiB) / 117.4 (48 MiB) / 110.0 (58 MiB) / 122.6 (92 MiB)
+#: (128.9, 128 MiB). The budgets differ within this VM's noise (at (1, 256, 8, 512), one block under every budget,
+#: the same program took 5.4 and 6.7 ms in one run); 2**21 is the blockwise pass's ``CHUNK_SCORES``. Before this
+#: rule, ``head_mean`` and the heads-first products of ``dense_attention``, the forward with ``need_weights=True``
+#: took 3.6x torch's time at (1, 256, 8, 512), 3.3x at L=1024, 4.1x at L=2048 and 4.1x at L=4096 (1.53 s), and
+#: 1.34x at (8, 512, 8, 512); with them 1.45x, 0.78x, 0.74x, 0.90x and 1.07x (a scratch script, one process per
+#: version, each library in blocks of its own calls, torch beside with ``need_weights=True``, 2026-12-06). Forward
+#: and backward (a loss of the output and the weights): 1.90x torch at (1, 256, 8, 2048) before, 0.95x after.
 DENSE_CHUNK_SCORES = 2**21
 #: The fewest queries in a block: below it the loop's steps cost more than the memory they save.
 DENSE_CHUNK_MIN_Q = 8
