@@ -344,7 +344,9 @@ def head_mean(weights):
 #: version, each library in blocks of its own calls, torch beside with ``need_weights=True``, 2026-12-06). Forward
 #: and backward (a loss of the output and the weights): 1.90x torch at (1, 256, 8, 2048) before, 0.95x after.
 DENSE_CHUNK_SCORES = 2**21
-#: The fewest queries in a block: below it the loop's steps cost more than the memory they save.
+#: The fewest queries in a block, whatever the budget gives: a floor on the loop's steps (L / 8), not a measured
+#: value. Only the widest calls reach it (B=8, H=16, 2048 keys or more), where one block of every query would hold
+#: gigabytes of scores.
 DENSE_CHUNK_MIN_Q = 8
 
 
