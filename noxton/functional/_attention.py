@@ -345,8 +345,8 @@ def head_mean(weights):
 #: and backward (a loss of the output and the weights): 1.90x torch at (1, 256, 8, 2048) before, 0.95x after.
 DENSE_CHUNK_SCORES = 2**21
 #: The fewest queries in a block, whatever the budget gives: a floor on the loop's steps (L / 8), not a measured
-#: value. Only the widest calls reach it (B=8, H=16, 2048 keys or more), where one block of every query would hold
-#: gigabytes of scores.
+#: value. Only calls of 2**18 or more scores per query reach it (B=8 at H=16 from 2048 keys, at H=8 from 4096), where
+#: one block of every query would hold gigabytes of scores.
 DENSE_CHUNK_MIN_Q = 8
 
 
