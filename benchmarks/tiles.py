@@ -10,7 +10,8 @@ one process, the repeats interleaved and their order shuffled; each row also giv
 faults in (the process's minor page faults times the page size): glibc serves every allocation of more than
 its ``mmap`` threshold with a fresh ``mmap``, so a program whose temporaries pass it faults its pages in again
 on every call. ``MODE`` is ``fwd`` (``need_weights=False``), ``fwd_w`` (``need_weights=True``, where
-``noxton.functional._attention.DENSE_CHUNK_SCORES`` sets the dense path's blocks of queries) or ``fwd_bwd``.
+``noxton.functional._attention.DENSE_CHUNK_SCORES`` sets the dense path's blocks of queries; torch returns its
+weights too, while eqx.nn, which has none, runs its plain forward) or ``fwd_bwd``.
 ``--weight-first-rows 0,256`` times the whole layer (``implementation="auto"``) with
 ``noxton.functional._attention.CPU_WEIGHT_FIRST_ROWS`` at each value: the projections of fewer rows
 than it run ``W @ x.T`` on the CPU, 0 turns that off. ``--normalise before,rule`` times the whole layer with
