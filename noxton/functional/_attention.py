@@ -372,7 +372,8 @@ def dense_attention(
     kv_heads_first: bool = False,
     average_weights: bool = False,
 ):
-    """Scaled dot-product attention over heads, materialising ``[*B, H, L, S']`` scores.
+    """Scaled dot-product attention over heads, materialising the ``[*B, H, L, S']`` scores (on the CPU, for
+    weights of more than ``DENSE_CHUNK_SCORES`` scores, a block of queries at a time).
 
     Args:
         q: ``[*B, L, H, D]``.
@@ -428,13 +429,14 @@ def dense_attention(
         out, weights = block(q, mask)
         return jnp.swapaxes(out, -3, -2), (returned(weights) if need_weights else None)
 
-    # Blocks of c queries; the last one starts at L - c (it overlaps the one before, which it rewrites alike).
+    # Blocks of c queries from i * c; dynamic slices and updates clamp their start to L - c, so the last block
+    # overlaps the one before it and rewrites those rows alike.
     def rows_of(x, start):
         return lax.dynamic_slice_in_dim(x, start, c, axis=x.ndim - 2)
 
     def step(i, carry):
         out, weights = carry
-        start = jnp.minimum(i * c, tgt_len - c)
+        start = i * c
         mb = mask if mask is None or mask.shape[-2] == 1 else rows_of(mask, start)
         ob, wb = block(rows_of(q, start), mb)
         out = lax.dynamic_update_slice_in_dim(out, ob, start, axis=out.ndim - 2)
